@@ -1,0 +1,56 @@
+//! The actor system: one `BatchRegistry` per process, one `BatchSupervisor` per active batch
+//! (owning its Preparation or Delivery child), and a pool of `PartitionWorker`s behind bounded
+//! mailboxes. Actors stay thin: the work is in plain async functions (`preparation::run`,
+//! `delivery::run`, `worker::process_task`) that can be tested without the actor runtime.
+
+pub mod delivery;
+pub mod gates;
+pub mod preparation;
+pub mod registry;
+pub mod supervisor;
+pub mod worker;
+
+use std::sync::Arc;
+
+use crate::config::Settings;
+use crate::domain::phone::Region;
+use crate::provider::Providers;
+use crate::store::Store;
+use crate::telemetry::Metrics;
+use crate::transport::Transport;
+use gates::Gates;
+
+/// What every actor of the process shares.
+#[derive(Clone)]
+pub struct Core {
+    /// The database.
+    pub store: Store,
+    /// The providers by name.
+    pub providers: Providers,
+    /// The metrics.
+    pub metrics: Metrics,
+    /// The configuration.
+    pub settings: Arc<Settings>,
+    /// The gates of the batches this process supervises.
+    pub gates: Gates,
+    /// The region of numbers written without `+`.
+    pub region: Region,
+}
+
+/// `Core` plus the transport, for the supervisors and their children.
+#[derive(Clone)]
+pub struct Deps {
+    /// Shared dependencies.
+    pub core: Core,
+    /// Where delivery tasks go.
+    pub transport: Arc<dyn Transport>,
+}
+
+/// How a step's run ended, when it did not fail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepEnd {
+    /// All its work is done.
+    Finished,
+    /// It stopped early because the batch paused, was cancelled or the process stops.
+    Stopped,
+}

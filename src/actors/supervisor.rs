@@ -1,0 +1,615 @@
+//! The BatchSupervisor: one per active batch. It owns the batch's state machine, persists every
+//! transition under an optimistic version check, runs the Preparation or Delivery child of the
+//! current state, restarts a child that errors or panics (from its checkpoint), and fails the
+//! batch after `retry_count` restarts.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use chrono::{DateTime, NaiveDateTime, Utc};
+use futures_util::FutureExt;
+use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
+
+use super::gates::{Gate, GateState};
+use super::registry::SupervisorStopped;
+use super::{Deps, StepEnd, delivery, preparation};
+use crate::domain::state::{
+    BatchState, Event, Lifecycle, Step, StepStatus, TransitionError, transition,
+};
+use crate::store::StoreError;
+use crate::store::models::{Batch, LifecycleUpdate, StepRecord, Steps};
+
+/// An operator's lifecycle action (API.md "Lifecycle actions").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// `POST /start`
+    Start,
+    /// `POST /pause`
+    Pause,
+    /// `POST /resume`
+    Resume,
+    /// `POST /cancel`
+    Cancel,
+    /// `POST /retry`
+    Retry,
+}
+
+impl Action {
+    /// The state machine event this action is for the given batch.
+    pub fn event(self, batch: &Batch) -> Event {
+        match self {
+            Action::Start => Event::Start {
+                schedule_in_future: batch
+                    .schedule_at
+                    .is_some_and(|at| at > chrono::Utc::now().naive_utc()),
+            },
+            Action::Pause => Event::Pause,
+            Action::Resume => Event::Resume,
+            Action::Cancel => Event::Cancel,
+            Action::Retry => Event::Retry,
+        }
+    }
+}
+
+/// Why an action was refused or failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ActError {
+    /// No such batch.
+    #[error("no batch {0}")]
+    NotFound(String),
+    /// Not allowed in the batch's state.
+    #[error(transparent)]
+    Invalid(#[from] TransitionError),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The supervisor is gone (shutting down).
+    #[error("batch supervisor unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// Asks the supervisor to apply an operator's action; answers the batch as saved.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<Batch, ActError>")]
+pub struct Act(pub Action);
+
+/// A child (step run) ended.
+#[derive(Debug)]
+struct ChildExited {
+    generation: u64,
+    outcome: Result<StepEnd, String>,
+}
+
+/// Stop sending and wait for the child to stop (process shutdown). The batch keeps its state,
+/// so the next start of the service continues it.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct Drain;
+
+/// A condition of the batch, as API.md shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Condition {
+    /// `Prepared`, `Delivered`, `Paused`, `Cancelled`, `Failed`, `Restarted`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// `True` or `False`.
+    pub status: String,
+    /// A CamelCase reason.
+    pub reason: String,
+    /// A human sentence.
+    pub message: String,
+    /// When the status last changed.
+    pub last_transition_time: chrono::DateTime<chrono::Utc>,
+}
+
+struct Child {
+    generation: u64,
+    work: actix::prelude::SpawnHandle,
+    abort: tokio::task::AbortHandle,
+}
+
+/// Supervises one batch.
+pub struct BatchSupervisor {
+    deps: Deps,
+    batch: Batch,
+    gate: Arc<Gate>,
+    registry: Recipient<SupervisorStopped>,
+    child: Option<Child>,
+    generation: u64,
+    restarts: u32,
+    timer: Option<SpawnHandle>,
+    cancel_cleanup: bool,
+    draining: Vec<oneshot::Sender<()>>,
+}
+
+impl BatchSupervisor {
+    /// A supervisor for a batch as loaded from the store.
+    pub fn new(deps: Deps, batch: Batch, registry: Recipient<SupervisorStopped>) -> Self {
+        let state = batch.state.parse().unwrap_or(BatchState::Initial);
+        let gate = Arc::new(Gate::new(gate_state(state), batch.provider.clone()));
+        BatchSupervisor {
+            deps,
+            batch,
+            gate,
+            registry,
+            child: None,
+            generation: 0,
+            restarts: 0,
+            timer: None,
+            cancel_cleanup: false,
+            draining: Vec::new(),
+        }
+    }
+
+    fn state(&self) -> BatchState {
+        self.batch.state.parse().unwrap_or(BatchState::Initial)
+    }
+
+    /// Applies an event: checks it against the state machine, persists it (reloading and
+    /// re-checking once per concurrent change), then acts on the new state.
+    fn apply(
+        &mut self,
+        event: Event,
+        error: Option<String>,
+    ) -> ResponseActFuture<Self, Result<Batch, ActError>> {
+        let store = self.deps.core.store.clone();
+        let current = self.batch.clone();
+        let restarts = self.restarts;
+        Box::pin(
+            async move {
+                let mut row = current;
+                for _ in 0..5 {
+                    let next = project(&row, event, error.as_deref(), restarts)?;
+                    match store
+                        .save_lifecycle(row.id, row.version, &LifecycleUpdate::from(&next))
+                        .await
+                    {
+                        Ok(saved) => return Ok(saved),
+                        Err(StoreError::Conflict(_)) => row = store.batch(row.id).await?,
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                Err(StoreError::Conflict(row.public_id).into())
+            }
+            .into_actor(self)
+            .map(move |result, act, ctx| {
+                match &result {
+                    Ok(saved) => {
+                        tracing::info!(batch_id = %saved.public_id, event = event.name(), state = %saved.state, "Batch transition.");
+                        act.batch = saved.clone();
+                        act.enter_state(ctx);
+                    }
+                    Err(ActError::Store(e)) => {
+                        tracing::error!(batch_id = %act.batch.public_id, event = event.name(), error = %e, "Transition not saved.");
+                    }
+                    Err(_) => {}
+                }
+                result
+            }),
+        )
+    }
+
+    /// Does what the (just saved or just loaded) state asks for.
+    fn enter_state(&mut self, ctx: &mut Context<Self>) {
+        let state = self.state();
+        self.gate.set(gate_state(state));
+        if let Some(timer) = self.timer.take() {
+            ctx.cancel_future(timer);
+        }
+        match state {
+            BatchState::Scheduled => {
+                let due = self
+                    .batch
+                    .schedule_at
+                    .map(|at| at - chrono::Utc::now().naive_utc())
+                    .and_then(|d| d.to_std().ok())
+                    .unwrap_or(Duration::ZERO);
+                self.timer = Some(ctx.run_later(due, |act, ctx| {
+                    act.timer = None;
+                    ctx.wait(act.apply(Event::Due, None).map(|_, _, _| ()));
+                }));
+            }
+            BatchState::Preparing | BatchState::Delivering => {
+                if self.child.is_none() {
+                    self.spawn_child(ctx);
+                }
+            }
+            BatchState::Cancelled => {
+                self.cancel_cleanup = true;
+                if self.child.is_none() {
+                    self.finish_cancel(ctx);
+                }
+            }
+            BatchState::Completed | BatchState::Failed => {
+                if self.child.is_none() {
+                    ctx.stop();
+                }
+            }
+            BatchState::Initial | BatchState::Paused => {}
+        }
+    }
+
+    /// Starts the child of the current state's step, watched for errors and panics.
+    fn spawn_child(&mut self, ctx: &mut Context<Self>) {
+        let Some(step) = self.state().step() else {
+            return;
+        };
+        self.generation += 1;
+        let generation = self.generation;
+        let (deps, batch, gate) = (self.deps.clone(), self.batch.clone(), self.gate.clone());
+        let work = match step {
+            Step::Preparation => async move {
+                preparation::run(deps, batch, gate)
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+            .boxed_local(),
+            Step::Delivery => async move {
+                delivery::run(deps, batch, gate)
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+            .boxed_local(),
+        };
+        // The child runs as its own task so that a panic in it is caught by its join handle
+        // (and reported as an error) instead of taking the supervisor down.
+        let task = actix::spawn(work);
+        let abort = task.abort_handle();
+        let watcher = async move {
+            match task.await {
+                Ok(outcome) => outcome,
+                Err(e) if e.is_panic() => Err(format!("{step:?} panicked: {}", panic_text(e))),
+                Err(e) => Err(format!("{step:?} stopped: {e}")),
+            }
+        }
+        .into_actor(self)
+        .map(move |outcome, act, ctx| {
+            act.child_exited(
+                ChildExited {
+                    generation,
+                    outcome,
+                },
+                ctx,
+            )
+        });
+        let work = ctx.spawn(watcher);
+        self.child = Some(Child {
+            generation,
+            work,
+            abort,
+        });
+    }
+
+    fn child_exited(&mut self, msg: ChildExited, ctx: &mut Context<Self>) {
+        if self.child.as_ref().map(|c| c.generation) != Some(msg.generation) {
+            return;
+        }
+        self.child = None;
+        if !self.draining.is_empty() {
+            for tx in self.draining.drain(..) {
+                let _ = tx.send(());
+            }
+            return;
+        }
+        let state = self.state();
+        match msg.outcome {
+            Ok(StepEnd::Finished) if state == BatchState::Preparing => {
+                self.restarts = 0;
+                ctx.wait(self.apply(Event::Prepared, None).map(|_, _, _| ()));
+            }
+            Ok(StepEnd::Finished) if state == BatchState::Delivering => {
+                ctx.wait(self.apply(Event::Delivered, None).map(|_, _, _| ()));
+            }
+            Err(error) if matches!(state, BatchState::Preparing | BatchState::Delivering) => {
+                self.restarts += 1;
+                let step = state.step().map(Step::as_str).unwrap_or("none");
+                self.deps
+                    .core
+                    .metrics
+                    .step_restarts
+                    .with_label_values(&[step])
+                    .inc();
+                if self.restarts > self.deps.core.settings.smsbatch.retry_count {
+                    tracing::error!(batch_id = %self.batch.public_id, %error, restarts = self.restarts, "Step failed for good.");
+                    ctx.wait(self.apply(Event::Fail, Some(error)).map(|_, _, _| ()));
+                } else {
+                    let backoff = Duration::from_millis(
+                        self.deps
+                            .core
+                            .settings
+                            .smsbatch
+                            .retry_backoff_ms
+                            .saturating_mul(1 << self.restarts.min(10)),
+                    )
+                    .min(Duration::from_secs(60));
+                    tracing::warn!(batch_id = %self.batch.public_id, %error, restarts = self.restarts, ?backoff, "Step failed; restarting from its checkpoint.");
+                    self.timer = Some(ctx.run_later(backoff, |act, ctx| {
+                        act.timer = None;
+                        if act.child.is_none() && act.gate.is_open() {
+                            act.spawn_child(ctx);
+                        }
+                    }));
+                }
+            }
+            _ => {
+                // Stopped (or finished/failed after the state moved on): act on the state now.
+                match state {
+                    BatchState::Cancelled => self.finish_cancel(ctx),
+                    BatchState::Preparing | BatchState::Delivering if self.gate.is_open() => {
+                        self.spawn_child(ctx)
+                    }
+                    BatchState::Completed | BatchState::Failed => ctx.stop(),
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    /// After a cancel, once no child runs: every message still pending becomes `cancelled`.
+    fn finish_cancel(&mut self, ctx: &mut Context<Self>) {
+        if !std::mem::take(&mut self.cancel_cleanup) {
+            return;
+        }
+        let store = self.deps.core.store.clone();
+        let (id, partitions, public_id) = (
+            self.batch.id,
+            self.batch.partition_count,
+            self.batch.public_id.clone(),
+        );
+        ctx.wait(
+            async move { store.cancel_pending(id, partitions).await }
+                .into_actor(self)
+                .map(move |result, _act, ctx| {
+                    match result {
+                        Ok(n) => tracing::info!(batch_id = %public_id, cancelled = n, "Batch cancelled."),
+                        Err(e) => tracing::error!(batch_id = %public_id, error = %e, "Cancelling pending messages failed; the next start finishes it."),
+                    }
+                    ctx.stop();
+                }),
+        );
+    }
+}
+
+fn panic_text(e: tokio::task::JoinError) -> String {
+    let payload = e.into_panic();
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
+}
+
+fn gate_state(state: BatchState) -> GateState {
+    match state {
+        BatchState::Preparing | BatchState::Delivering => GateState::Open,
+        BatchState::Cancelled => GateState::Cancelled,
+        _ => GateState::Held,
+    }
+}
+
+impl Actor for BatchSupervisor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.set_mailbox_capacity(self.deps.core.settings.smsbatch.supervisor_mailbox);
+        self.deps
+            .core
+            .gates
+            .insert(self.batch.id, self.gate.clone());
+        self.enter_state(ctx);
+    }
+
+    fn stopped(&mut self, ctx: &mut Self::Context) {
+        if let Some(child) = self.child.take() {
+            child.abort.abort();
+            let _ = child.work;
+        }
+        self.deps.core.gates.remove(self.batch.id);
+        if let Err(e) = self.registry.try_send(SupervisorStopped {
+            batch_id: self.batch.id,
+            addr: ctx.address(),
+        }) {
+            tracing::warn!(batch_id = %self.batch.public_id, error = %e, "Registry not told that a supervisor stopped.");
+        }
+    }
+}
+
+impl Handler<Act> for BatchSupervisor {
+    type Result = AtomicResponse<Self, Result<Batch, ActError>>;
+
+    fn handle(&mut self, msg: Act, _ctx: &mut Self::Context) -> Self::Result {
+        let event = msg.0.event(&self.batch);
+        if msg.0 == Action::Retry {
+            self.restarts = 0;
+        }
+        AtomicResponse::new(self.apply(event, None))
+    }
+}
+
+impl Handler<Drain> for BatchSupervisor {
+    type Result = ResponseFuture<()>;
+
+    fn handle(&mut self, _msg: Drain, _ctx: &mut Self::Context) -> Self::Result {
+        self.gate.set(GateState::Held);
+        if self.child.is_none() {
+            return Box::pin(async {});
+        }
+        let (tx, rx) = oneshot::channel();
+        self.draining.push(tx);
+        Box::pin(async move {
+            let _ = rx.await;
+        })
+    }
+}
+
+/// The batch row after `event`: the new state and the step statuses, times, conditions and error
+/// that go with it. Pure, so the bookkeeping is testable on its own.
+pub fn project(
+    batch: &Batch,
+    event: Event,
+    error: Option<&str>,
+    restarts: u32,
+) -> Result<Batch, TransitionError> {
+    let from: BatchState = batch.state.parse().unwrap_or(BatchState::Initial);
+    let resume_to = batch.resume_to.as_deref().and_then(|s| s.parse().ok());
+    let next = transition(
+        Lifecycle {
+            state: from,
+            resume_to,
+        },
+        event,
+    )?;
+    let now = chrono::Utc::now().naive_utc();
+    let at = now.and_utc();
+    let mut b = batch.clone();
+    b.state = next.state.as_str().to_string();
+    b.resume_to = next.resume_to.map(|s| s.as_str().to_string());
+    b.updated_at = now;
+    b.restarts = i32::try_from(restarts).unwrap_or(i32::MAX);
+    let mut steps = b.steps();
+    let mut conditions: Vec<Condition> = serde_json::from_str(&b.conditions).unwrap_or_default();
+    let mut set = |kind: &str, status: bool, reason: &str, message: String| {
+        set_condition(&mut conditions, kind, status, reason, message, now)
+    };
+    let running = StepStatus::Running.as_str();
+    match event {
+        Event::Start { schedule_in_future } => {
+            b.started_at = Some(now);
+            if schedule_in_future {
+                steps.preparation.status = StepStatus::Ready.as_str().into();
+            } else {
+                start_step(&mut steps.preparation, at);
+            }
+            steps.delivery.status = StepStatus::Ready.as_str().into();
+        }
+        Event::Due => start_step(&mut steps.preparation, at),
+        Event::Prepared => {
+            steps.preparation.status = StepStatus::Completed.as_str().into();
+            steps.preparation.finished_at = Some(at);
+            set(
+                "Prepared",
+                true,
+                "Completed",
+                format!(
+                    "{} of {} recipients are valid ({} invalid, {} duplicates, {} opted out)",
+                    b.valid, b.recipients, b.invalid, b.duplicates, b.opted_out
+                ),
+            );
+            start_step(&mut steps.delivery, at);
+        }
+        Event::Delivered => {
+            steps.delivery.status = StepStatus::Completed.as_str().into();
+            steps.delivery.finished_at = Some(at);
+            b.finished_at = Some(now);
+            set(
+                "Delivered",
+                true,
+                "Completed",
+                "every valid recipient's message reached a final status".into(),
+            );
+        }
+        Event::Pause | Event::Cancel => {
+            for step in [&mut steps.preparation, &mut steps.delivery] {
+                if step.status == running {
+                    step.status = StepStatus::Paused.as_str().into();
+                }
+            }
+            if event == Event::Pause {
+                set("Paused", true, "Requested", format!("paused while {from}"));
+            } else {
+                b.finished_at = Some(now);
+                set(
+                    "Cancelled",
+                    true,
+                    "Requested",
+                    format!("cancelled while {from}"),
+                );
+            }
+        }
+        Event::Resume => {
+            // A batch paused while scheduled waits for its time again: no step runs yet.
+            if let Some(step) = next.state.step() {
+                step_of(&mut steps, step).status = running.into();
+            }
+            set(
+                "Paused",
+                false,
+                "Resumed",
+                format!("resumed into {}", next.state),
+            );
+        }
+        Event::Fail => {
+            let message = error.unwrap_or("step failed").to_string();
+            if let Some(step) = from.step() {
+                let step = step_of(&mut steps, step);
+                step.status = StepStatus::Failed.as_str().into();
+                step.error = Some(message.clone());
+            }
+            b.error = Some(message.clone());
+            b.finished_at = Some(now);
+            set("Failed", true, "RetriesExhausted", message);
+        }
+        Event::Retry => {
+            if let Some(step) = next.state.step() {
+                let step = step_of(&mut steps, step);
+                step.status = running.into();
+                step.error = None;
+            }
+            b.error = None;
+            b.finished_at = None;
+            b.restarts = 0;
+            set(
+                "Failed",
+                false,
+                "Retried",
+                format!("retrying from {}", next.state),
+            );
+        }
+    }
+    b.steps = serde_json::to_string(&steps).unwrap_or_else(|_| "{}".into());
+    b.conditions = serde_json::to_string(&conditions).unwrap_or_else(|_| "[]".into());
+    Ok(b)
+}
+
+fn start_step(step: &mut StepRecord, at: DateTime<Utc>) {
+    step.status = StepStatus::Running.as_str().into();
+    step.started_at.get_or_insert(at);
+}
+
+fn step_of(steps: &mut Steps, step: Step) -> &mut StepRecord {
+    match step {
+        Step::Preparation => &mut steps.preparation,
+        Step::Delivery => &mut steps.delivery,
+    }
+}
+
+fn set_condition(
+    conditions: &mut Vec<Condition>,
+    kind: &str,
+    status: bool,
+    reason: &str,
+    message: String,
+    now: NaiveDateTime,
+) {
+    let status = if status { "True" } else { "False" }.to_string();
+    let at = now.and_utc();
+    match conditions.iter_mut().find(|c| c.kind == kind) {
+        Some(c) => {
+            if c.status != status {
+                c.last_transition_time = at;
+            }
+            c.status = status;
+            c.reason = reason.into();
+            c.message = message;
+        }
+        None => conditions.push(Condition {
+            kind: kind.into(),
+            status,
+            reason: reason.into(),
+            message,
+            last_transition_time: at,
+        }),
+    }
+}

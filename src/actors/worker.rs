@@ -1,0 +1,243 @@
+//! The partition worker: claims a task's messages, sends them through the batch's provider under
+//! its rate limit, and records the outcomes in bulk. One task at a time per worker
+//! (`AtomicResponse`), so the bounded mailbox is the backpressure.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use futures_util::StreamExt;
+
+use super::Core;
+use super::gates::{Gate, GateState};
+use crate::domain::state::BatchState;
+use crate::provider::{OutgoingSms, ProviderError};
+use crate::store::Outcomes;
+use crate::transport::{DeliveryTask, TaskReport, TransportError};
+
+/// A pool member. Stateless between tasks: everything it needs is in the task and the store.
+pub struct PartitionWorker {
+    core: Core,
+}
+
+impl PartitionWorker {
+    /// A worker over the shared dependencies.
+    pub fn new(core: Core) -> Self {
+        PartitionWorker { core }
+    }
+}
+
+impl Actor for PartitionWorker {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.set_mailbox_capacity(self.core.settings.smsbatch.worker_mailbox);
+    }
+}
+
+impl Handler<DeliveryTask> for PartitionWorker {
+    type Result = AtomicResponse<Self, Result<TaskReport, TransportError>>;
+
+    fn handle(&mut self, task: DeliveryTask, _ctx: &mut Self::Context) -> Self::Result {
+        self.core
+            .metrics
+            .mailbox_depth
+            .with_label_values(&["partition_worker"])
+            .dec();
+        let core = self.core.clone();
+        AtomicResponse::new(Box::pin(
+            async move { process_task(&core, task).await }.into_actor(self),
+        ))
+    }
+}
+
+/// The gate of a task's batch: this process's if it supervises the batch, else one built from
+/// the stored state (a task that outlived its batch's run, or one from another instance).
+async fn gate_for(core: &Core, batch_id: i64) -> Result<Arc<Gate>, TransportError> {
+    if let Some(gate) = core.gates.get(batch_id) {
+        return Ok(gate);
+    }
+    let batch = core
+        .store
+        .batch(batch_id)
+        .await
+        .map_err(|e| TransportError::Task(e.to_string()))?;
+    let state = match batch.state.parse::<BatchState>() {
+        Ok(BatchState::Delivering) => GateState::Open,
+        Ok(BatchState::Cancelled) => GateState::Cancelled,
+        _ => GateState::Held,
+    };
+    Ok(Arc::new(Gate::new(state, batch.provider)))
+}
+
+/// Carries out one task; returns what happened to its messages.
+#[tracing::instrument(skip_all, fields(batch_id = task.batch_id, partition = task.partition))]
+pub async fn process_task(core: &Core, task: DeliveryTask) -> Result<TaskReport, TransportError> {
+    let gate = gate_for(core, task.batch_id).await?;
+    if !gate.is_open() {
+        return Ok(TaskReport::default());
+    }
+    let claimed = core
+        .store
+        .claim(task.batch_id, task.partition, task.first_id, task.last_id)
+        .await
+        .map_err(|e| TransportError::Task(e.to_string()))?;
+    let mut report = TaskReport {
+        claimed: claimed.len(),
+        ..TaskReport::default()
+    };
+    if claimed.is_empty() {
+        return Ok(report);
+    }
+    let settings = &core.settings.smsbatch;
+    let provider = core.providers.get(&gate.provider);
+    let timeout = Duration::from_millis(settings.timeout_ms);
+    let results: Vec<(i64, i32, SendResult)> = futures_util::stream::iter(claimed)
+        .map(|m| {
+            let gate = &gate;
+            let provider = provider.clone();
+            async move {
+                let result = match gate.state() {
+                    GateState::Held => SendResult::Released,
+                    GateState::Cancelled => SendResult::Cancelled,
+                    GateState::Open => match provider {
+                        None => SendResult::Failed(ProviderError::Permanent(format!(
+                            "unknown provider `{}`",
+                            gate.provider
+                        ))),
+                        Some(provider) => {
+                            provider.limiter.acquire().await;
+                            // The limiter may have waited: look at the gate again.
+                            if !gate.is_open() {
+                                SendResult::Released
+                            } else {
+                                let sms = OutgoingSms {
+                                    message_id: m.id,
+                                    phone: &m.phone,
+                                    body: &m.body,
+                                    attempt: m.attempts,
+                                };
+                                let started = Instant::now();
+                                let answer =
+                                    tokio::time::timeout(timeout, provider.gateway.send(&sms))
+                                        .await;
+                                core.metrics
+                                    .provider_seconds
+                                    .with_label_values(&[provider.name.as_str()])
+                                    .observe(started.elapsed().as_secs_f64());
+                                match answer {
+                                    Ok(Ok(accepted)) => {
+                                        SendResult::Sent(accepted.provider_message_id)
+                                    }
+                                    Ok(Err(e)) => SendResult::Failed(e),
+                                    Err(_) => SendResult::Failed(ProviderError::Transient(
+                                        "provider timeout".into(),
+                                    )),
+                                }
+                            }
+                        }
+                    },
+                };
+                (m.id, m.attempts, result)
+            }
+        })
+        .buffer_unordered(settings.send_concurrency)
+        .collect()
+        .await;
+
+    let mut outcomes = Outcomes::default();
+    let now = chrono::Utc::now().naive_utc();
+    for (id, attempts, result) in results {
+        let outcome = match result {
+            SendResult::Sent(pid) => {
+                outcomes.sent.push((id, pid));
+                "sent"
+            }
+            SendResult::Failed(e)
+                if e.is_transient() && attempts <= settings.retry_count as i32 =>
+            {
+                let backoff = retry_delay(settings.retry_backoff_ms, attempts);
+                outcomes.retry.push((id, now + backoff, e.to_string()));
+                "retried"
+            }
+            SendResult::Failed(e) => {
+                outcomes.failed.push((id, e.to_string()));
+                "failed"
+            }
+            SendResult::Released => {
+                outcomes.released.push(id);
+                continue;
+            }
+            SendResult::Cancelled => {
+                outcomes.cancelled.push(id);
+                continue;
+            }
+        };
+        core.metrics
+            .messages
+            .with_label_values(&[gate.provider.as_str(), outcome])
+            .inc();
+    }
+    report.sent = outcomes.sent.len();
+    report.failed = outcomes.failed.len();
+    report.retried = outcomes.retry.len();
+    report.released = outcomes.released.len();
+    report.cancelled = outcomes.cancelled.len();
+    record_with_retry(core, &task, &outcomes).await;
+    core.metrics.tasks.inc();
+    Ok(report)
+}
+
+/// What happened to one message.
+enum SendResult {
+    Sent(Option<String>),
+    Failed(ProviderError),
+    Released,
+    Cancelled,
+}
+
+/// Exponential backoff: `base`, 2·`base`, 4·`base`… capped at five minutes.
+fn retry_delay(base_ms: u64, attempt: i32) -> chrono::Duration {
+    let exp = u32::try_from(attempt.saturating_sub(1))
+        .unwrap_or(0)
+        .min(16);
+    let ms = base_ms.saturating_mul(1u64 << exp).min(300_000);
+    chrono::Duration::milliseconds(i64::try_from(ms).unwrap_or(300_000))
+}
+
+/// Outcomes of messages that reached a provider must not be lost to a database blip: keep
+/// trying, with backoff, until the store takes them. The worker's mailbox fills meanwhile,
+/// which stops the producers.
+async fn record_with_retry(core: &Core, task: &DeliveryTask, outcomes: &Outcomes) {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match core
+            .store
+            .record_outcomes(task.batch_id, task.partition, outcomes)
+            .await
+        {
+            Ok(()) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, batch_id = task.batch_id, "Recording outcomes failed; retrying.");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_delay_doubles_and_caps() {
+        assert_eq!(retry_delay(100, 1), chrono::Duration::milliseconds(100));
+        assert_eq!(retry_delay(100, 2), chrono::Duration::milliseconds(200));
+        assert_eq!(retry_delay(100, 4), chrono::Duration::milliseconds(800));
+        assert_eq!(
+            retry_delay(100, 40),
+            chrono::Duration::milliseconds(300_000)
+        );
+    }
+}

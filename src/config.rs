@@ -1,0 +1,564 @@
+//! Layered configuration: `config/default.yaml`, then `config/$SMSBATCH_ENV.yaml`, then
+//! `SMSBATCH__SECTION__KEY` environment variables. Every key has a default that serves the
+//! embedded case, so an empty or missing `default.yaml` still starts the service.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::domain::batch::PartitionCount;
+use crate::domain::phone::Region;
+
+/// Why the configuration could not be loaded; the message always names the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A layer could not be read or a value has the wrong type.
+    #[error("configuration: {0}")]
+    Load(#[from] config::ConfigError),
+    /// A value has the right type but is out of range.
+    #[error("configuration key `{key}`: {reason}")]
+    Invalid { key: &'static str, reason: String },
+}
+
+/// The whole configuration tree.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    /// The admin HTTP server.
+    pub http: HttpSettings,
+    /// The store.
+    pub database: DatabaseSettings,
+    /// How delivery tasks reach the workers.
+    pub transport: TransportSettings,
+    /// Access to the admin API.
+    pub admin: AdminSettings,
+    /// The orchestration knobs of the original service's `smsbatch` section.
+    pub smsbatch: BatchSettings,
+    /// SMS providers and their limits.
+    pub providers: ProviderSettings,
+    /// Logging.
+    pub log: LogSettings,
+}
+
+/// `http.*`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpSettings {
+    /// Address to listen on; port 0 picks a free port (the chosen one is printed).
+    pub bind: String,
+    /// Largest JSON request body, in bytes.
+    pub max_json_bytes: usize,
+    /// Largest CSV upload, in bytes (the upload is streamed; this only caps it).
+    pub max_csv_bytes: u64,
+    /// Most recipients accepted inline in `POST /v1/batches`.
+    pub max_inline_recipients: usize,
+    /// HTTP worker threads; 0 means one per core.
+    pub workers: usize,
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        Self {
+            bind: "127.0.0.1:8080".into(),
+            max_json_bytes: 16 * 1024 * 1024,
+            max_csv_bytes: 2 * 1024 * 1024 * 1024,
+            max_inline_recipients: 100_000,
+            workers: 0,
+        }
+    }
+}
+
+/// `database.*`
+#[derive(Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DatabaseSettings {
+    /// `sqlite://path/to/file.db` (folder and file are created) or `postgres://user@host/db`.
+    pub url: Secret,
+    /// Connections in the pool.
+    pub pool_size: usize,
+    /// How long a request waits for a pooled connection, in milliseconds.
+    pub acquire_timeout_ms: u64,
+}
+
+impl fmt::Debug for DatabaseSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DatabaseSettings")
+            .field("url", &redact_url(self.url.expose()))
+            .field("pool_size", &self.pool_size)
+            .finish()
+    }
+}
+
+impl Default for DatabaseSettings {
+    fn default() -> Self {
+        Self {
+            url: Secret::new("sqlite://data/smsbatch.db"),
+            pool_size: 8,
+            acquire_timeout_ms: 30_000,
+        }
+    }
+}
+
+/// Which transport carries delivery tasks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TransportKind {
+    /// Tasks go straight into this process's worker mailboxes.
+    InProcess,
+    /// Tasks go through a durable RabbitMQ queue.
+    Rabbitmq,
+}
+
+/// `transport.*`
+#[derive(Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TransportSettings {
+    /// `in_process` or `rabbitmq`.
+    pub kind: TransportKind,
+    /// The broker URL, used with `rabbitmq`.
+    pub amqp_url: Secret,
+    /// The durable queue delivery tasks go through.
+    pub queue: String,
+}
+
+impl fmt::Debug for TransportSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TransportSettings")
+            .field("kind", &self.kind)
+            .field("amqp_url", &redact_url(self.amqp_url.expose()))
+            .field("queue", &self.queue)
+            .finish()
+    }
+}
+
+impl Default for TransportSettings {
+    fn default() -> Self {
+        Self {
+            kind: TransportKind::InProcess,
+            amqp_url: Secret::new("amqp://guest:guest@127.0.0.1:5672/%2f"),
+            queue: "smsbatch.delivery".into(),
+        }
+    }
+}
+
+/// `admin.*`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminSettings {
+    /// Bearer token required on every `/v1/` route; empty means none is needed.
+    pub token: Secret,
+}
+
+/// What happens to a message that was `sending` when its process died.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Redelivery {
+    /// Mark it failed with `unknown_outcome`: nobody gets the SMS twice.
+    AtMostOnce,
+    /// Send it again with the same idempotency key (the message id).
+    AtLeastOnce,
+}
+
+/// `smsbatch.*`: the orchestration knobs.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BatchSettings {
+    /// Partitions of a batch when its request does not say (1–256).
+    pub partition_count: i64,
+    /// Partition workers in this process.
+    pub worker_count: usize,
+    /// Provider calls in flight per worker.
+    pub send_concurrency: usize,
+    /// Recipients per preparation chunk (one transaction and checkpoint each).
+    pub batch_size: usize,
+    /// Messages per delivery task.
+    pub task_size: usize,
+    /// Attempts after a transient provider error, and restarts of a failed step.
+    pub retry_count: u32,
+    /// First retry delay in milliseconds; doubles with each attempt.
+    pub retry_backoff_ms: u64,
+    /// Provider call timeout in milliseconds.
+    pub timeout_ms: u64,
+    /// Capacity of each partition worker's mailbox (tasks).
+    pub worker_mailbox: usize,
+    /// Capacity of each supervisor's and of the registry's mailbox.
+    pub supervisor_mailbox: usize,
+    /// `at_most_once` or `at_least_once`.
+    pub redelivery: Redelivery,
+    /// Region for numbers written without `+` (ISO 3166 code).
+    pub default_region: String,
+}
+
+impl Default for BatchSettings {
+    fn default() -> Self {
+        Self {
+            partition_count: 4,
+            worker_count: 4,
+            send_concurrency: 8,
+            batch_size: 1000,
+            task_size: 500,
+            retry_count: 3,
+            retry_backoff_ms: 1000,
+            timeout_ms: 10_000,
+            worker_mailbox: 4,
+            supervisor_mailbox: 64,
+            redelivery: Redelivery::AtMostOnce,
+            default_region: "CN".into(),
+        }
+    }
+}
+
+/// `providers.*`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProviderSettings {
+    /// The provider of batches that do not name one.
+    pub default: String,
+    /// The built-in simulator.
+    pub simulator: SimulatorSettings,
+}
+
+impl Default for ProviderSettings {
+    fn default() -> Self {
+        Self {
+            default: "simulator".into(),
+            simulator: SimulatorSettings::default(),
+        }
+    }
+}
+
+/// `providers.simulator.*`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SimulatorSettings {
+    /// Simulated latency of each call, in milliseconds.
+    pub latency_ms: u64,
+    /// Messages per second (token bucket); 0 means unlimited.
+    pub rate_limit: u32,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// Human-readable, for development.
+    Pretty,
+    /// One JSON object a line, for production.
+    Json,
+}
+
+/// `log.*`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogSettings {
+    /// `pretty` or `json`.
+    pub format: LogFormat,
+    /// An `EnvFilter` directive, e.g. `info` or `smsbatch=debug,info`; `RUST_LOG` wins.
+    pub level: String,
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Pretty,
+            level: "info".into(),
+        }
+    }
+}
+
+/// A string that never prints: tokens and URLs with passwords.
+#[derive(Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a value.
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+    /// The value itself, for the one place that needs it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+    /// True when no value is set.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// A URL with its password replaced by `***`, safe to log.
+pub fn redact_url(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_string();
+    };
+    let rest = &url[scheme_end + 3..];
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let authority = &rest[..authority_end];
+    match (authority.rfind('@'), authority.find(':')) {
+        (Some(at), Some(colon)) if colon < at => format!(
+            "{}{}:***{}",
+            &url[..scheme_end + 3],
+            &authority[..colon],
+            &rest[at..]
+        ),
+        _ => url.to_string(),
+    }
+}
+
+impl Settings {
+    /// Loads the layers from `SMSBATCH_CONFIG_DIR` (default `./config`), `SMSBATCH_ENV` and the
+    /// process environment, then checks every value.
+    pub fn load() -> Result<Self, ConfigError> {
+        let dir = std::env::var_os("SMSBATCH_CONFIG_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("config"));
+        let env = std::env::var("SMSBATCH_ENV").ok();
+        Self::load_from(&dir, env.as_deref(), None)
+    }
+
+    /// Loads from a given folder and environment name; `vars` replaces the process environment
+    /// (for tests).
+    pub fn load_from(
+        dir: &Path,
+        env: Option<&str>,
+        vars: Option<config::Map<String, String>>,
+    ) -> Result<Self, ConfigError> {
+        let mut builder = config::Config::builder()
+            .add_source(config::File::from(dir.join("default.yaml")).required(false));
+        if let Some(env) = env.filter(|e| !e.is_empty()) {
+            builder = builder.add_source(config::File::from(dir.join(format!("{env}.yaml"))));
+        }
+        let settings: Settings = builder
+            .add_source(
+                config::Environment::with_prefix("SMSBATCH")
+                    .prefix_separator("__")
+                    .separator("__")
+                    .try_parsing(true)
+                    .source(vars),
+            )
+            .build()?
+            .try_deserialize()?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        fn positive(key: &'static str, v: u64) -> Result<(), ConfigError> {
+            if v == 0 {
+                return Err(ConfigError::Invalid {
+                    key,
+                    reason: "must be at least 1".into(),
+                });
+            }
+            Ok(())
+        }
+        self.http
+            .bind
+            .parse::<std::net::SocketAddr>()
+            .map_err(|e| ConfigError::Invalid {
+                key: "http.bind",
+                reason: format!("`{}` is not an address:port ({e})", self.http.bind),
+            })?;
+        positive("http.max_json_bytes", self.http.max_json_bytes as u64)?;
+        positive(
+            "http.max_inline_recipients",
+            self.http.max_inline_recipients as u64,
+        )?;
+        let url = self.database.url.expose();
+        if !(url.starts_with("sqlite://")
+            || url.starts_with("postgres://")
+            || url.starts_with("postgresql://"))
+        {
+            return Err(ConfigError::Invalid {
+                key: "database.url",
+                reason: format!(
+                    "`{}` must start with sqlite:// or postgres://",
+                    redact_url(url)
+                ),
+            });
+        }
+        positive("database.pool_size", self.database.pool_size as u64)?;
+        if self.transport.queue.is_empty() {
+            return Err(ConfigError::Invalid {
+                key: "transport.queue",
+                reason: "must not be empty".into(),
+            });
+        }
+        PartitionCount::new(self.smsbatch.partition_count).map_err(|e| ConfigError::Invalid {
+            key: "smsbatch.partition_count",
+            reason: e.to_string(),
+        })?;
+        positive("smsbatch.worker_count", self.smsbatch.worker_count as u64)?;
+        positive(
+            "smsbatch.send_concurrency",
+            self.smsbatch.send_concurrency as u64,
+        )?;
+        positive("smsbatch.batch_size", self.smsbatch.batch_size as u64)?;
+        positive("smsbatch.task_size", self.smsbatch.task_size as u64)?;
+        positive("smsbatch.timeout_ms", self.smsbatch.timeout_ms)?;
+        positive(
+            "smsbatch.worker_mailbox",
+            self.smsbatch.worker_mailbox as u64,
+        )?;
+        positive(
+            "smsbatch.supervisor_mailbox",
+            self.smsbatch.supervisor_mailbox as u64,
+        )?;
+        self.region()?;
+        if self.providers.default != "simulator" {
+            return Err(ConfigError::Invalid {
+                key: "providers.default",
+                reason: format!("unknown provider `{}`", self.providers.default),
+            });
+        }
+        tracing_subscriber::EnvFilter::try_new(&self.log.level).map_err(|e| {
+            ConfigError::Invalid {
+                key: "log.level",
+                reason: e.to_string(),
+            }
+        })?;
+        Ok(())
+    }
+
+    /// The default region, parsed.
+    pub fn region(&self) -> Result<Region, ConfigError> {
+        self.smsbatch
+            .default_region
+            .parse()
+            .map_err(
+                |e: crate::domain::state::UnknownValue| ConfigError::Invalid {
+                    key: "smsbatch.default_region",
+                    reason: e.to_string(),
+                },
+            )
+    }
+
+    /// The default partition count, parsed.
+    pub fn partition_count(&self) -> PartitionCount {
+        PartitionCount::new(self.smsbatch.partition_count).unwrap_or_else(|_| {
+            // validate() rejected anything out of range already.
+            PartitionCount::new(4).unwrap_or_else(|_| unreachable!("4 is in range"))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars(pairs: &[(&str, &str)]) -> config::Map<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn empty_dir() -> PathBuf {
+        std::env::temp_dir().join(format!("smsbatch-config-{}", uuid::Uuid::now_v7()))
+    }
+
+    #[test]
+    fn defaults_serve_the_embedded_case() {
+        let s = Settings::load_from(&empty_dir(), None, Some(vars(&[]))).expect("defaults load");
+        assert_eq!(s.http.bind, "127.0.0.1:8080");
+        assert_eq!(s.database.url.expose(), "sqlite://data/smsbatch.db");
+        assert_eq!(s.transport.kind, TransportKind::InProcess);
+        assert_eq!(s.transport.queue, "smsbatch.delivery");
+        assert!(s.admin.token.is_empty());
+        assert_eq!(s.providers.simulator.latency_ms, 0);
+        assert_eq!(s.smsbatch.redelivery, Redelivery::AtMostOnce);
+    }
+
+    #[test]
+    fn environment_overrides_nested_keys() {
+        let s = Settings::load_from(
+            &empty_dir(),
+            None,
+            Some(vars(&[
+                ("SMSBATCH__HTTP__BIND", "127.0.0.1:0"),
+                ("SMSBATCH__PROVIDERS__SIMULATOR__LATENCY_MS", "7"),
+                ("SMSBATCH__TRANSPORT__KIND", "rabbitmq"),
+                ("SMSBATCH__SMSBATCH__REDELIVERY", "at_least_once"),
+                ("SMSBATCH__ADMIN__TOKEN", "s3cret"),
+            ])),
+        )
+        .expect("loads");
+        assert_eq!(s.http.bind, "127.0.0.1:0");
+        assert_eq!(s.providers.simulator.latency_ms, 7);
+        assert_eq!(s.transport.kind, TransportKind::Rabbitmq);
+        assert_eq!(s.smsbatch.redelivery, Redelivery::AtLeastOnce);
+        assert_eq!(s.admin.token.expose(), "s3cret");
+        assert!(!format!("{s:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let cases = [
+            ("SMSBATCH__SMSBATCH__WORKER_COUNT", "lots", "worker_count"),
+            (
+                "SMSBATCH__SMSBATCH__WORKER_COUNT",
+                "0",
+                "smsbatch.worker_count",
+            ),
+            ("SMSBATCH__HTTP__BIND", "nowhere", "http.bind"),
+            ("SMSBATCH__DATABASE__URL", "mysql://x", "database.url"),
+            (
+                "SMSBATCH__SMSBATCH__PARTITION_COUNT",
+                "300",
+                "smsbatch.partition_count",
+            ),
+            (
+                "SMSBATCH__SMSBATCH__DEFAULT_REGION",
+                "XX",
+                "smsbatch.default_region",
+            ),
+            (
+                "SMSBATCH__TRANSPORT__KIND",
+                "carrier_pigeon",
+                "transport.kind",
+            ),
+            ("SMSBATCH__PROVIDERS__DEFAULT", "nope", "providers.default"),
+        ];
+        for (var, value, key) in cases {
+            let err = Settings::load_from(&empty_dir(), None, Some(vars(&[(var, value)])))
+                .expect_err(var)
+                .to_string();
+            assert!(
+                err.contains(key),
+                "{var}={value}: `{err}` does not name {key}"
+            );
+        }
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        let dir = empty_dir();
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        std::fs::write(dir.join("default.yaml"), "smsbatch:\n  wrker_count: 3\n").expect("write");
+        let err = Settings::load_from(&dir, None, Some(vars(&[])))
+            .expect_err("typo is an error")
+            .to_string();
+        assert!(err.contains("wrker_count"), "{err}");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn redacts_passwords_only() {
+        assert_eq!(
+            redact_url("postgres://app:hunter2@db:5432/sms"),
+            "postgres://app:***@db:5432/sms"
+        );
+        assert_eq!(
+            redact_url("postgres://postgres@127.0.0.1/x"),
+            "postgres://postgres@127.0.0.1/x"
+        );
+        assert_eq!(redact_url("sqlite://data/x.db"), "sqlite://data/x.db");
+    }
+}

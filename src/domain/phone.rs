@@ -1,0 +1,273 @@
+//! Phone numbers normalised to E.164 with the `phonenumber` crate.
+
+use std::fmt;
+use std::str::FromStr;
+
+use phonenumber::PhoneNumber;
+use phonenumber::country::{Id, Source};
+use phonenumber::metadata::DATABASE;
+use serde::Serialize;
+
+use super::state::UnknownValue;
+
+/// A phone number in E.164 form ("+8613800001234"); can only be built by parsing.
+///
+/// Validity follows libphonenumber's metadata, not just the length: "+8613800000001" and
+/// "+8613912340002" are valid (CN mobiles: "+86" then "13x" and 8 digits), while
+/// "+8612345678901" is well-formed but invalid because no CN range starts with 123.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+#[serde(transparent)]
+pub struct E164Phone(String);
+
+impl E164Phone {
+    /// Parses `raw` (surrounding whitespace trimmed; spaces, dashes, dots and parentheses allowed)
+    /// and checks it against the numbering plan. Numbers without a leading "+" (or an
+    /// international dialling prefix such as "00") are read as national numbers of
+    /// `default_region`.
+    pub fn parse(raw: &str, default_region: Region) -> Result<Self, PhoneError> {
+        let raw = raw.trim();
+        let number = parse_number(raw, default_region)?;
+        // E.164 has no room for an extension, and an SMS cannot reach one: dropping it would
+        // silently send to the switchboard instead.
+        if number.extension().is_some() || !number.is_valid() {
+            return Err(PhoneError::Invalid);
+        }
+        Ok(E164Phone(
+            number.format().mode(phonenumber::Mode::E164).to_string(),
+        ))
+    }
+
+    /// The number in E.164 form.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The number in E.164 form, giving up the wrapper.
+    pub fn into_string(self) -> String {
+        self.0
+    }
+}
+
+impl fmt::Display for E164Phone {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(&self.0)
+    }
+}
+
+/// `phonenumber::parse` with a default region applies that region's national-prefix rules even to
+/// a number that carries another country code: with region US, "+86 138 0000 1234" loses its
+/// leading 1 and becomes invalid, and "+86 12345678901" becomes the valid but wrong
+/// "+862345678901". So the region is only passed for numbers that need it, and a number dialled
+/// abroad through the region's international prefix is parsed again as "+<digits after it>".
+fn parse_number(raw: &str, region: Region) -> Result<PhoneNumber, PhoneError> {
+    let unparsable = |_| PhoneError::Unparsable;
+    let first = raw
+        .chars()
+        .find(|c| c.is_ascii_digit() || PLUS_SIGNS.contains(c));
+    if first.is_some_and(|c| PLUS_SIGNS.contains(&c)) {
+        return phonenumber::parse(None, raw).map_err(unparsable);
+    }
+    let number = phonenumber::parse(Some(region.0), raw).map_err(unparsable)?;
+    let meta = DATABASE.by_id(region.as_str());
+    if number.code().source() != Source::Idd
+        || meta.is_some_and(|m| m.country_code() == number.code().value())
+    {
+        return Ok(number);
+    }
+    let digits: String = raw.chars().filter(char::is_ascii_digit).collect();
+    let after_idd = meta
+        .and_then(|m| m.international_prefix())
+        .and_then(|idd| idd.find(&digits))
+        .filter(|m| m.start() == 0)
+        .map(|m| &digits[m.end()..])
+        .ok_or(PhoneError::Unparsable)?;
+    phonenumber::parse(None, format!("+{after_idd}")).map_err(unparsable)
+}
+
+/// The ASCII plus and the full-width plus that CJK keyboards produce.
+const PLUS_SIGNS: [char; 2] = ['+', '\u{FF0B}'];
+
+/// Why a string is not accepted as a phone number.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PhoneError {
+    /// The text does not look like a phone number at all.
+    #[error("not a phone number")]
+    Unparsable,
+    /// It looks like a phone number, but no such number exists in its country's numbering plan.
+    #[error("not a valid number")]
+    Invalid,
+}
+
+/// An ISO 3166 region for numbers written without "+", e.g. "CN", "US".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Region(Id);
+
+impl Region {
+    /// The region's upper-case ISO 3166 code, e.g. "CN".
+    pub fn as_str(&self) -> &str {
+        self.0.as_ref()
+    }
+}
+
+impl FromStr for Region {
+    type Err = UnknownValue;
+
+    /// Accepts a two-letter code in any case ("cn", "CN"); codes the phone metadata does not know
+    /// are an error.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let unknown = || UnknownValue(s.to_owned());
+        let code = s.trim();
+        if code.len() != 2 {
+            return Err(unknown());
+        }
+        let id = Id::from_str(&code.to_ascii_uppercase()).map_err(|_| unknown())?;
+        // `phonenumber::parse` unwraps the region's metadata, so a region without any must never
+        // reach it.
+        match DATABASE.by_id(id.as_ref()) {
+            Some(_) => Ok(Region(id)),
+            None => Err(unknown()),
+        }
+    }
+}
+
+impl fmt::Display for Region {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // a failed unwrap is a failed test
+mod tests {
+    use super::*;
+
+    fn region(code: &str) -> Region {
+        code.parse().unwrap()
+    }
+
+    fn e164(raw: &str, code: &str) -> Result<String, PhoneError> {
+        E164Phone::parse(raw, region(code)).map(E164Phone::into_string)
+    }
+
+    #[test]
+    fn international_form_with_spaces() {
+        assert_eq!(e164("+86 138 0000 1234", "US").unwrap(), "+8613800001234");
+        assert_eq!(e164("  +8613800001234\n", "CN").unwrap(), "+8613800001234");
+        assert_eq!(e164("+86-138-0000-1234", "CN").unwrap(), "+8613800001234");
+    }
+
+    #[test]
+    fn national_form_uses_the_default_region() {
+        assert_eq!(e164("13800001234", "CN").unwrap(), "+8613800001234");
+        assert_eq!(e164("(202) 456-1111", "US").unwrap(), "+12024561111");
+        assert_eq!(e164("202-456-1111", "us").unwrap(), "+12024561111");
+    }
+
+    #[test]
+    fn a_country_code_wins_over_the_default_region() {
+        let cases = [
+            ("+86 138 0000 1234", "+8613800001234"),
+            ("(+86) 138-0000-1234", "+8613800001234"),
+            ("tel:+86-138-0000-1234", "+8613800001234"),
+            ("\u{FF0B}86 138 0000 1234", "+8613800001234"),
+            ("+44 117 945 0000", "+441179450000"),
+            ("+1 (202) 456-1111", "+12024561111"),
+        ];
+        for code in ["CN", "US", "GB", "FR"] {
+            for (raw, expected) in cases {
+                assert_eq!(e164(raw, code).unwrap(), expected, "{raw:?} in {code}");
+            }
+        }
+        // Read with US rules this would be the valid "+862345678901".
+        assert_eq!(e164("+86 12345678901", "US"), Err(PhoneError::Invalid));
+    }
+
+    #[test]
+    fn international_dialling_prefix_of_the_default_region() {
+        assert_eq!(e164("0086 138 0000 1234", "CN").unwrap(), "+8613800001234");
+        assert_eq!(e164("0044 117 945 0000", "CN").unwrap(), "+441179450000");
+        assert_eq!(e164("001 202 456 1111", "CN").unwrap(), "+12024561111");
+        assert_eq!(
+            e164("011 86 138 0000 1234", "US").unwrap(),
+            "+8613800001234"
+        );
+        assert_eq!(e164("011 44 117 945 0000", "US").unwrap(), "+441179450000");
+    }
+
+    #[test]
+    fn national_prefix_and_country_code_without_plus() {
+        assert_eq!(e164("0 138 0000 1234", "CN").unwrap(), "+8613800001234");
+        assert_eq!(
+            e164("+86 (0)138 0000 1234", "CN").unwrap(),
+            "+8613800001234"
+        );
+        assert_eq!(e164("8613800001234", "CN").unwrap(), "+8613800001234");
+        assert_eq!(e164("1 202 456 1111", "US").unwrap(), "+12024561111");
+        assert_eq!(e164("138.0000.1234", "CN").unwrap(), "+8613800001234");
+    }
+
+    #[test]
+    fn test_numbers_other_modules_use_are_valid() {
+        for n in [
+            "+8613800000001",
+            "+8613800000002",
+            "+8613912340001",
+            "+8613912340002",
+            "+8613800001234",
+        ] {
+            assert_eq!(e164(n, "CN").unwrap(), n);
+        }
+    }
+
+    #[test]
+    fn garbage_is_unparsable() {
+        for raw in ["", "   ", "hello", "phone", "+", "++", "-", "()"] {
+            assert_eq!(e164(raw, "CN"), Err(PhoneError::Unparsable), "{raw:?}");
+        }
+    }
+
+    #[test]
+    fn wrong_numbers_are_rejected() {
+        for raw in [
+            "123",
+            "+86 138",
+            "1380000123",
+            "138000012345",
+            "+8612345678901",
+            "+1 555",
+            "+999 1234567",
+        ] {
+            assert!(e164(raw, "CN").is_err(), "{raw:?}");
+        }
+        assert_eq!(e164("+8612345678901", "CN"), Err(PhoneError::Invalid));
+    }
+
+    #[test]
+    fn extensions_are_rejected() {
+        assert_eq!(
+            e164("+1 202-456-1111 ext. 12", "US"),
+            Err(PhoneError::Invalid)
+        );
+    }
+
+    #[test]
+    fn display_and_serialize_are_the_e164_form() {
+        let phone = E164Phone::parse("138 0000 1234", region("CN")).unwrap();
+        assert_eq!(phone.to_string(), "+8613800001234");
+        assert_eq!(phone.as_str(), "+8613800001234");
+        assert_eq!(serde_json::to_string(&phone).unwrap(), "\"+8613800001234\"");
+    }
+
+    #[test]
+    fn region_codes() {
+        assert_eq!(region("cn"), region("CN"));
+        assert_eq!(region("us").to_string(), "US");
+        for bad in ["", "C", "XX", "ZZ", "CHN", "china", "c1"] {
+            assert_eq!(
+                bad.parse::<Region>(),
+                Err(UnknownValue(bad.into())),
+                "{bad:?}"
+            );
+        }
+    }
+}

@@ -1,0 +1,122 @@
+//! The one API error type: renders API.md's `{"error": {"code", "message"}}` body with its status.
+
+use actix_web::http::StatusCode;
+use actix_web::{HttpResponse, ResponseError};
+use serde_json::json;
+
+use crate::actors::supervisor::ActError;
+use crate::store::{ImportError, StoreError};
+
+/// An error answer of the admin API.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// 400 `bad_request`: malformed JSON, bad query parameters.
+    #[error("{0}")]
+    BadRequest(String),
+    /// 400 `bad_csv`: a malformed upload; the message names the line.
+    #[error("{0}")]
+    BadCsv(String),
+    /// 401 `unauthorized`.
+    #[error("missing or wrong bearer token")]
+    Unauthorized,
+    /// 404 `not_found`.
+    #[error("{0}")]
+    NotFound(String),
+    /// 409 `invalid_transition`.
+    #[error("{0}")]
+    InvalidTransition(String),
+    /// 413 `too_large`.
+    #[error("{0}")]
+    TooLarge(String),
+    /// 422 `invalid`: well-formed but invalid values.
+    #[error("{0}")]
+    Invalid(String),
+    /// 503 `unavailable`: a dependency is down; the client may retry.
+    #[error("{0}")]
+    Unavailable(String),
+    /// 500 `internal`.
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    /// The machine-readable code of the body.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApiError::BadRequest(_) => "bad_request",
+            ApiError::BadCsv(_) => "bad_csv",
+            ApiError::Unauthorized => "unauthorized",
+            ApiError::NotFound(_) => "not_found",
+            ApiError::InvalidTransition(_) => "invalid_transition",
+            ApiError::TooLarge(_) => "too_large",
+            ApiError::Invalid(_) => "invalid",
+            ApiError::Unavailable(_) => "unavailable",
+            ApiError::Internal(_) => "internal",
+        }
+    }
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        match self {
+            ApiError::BadRequest(_) | ApiError::BadCsv(_) => StatusCode::BAD_REQUEST,
+            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::InvalidTransition(_) => StatusCode::CONFLICT,
+            ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let mut response = HttpResponse::build(self.status_code());
+        if matches!(self, ApiError::Unauthorized) {
+            response.insert_header(("WWW-Authenticate", "Bearer"));
+        }
+        response.json(json!({"error": {"code": self.code(), "message": self.to_string()}}))
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Conflict(id) => {
+                ApiError::InvalidTransition(format!("batch {id} changed concurrently; retry"))
+            }
+            StoreError::Corrupt(_) | StoreError::Migration(_) => {
+                tracing::error!(error = %e, "Store error.");
+                ApiError::Internal("internal error".into())
+            }
+            StoreError::Query(_) | StoreError::Pool(_) => {
+                tracing::error!(error = %e, "Store unavailable.");
+                ApiError::Unavailable("database unavailable".into())
+            }
+        }
+    }
+}
+
+impl From<ActError> for ApiError {
+    fn from(e: ActError) -> Self {
+        match e {
+            ActError::NotFound(id) => ApiError::NotFound(format!("no batch {id}")),
+            ActError::Invalid(t) => ApiError::InvalidTransition(t.to_string()),
+            ActError::Store(s) => s.into(),
+            ActError::Unavailable(m) => ApiError::Unavailable(m),
+        }
+    }
+}
+
+impl From<ImportError<ApiError>> for ApiError {
+    fn from(e: ImportError<ApiError>) -> Self {
+        match e {
+            ImportError::Input(e) => e,
+            ImportError::Incomplete => ApiError::BadCsv("the upload was cut short".into()),
+            ImportError::NotInitial => {
+                ApiError::InvalidTransition("recipients can be added only in state initial".into())
+            }
+            ImportError::Store(s) => s.into(),
+        }
+    }
+}

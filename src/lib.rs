@@ -1,0 +1,16 @@
+//! smsbatch: an SMS batch orchestrator. An operator hands it a campaign — a template and a list
+//! of recipients — and it validates, renders and sends every message through SMS providers,
+//! while the batch is started, paused, resumed or cancelled over a REST API.
+//!
+//! The modules follow the boxes of DESIGN.md: `domain` (pure rules), `store` (the database),
+//! `actors` (registry, supervisors, workers), `transport`, `provider`, `http`.
+
+pub mod actors;
+pub mod config;
+pub mod domain;
+pub mod http;
+pub mod provider;
+pub mod server;
+pub mod store;
+pub mod telemetry;
+pub mod transport;

@@ -1,0 +1,54 @@
+//! The `smsbatch` binary: `serve` (the default) runs migrations and serves; `migrate` only runs
+//! migrations.
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use smsbatch::config::Settings;
+
+#[derive(Debug, Parser)]
+#[command(name = "smsbatch", version, about = "SMS batch orchestrator")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Cmd>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Run migrations, then serve the admin API and deliver batches (the default).
+    Serve,
+    /// Run migrations and exit.
+    Migrate,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let settings = match Settings::load() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("smsbatch: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    smsbatch::telemetry::init_tracing(&settings.log);
+    // Migrations run before the actor system starts: diesel's harness blocks, which the
+    // current-thread runtime of the actix System does not allow.
+    if let Err(e) = smsbatch::store::migrate(settings.database.url.expose()) {
+        eprintln!("smsbatch: {e}");
+        return ExitCode::from(1);
+    }
+    if matches!(cli.command, Some(Cmd::Migrate)) {
+        println!("smsbatch: migrations applied");
+        return ExitCode::SUCCESS;
+    }
+    let result = actix::System::new().block_on(smsbatch::server::serve(settings));
+    std::io::stdout().flush().ok();
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("smsbatch: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,178 @@
+//! SMS providers: the `SmsProvider` trait, the rate limiter in front of each provider, and the
+//! built-in `simulator`.
+
+mod simulator;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use futures_util::future::BoxFuture;
+
+pub use simulator::Simulator;
+
+use crate::config::ProviderSettings;
+
+/// One SMS to hand to a provider.
+#[derive(Debug, Clone)]
+pub struct OutgoingSms<'a> {
+    /// The message id: also the idempotency key of providers that support one.
+    pub message_id: i64,
+    /// E.164 destination.
+    pub phone: &'a str,
+    /// Rendered text.
+    pub body: &'a str,
+    /// 1 for the first attempt.
+    pub attempt: i32,
+}
+
+/// What a provider answers when it took a message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Accepted {
+    /// The provider's id for the message, if it gives one.
+    pub provider_message_id: Option<String>,
+}
+
+/// Why a provider did not take a message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProviderError {
+    /// Worth retrying later (timeouts, 5xx, throttling).
+    #[error("transient provider error: {0}")]
+    Transient(String),
+    /// Retrying will not help (invalid destination, rejected content).
+    #[error("{0}")]
+    Permanent(String),
+}
+
+impl ProviderError {
+    /// True when a later attempt may succeed.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, ProviderError::Transient(_))
+    }
+}
+
+/// An SMS gateway.
+pub trait SmsProvider: Send + Sync {
+    /// Sends one message.
+    fn send<'a>(
+        &'a self,
+        sms: &'a OutgoingSms<'a>,
+    ) -> BoxFuture<'a, Result<Accepted, ProviderError>>;
+}
+
+/// A provider with its name and rate limit.
+pub struct Provider {
+    /// The name batches use.
+    pub name: String,
+    /// The gateway.
+    pub gateway: Arc<dyn SmsProvider>,
+    /// Its messages-per-second limit.
+    pub limiter: RateLimiter,
+}
+
+/// The configured providers by name.
+#[derive(Clone)]
+pub struct Providers {
+    by_name: Arc<HashMap<String, Arc<Provider>>>,
+    default: String,
+}
+
+impl Providers {
+    /// Builds the providers the configuration names.
+    pub fn from_settings(settings: &ProviderSettings) -> Self {
+        let mut by_name = HashMap::new();
+        let sim = &settings.simulator;
+        by_name.insert(
+            "simulator".to_string(),
+            Arc::new(Provider {
+                name: "simulator".into(),
+                gateway: Arc::new(Simulator::new(Duration::from_millis(sim.latency_ms))),
+                limiter: RateLimiter::new(sim.rate_limit),
+            }),
+        );
+        Providers {
+            by_name: Arc::new(by_name),
+            default: settings.default.clone(),
+        }
+    }
+
+    /// A provider by name.
+    pub fn get(&self, name: &str) -> Option<Arc<Provider>> {
+        self.by_name.get(name).cloned()
+    }
+
+    /// The name of the default provider.
+    pub fn default_name(&self) -> &str {
+        &self.default
+    }
+}
+
+/// A token bucket: at most `rate` messages a second, with a burst of one second's worth.
+/// The lock is held only to compute the wait, never across it.
+pub struct RateLimiter {
+    rate: f64,
+    state: Mutex<(f64, Instant)>,
+}
+
+impl RateLimiter {
+    /// A limiter of `per_second` messages a second; 0 means unlimited.
+    pub fn new(per_second: u32) -> Self {
+        RateLimiter {
+            rate: f64::from(per_second),
+            state: Mutex::new((f64::from(per_second), Instant::now())),
+        }
+    }
+
+    /// Waits until one message may go.
+    pub async fn acquire(&self) {
+        if self.rate <= 0.0 {
+            return;
+        }
+        let wait = {
+            let mut guard = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            let (tokens, last) = &mut *guard;
+            let now = Instant::now();
+            *tokens =
+                (*tokens + now.duration_since(*last).as_secs_f64() * self.rate).min(self.rate);
+            *last = now;
+            // Take the token now, even if it goes negative: later callers queue behind it.
+            *tokens -= 1.0;
+            if *tokens >= 0.0 {
+                None
+            } else {
+                Some(Duration::from_secs_f64(-*tokens / self.rate))
+            }
+        };
+        if let Some(wait) = wait {
+            tokio::time::sleep(wait).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn rate_limiter_spaces_calls_after_the_burst() {
+        let limiter = RateLimiter::new(10);
+        let start = tokio::time::Instant::now();
+        for _ in 0..30 {
+            limiter.acquire().await;
+        }
+        // 10 go at once (the burst), the other 20 at 10 a second.
+        let elapsed = start.elapsed();
+        assert!(elapsed >= Duration::from_millis(1900), "{elapsed:?}");
+        assert!(elapsed <= Duration::from_millis(2100), "{elapsed:?}");
+    }
+
+    #[tokio::test]
+    async fn unlimited_limiter_never_waits() {
+        let limiter = RateLimiter::new(0);
+        for _ in 0..1000 {
+            limiter.acquire().await;
+        }
+    }
+}

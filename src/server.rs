@@ -1,0 +1,126 @@
+//! Wiring: builds the store, the worker pool, the transport, the registry and the HTTP server,
+//! recovers what a previous run left, serves until SIGTERM or Ctrl-C, then drains.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::Actor;
+use actix_web::{App, HttpServer};
+use anyhow::Context as _;
+use tracing_actix_web::TracingLogger;
+
+use crate::actors::registry::{BatchRegistry, Recover, Shutdown};
+use crate::actors::worker::PartitionWorker;
+use crate::actors::{Core, Deps, gates::Gates};
+use crate::config::{Settings, TransportKind, redact_url};
+use crate::http::{AppState, routes};
+use crate::provider::Providers;
+use crate::store::Store;
+use crate::telemetry::Metrics;
+use crate::transport::InProcess;
+
+/// How long shutdown waits for work in flight.
+const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Runs the service inside the current actix `System` until a stop signal.
+pub async fn serve(settings: Settings) -> anyhow::Result<()> {
+    let settings = Arc::new(settings);
+    if settings.transport.kind != TransportKind::InProcess {
+        anyhow::bail!(
+            "configuration key `transport.kind`: `rabbitmq` is not available in this build yet; use `in_process`"
+        );
+    }
+    let store = Store::connect(
+        settings.database.url.expose(),
+        settings.database.pool_size,
+        Duration::from_millis(settings.database.acquire_timeout_ms),
+    )
+    .context("opening the database pool")?;
+    let metrics = Metrics::new().context("registering metrics")?;
+    let providers = Providers::from_settings(&settings.providers);
+    let core = Core {
+        store: store.clone(),
+        providers: providers.clone(),
+        metrics: metrics.clone(),
+        settings: settings.clone(),
+        gates: Gates::default(),
+        region: settings.region()?,
+    };
+    let workers = (0..settings.smsbatch.worker_count)
+        .map(|_| PartitionWorker::new(core.clone()).start())
+        .collect();
+    let transport = Arc::new(InProcess::new(
+        workers,
+        settings.smsbatch.worker_mailbox,
+        metrics.clone(),
+    ));
+    let registry = BatchRegistry::new(Deps { core, transport }).start();
+    let resumed = registry
+        .send(Recover)
+        .await
+        .context("registry")?
+        .context("recovering batches")?;
+    tracing::info!(
+        database = %redact_url(settings.database.url.expose()),
+        resumed,
+        "Store ready."
+    );
+
+    let state = AppState {
+        store,
+        registry: registry.clone(),
+        metrics,
+        settings: settings.clone(),
+        providers,
+    };
+    let mut server = HttpServer::new(move || {
+        let state = state.clone();
+        App::new()
+            .wrap(TracingLogger::default())
+            .configure(move |cfg| routes(cfg, state))
+    })
+    .disable_signals()
+    .shutdown_timeout(SHUTDOWN_TIMEOUT.as_secs());
+    if settings.http.workers > 0 {
+        server = server.workers(settings.http.workers);
+    }
+    let server = server
+        .bind(&settings.http.bind)
+        .with_context(|| format!("binding http.bind = {}", settings.http.bind))?;
+    for addr in server.addrs() {
+        println!("smsbatch listening on http://{addr}");
+    }
+    let server = server.run();
+    let handle = server.handle();
+    let serving = actix::spawn(server);
+
+    wait_for_signal().await;
+    tracing::info!("Stopping: no new work; draining what is in flight.");
+    registry.send(Shutdown(SHUTDOWN_TIMEOUT)).await.ok();
+    handle.stop(true).await;
+    serving.await.ok();
+    tracing::info!("Stopped.");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,249 @@
+//! The database: the source of truth for batches, recipients, messages, partitions and
+//! checkpoints. One set of diesel queries serves PostgreSQL (diesel-async, tokio-postgres) and
+//! SQLite (diesel-async's `SyncConnectionWrapper`); backend-specific SQL sits in clearly named
+//! functions.
+
+mod bulk;
+pub mod models;
+mod queries;
+pub mod schema;
+
+use std::path::Path;
+use std::time::Duration;
+
+use diesel::SqliteConnection;
+use diesel::prelude::*;
+use diesel_async::AsyncPgConnection;
+use diesel_async::pooled_connection::deadpool::Pool;
+use diesel_async::pooled_connection::{AsyncDieselConnectionManager, ManagerConfig};
+use diesel_async::sync_connection_wrapper::SyncConnectionWrapper;
+use diesel_async::{AsyncConnection, SimpleAsyncConnection};
+use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
+use futures_util::FutureExt;
+
+pub use queries::*;
+
+const PG_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/postgres");
+const SQLITE_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/sqlite");
+
+/// The SQLite connection type, pooled like the PostgreSQL one.
+pub type SqliteConn = SyncConnectionWrapper<SqliteConnection>;
+
+/// What can go wrong in the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A query failed.
+    #[error("database query failed: {0}")]
+    Query(#[from] diesel::result::Error),
+    /// No connection could be had.
+    #[error("database unavailable: {0}")]
+    Pool(String),
+    /// Migrations could not run.
+    #[error("database migration failed: {0}")]
+    Migration(String),
+    /// The row changed since it was read (optimistic version check).
+    #[error("batch {0} was changed concurrently")]
+    Conflict(String),
+    /// A stored value could not be read back.
+    #[error("corrupt row: {0}")]
+    Corrupt(String),
+}
+
+impl From<diesel_async::pooled_connection::deadpool::PoolError> for StoreError {
+    fn from(e: diesel_async::pooled_connection::deadpool::PoolError) -> Self {
+        StoreError::Pool(e.to_string())
+    }
+}
+
+/// Which database a URL names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// `postgres://…`
+    Postgres,
+    /// `sqlite://path`
+    Sqlite,
+}
+
+impl Backend {
+    /// The backend of a URL, if it is one we know.
+    pub fn of(url: &str) -> Option<Backend> {
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Some(Backend::Postgres)
+        } else if url.starts_with("sqlite://") {
+            Some(Backend::Sqlite)
+        } else {
+            None
+        }
+    }
+}
+
+/// The file path of a `sqlite://` URL (`sqlite://data/x.db` is relative, `sqlite:///tmp/x.db`
+/// absolute).
+fn sqlite_path(url: &str) -> &str {
+    url.strip_prefix("sqlite://").unwrap_or(url)
+}
+
+/// Runs the embedded migrations of the URL's backend. Synchronous: call it before the actor
+/// system starts, or from a blocking thread.
+pub fn migrate(url: &str) -> Result<(), StoreError> {
+    match Backend::of(url) {
+        Some(Backend::Sqlite) => {
+            let path = sqlite_path(url);
+            if let Some(dir) = Path::new(path)
+                .parent()
+                .filter(|d| !d.as_os_str().is_empty())
+            {
+                std::fs::create_dir_all(dir).map_err(|e| {
+                    StoreError::Migration(format!("cannot create {}: {e}", dir.display()))
+                })?;
+            }
+            let mut conn = SqliteConnection::establish(path)
+                .map_err(|e| StoreError::Migration(e.to_string()))?;
+            diesel::connection::SimpleConnection::batch_execute(&mut conn, SQLITE_PRAGMAS)?;
+            conn.run_pending_migrations(SQLITE_MIGRATIONS)
+                .map_err(|e| StoreError::Migration(e.to_string()))?;
+            Ok(())
+        }
+        Some(Backend::Postgres) => {
+            use diesel_async::async_connection_wrapper::AsyncConnectionWrapper;
+            let mut conn =
+                <AsyncConnectionWrapper<AsyncPgConnection> as diesel::Connection>::establish(url)
+                    .map_err(|e| StoreError::Migration(e.to_string()))?;
+            conn.run_pending_migrations(PG_MIGRATIONS)
+                .map_err(|e| StoreError::Migration(e.to_string()))?;
+            Ok(())
+        }
+        None => Err(StoreError::Migration("unsupported database URL".into())),
+    }
+}
+
+/// Set on every SQLite connection: WAL lets readers run beside the writer, the busy timeout makes
+/// writers queue instead of failing, NORMAL sync is safe under WAL.
+const SQLITE_PRAGMAS: &str = "PRAGMA journal_mode=WAL; PRAGMA busy_timeout=60000; \
+     PRAGMA synchronous=NORMAL; PRAGMA foreign_keys=ON;";
+
+/// The connection pools, one arm per backend.
+#[derive(Clone)]
+pub(crate) enum Pools {
+    Pg(Pool<AsyncPgConnection>),
+    Sqlite(Pool<SqliteConn>),
+}
+
+/// A handle to the database; cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    pub(crate) pools: Pools,
+}
+
+/// Runs `$body` with `$conn` bound to a pooled connection of whichever backend is live. The body
+/// is compiled once per backend, so one diesel query serves both.
+macro_rules! with_conn {
+    ($store:expr, |$conn:ident| $body:expr) => {
+        match &$store.pools {
+            $crate::store::Pools::Pg(pool) => {
+                let mut obj = pool.get().await?;
+                let $conn: &mut diesel_async::AsyncPgConnection = &mut obj;
+                $body
+            }
+            $crate::store::Pools::Sqlite(pool) => {
+                let mut obj = pool.get().await?;
+                let $conn: &mut $crate::store::SqliteConn = &mut obj;
+                $body
+            }
+        }
+    };
+}
+
+/// Like `with_conn!`, inside a write transaction (`BEGIN IMMEDIATE` on SQLite, so that writers
+/// queue on the busy timeout instead of failing to upgrade a read lock).
+macro_rules! with_tx {
+    ($store:expr, |$conn:ident| $body:expr) => {
+        $crate::store::with_tx!($store, $crate::store::StoreError, |$conn| $body)
+    };
+    ($store:expr, $err:ty, |$conn:ident| $body:expr) => {
+        match &$store.pools {
+            $crate::store::Pools::Pg(pool) => {
+                use diesel_async::AsyncConnection as _;
+                let mut obj = pool.get().await?;
+                let c: &mut diesel_async::AsyncPgConnection = &mut obj;
+                c.transaction::<_, $err, _>(async |$conn| $body).await
+            }
+            $crate::store::Pools::Sqlite(pool) => {
+                let mut obj = pool.get().await?;
+                let c: &mut $crate::store::SqliteConn = &mut obj;
+                c.immediate_transaction::<_, $err, _>(async |$conn| $body)
+                    .await
+            }
+        }
+    };
+}
+pub(crate) use {with_conn, with_tx};
+
+impl Store {
+    /// Opens a pool on the URL's backend. Does not touch the database until first use.
+    pub fn connect(
+        url: &str,
+        pool_size: usize,
+        acquire_timeout: Duration,
+    ) -> Result<Store, StoreError> {
+        let timeouts = deadpool::managed::Timeouts {
+            wait: Some(acquire_timeout),
+            create: Some(acquire_timeout),
+            recycle: Some(acquire_timeout),
+        };
+        let pools = match Backend::of(url) {
+            Some(Backend::Postgres) => {
+                let manager = AsyncDieselConnectionManager::<AsyncPgConnection>::new(url);
+                Pools::Pg(
+                    Pool::builder(manager)
+                        .max_size(pool_size)
+                        .timeouts(timeouts)
+                        .runtime(deadpool::Runtime::Tokio1)
+                        .build()
+                        .map_err(|e| StoreError::Pool(e.to_string()))?,
+                )
+            }
+            Some(Backend::Sqlite) => {
+                let mut config = ManagerConfig::<SqliteConn>::default();
+                config.custom_setup = Box::new(|url| {
+                    async move {
+                        let mut conn = SqliteConn::establish(sqlite_path(url)).await?;
+                        conn.batch_execute(SQLITE_PRAGMAS)
+                            .await
+                            .map_err(diesel::ConnectionError::CouldntSetupConfiguration)?;
+                        Ok(conn)
+                    }
+                    .boxed()
+                });
+                let manager =
+                    AsyncDieselConnectionManager::<SqliteConn>::new_with_config(url, config);
+                Pools::Sqlite(
+                    Pool::builder(manager)
+                        .max_size(pool_size)
+                        .timeouts(timeouts)
+                        .runtime(deadpool::Runtime::Tokio1)
+                        .build()
+                        .map_err(|e| StoreError::Pool(e.to_string()))?,
+                )
+            }
+            None => return Err(StoreError::Pool("unsupported database URL".into())),
+        };
+        Ok(Store { pools })
+    }
+
+    /// Which backend this store talks to.
+    pub fn backend(&self) -> Backend {
+        match self.pools {
+            Pools::Pg(_) => Backend::Postgres,
+            Pools::Sqlite(_) => Backend::Sqlite,
+        }
+    }
+
+    /// A trivial query, for `/readyz`.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        with_conn!(self, |conn| {
+            conn.batch_execute("SELECT 1").await?;
+            Ok(())
+        })
+    }
+}

@@ -1,0 +1,810 @@
+//! Every query of the service. Handlers and actors call these functions; none of them builds SQL.
+
+use std::collections::BTreeMap;
+
+use chrono::NaiveDateTime;
+use diesel::prelude::*;
+use diesel::upsert::excluded;
+use diesel_async::RunQueryDsl;
+
+use super::bulk::BulkInsert;
+use super::models::*;
+use super::schema::{batches, checkpoints, messages, opt_outs, partitions, recipients};
+use super::{Store, StoreError, with_conn, with_tx};
+use crate::domain::batch::MessageStatus;
+
+const PENDING: i16 = 0;
+const SENDING: i16 = 1;
+const SENT: i16 = 2;
+const FAILED: i16 = 4;
+const CANCELLED: i16 = 5;
+
+/// Rows per multi-row INSERT: keeps every statement under SQLite's and PostgreSQL's bind limits.
+const INSERT_CHUNK: usize = 1000;
+
+/// The error text of a message whose outcome was lost with its process.
+pub const UNKNOWN_OUTCOME: &str = "unknown_outcome";
+
+/// One chunk of prepared recipients, written in one transaction with its checkpoint.
+#[derive(Debug, Default)]
+pub struct PreparedChunk {
+    /// Messages of the valid recipients, in recipient order.
+    pub messages: Vec<NewMessage>,
+    /// The last recipient id of the chunk: preparation continues after it.
+    pub last_recipient_id: i64,
+    /// Recipients looked at.
+    pub processed: i64,
+    /// Recipients with an invalid number or a template that could not be rendered.
+    pub invalid: i64,
+}
+
+/// What writing a prepared chunk did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ChunkWritten {
+    /// Messages inserted.
+    pub inserted: i64,
+    /// Recipients dropped as duplicates of an earlier one.
+    pub duplicates: i64,
+    /// Recipients dropped because their number opted out.
+    pub opted_out: i64,
+}
+
+/// A delivery task's outcomes, recorded together.
+#[derive(Debug, Default)]
+pub struct Outcomes {
+    /// Sent, with the provider's message id.
+    pub sent: Vec<(i64, Option<String>)>,
+    /// Failed for good, with the error.
+    pub failed: Vec<(i64, String)>,
+    /// Transient failure: back to `pending`, not before the given time.
+    pub retry: Vec<(i64, NaiveDateTime, String)>,
+    /// Not sent because the batch paused: back to `pending` at once.
+    pub released: Vec<i64>,
+    /// Not sent because the batch was cancelled.
+    pub cancelled: Vec<i64>,
+}
+
+impl Outcomes {
+    /// Messages covered.
+    pub fn len(&self) -> usize {
+        self.sent.len()
+            + self.failed.len()
+            + self.retry.len()
+            + self.released.len()
+            + self.cancelled.len()
+    }
+    /// True when no message is covered.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Recipient rows as uploaded: (phone, vars as a JSON object).
+pub type RecipientRows = Vec<(String, Option<String>)>;
+
+/// One message of an upload's feed: rows, the end of the upload (`None`), or why it is bad.
+pub type UploadChunk<E> = Result<Option<RecipientRows>, E>;
+
+/// Why an upload stored nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum ImportError<E> {
+    /// The input was bad.
+    #[error("bad input")]
+    Input(E),
+    /// The upload ended without its closing marker (the client went away).
+    #[error("the upload was cut short")]
+    Incomplete,
+    /// The batch left state `initial` meanwhile.
+    #[error("the batch is no longer in state initial")]
+    NotInitial,
+    /// The database failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl<E> From<diesel::result::Error> for ImportError<E> {
+    fn from(e: diesel::result::Error) -> Self {
+        ImportError::Store(e.into())
+    }
+}
+
+impl<E> From<diesel_async::pooled_connection::deadpool::PoolError> for ImportError<E> {
+    fn from(e: diesel_async::pooled_connection::deadpool::PoolError) -> Self {
+        ImportError::Store(e.into())
+    }
+}
+
+/// A batch with its partition counters.
+#[derive(Debug, Clone)]
+pub struct BatchRecord {
+    /// The row.
+    pub batch: Batch,
+    /// Its partitions, by index.
+    pub partitions: Vec<Partition>,
+}
+
+fn now() -> NaiveDateTime {
+    chrono::Utc::now().naive_utc()
+}
+
+impl Store {
+    /// Creates a batch in state `initial` with its partitions and inline recipients, atomically.
+    pub async fn create_batch(
+        &self,
+        new: NewBatch,
+        inline: Vec<(String, Option<String>)>,
+    ) -> Result<BatchRecord, StoreError> {
+        with_tx!(self, |conn| {
+            let batch: Batch = diesel::insert_into(batches::table)
+                .values(&new)
+                .returning(Batch::as_returning())
+                .get_result(conn)
+                .await?;
+            conn.insert_partitions(batch.id, batch.partition_count)
+                .await?;
+            let count = inline.len() as i64;
+            for chunk in inline.chunks(INSERT_CHUNK) {
+                let rows: Vec<NewRecipient> = chunk
+                    .iter()
+                    .map(|(phone, vars)| NewRecipient {
+                        batch_id: batch.id,
+                        phone: phone.clone(),
+                        vars: vars.clone(),
+                    })
+                    .collect();
+                conn.insert_recipients(rows).await?;
+            }
+            let batch: Batch = diesel::update(batches::table.find(batch.id))
+                .set(batches::recipients.eq(count))
+                .returning(Batch::as_returning())
+                .get_result(conn)
+                .await?;
+            let partitions = partitions::table
+                .filter(partitions::batch_id.eq(batch.id))
+                .order(partitions::idx)
+                .select(Partition::as_select())
+                .load(conn)
+                .await?;
+            Ok(BatchRecord { batch, partitions })
+        })
+    }
+
+    /// A batch by its public id, with its partitions.
+    pub async fn find_batch(&self, public_id: &str) -> Result<Option<BatchRecord>, StoreError> {
+        with_conn!(self, |conn| {
+            let Some(batch) = batches::table
+                .filter(batches::public_id.eq(public_id))
+                .select(Batch::as_select())
+                .first(conn)
+                .await
+                .optional()?
+            else {
+                return Ok(None);
+            };
+            let partitions = partitions::table
+                .filter(partitions::batch_id.eq(batch.id))
+                .order(partitions::idx)
+                .select(Partition::as_select())
+                .load(conn)
+                .await?;
+            Ok(Some(BatchRecord { batch, partitions }))
+        })
+    }
+
+    /// A batch row by its internal id.
+    pub async fn batch(&self, id: i64) -> Result<Batch, StoreError> {
+        with_conn!(self, |conn| {
+            Ok(batches::table
+                .find(id)
+                .select(Batch::as_select())
+                .first(conn)
+                .await?)
+        })
+    }
+
+    /// Batches newest first, optionally in one state, after a cursor (a public id).
+    pub async fn list_batches(
+        &self,
+        state: Option<&str>,
+        after: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<BatchRecord>, StoreError> {
+        with_conn!(self, |conn| {
+            let mut query = batches::table.select(Batch::as_select()).into_boxed();
+            if let Some(state) = state {
+                query = query.filter(batches::state.eq(state.to_string()));
+            }
+            if let Some(after) = after {
+                let cursor: Option<i64> = batches::table
+                    .filter(batches::public_id.eq(after))
+                    .select(batches::id)
+                    .first(conn)
+                    .await
+                    .optional()?;
+                query = query.filter(batches::id.lt(cursor.unwrap_or(0)));
+            }
+            let rows: Vec<Batch> = query
+                .order(batches::id.desc())
+                .limit(limit)
+                .load(conn)
+                .await?;
+            let ids: Vec<i64> = rows.iter().map(|b| b.id).collect();
+            let mut parts: BTreeMap<i64, Vec<Partition>> = BTreeMap::new();
+            for p in partitions::table
+                .filter(partitions::batch_id.eq_any(&ids))
+                .order((partitions::batch_id, partitions::idx))
+                .select(Partition::as_select())
+                .load(conn)
+                .await?
+            {
+                parts.entry(p.batch_id).or_default().push(p);
+            }
+            Ok(rows
+                .into_iter()
+                .map(|batch| BatchRecord {
+                    partitions: parts.remove(&batch.id).unwrap_or_default(),
+                    batch,
+                })
+                .collect())
+        })
+    }
+
+    /// Batches in any of the given states, oldest first.
+    pub async fn batches_in_states(&self, states: &[&str]) -> Result<Vec<Batch>, StoreError> {
+        let states: Vec<String> = states.iter().map(|s| s.to_string()).collect();
+        with_conn!(self, |conn| {
+            Ok(batches::table
+                .filter(batches::state.eq_any(&states))
+                .order(batches::id)
+                .select(Batch::as_select())
+                .load(conn)
+                .await?)
+        })
+    }
+
+    /// Counts of batches by state, for the metrics.
+    pub async fn count_batches_by_state(&self) -> Result<Vec<(String, i64)>, StoreError> {
+        with_conn!(self, |conn| {
+            Ok(batches::table
+                .group_by(batches::state)
+                .select((batches::state, diesel::dsl::count_star()))
+                .load(conn)
+                .await?)
+        })
+    }
+
+    /// Saves a transition if the row is still at `version`; returns the row as saved.
+    pub async fn save_lifecycle(
+        &self,
+        id: i64,
+        version: i64,
+        update: &LifecycleUpdate,
+    ) -> Result<Batch, StoreError> {
+        with_conn!(self, |conn| {
+            diesel::update(
+                batches::table
+                    .filter(batches::id.eq(id))
+                    .filter(batches::version.eq(version)),
+            )
+            .set((update, batches::version.eq(version + 1)))
+            .returning(Batch::as_returning())
+            .get_result(conn)
+            .await
+            .optional()?
+            .ok_or_else(|| StoreError::Conflict(id.to_string()))
+        })
+    }
+
+    /// Stores an upload's recipients in one transaction: chunks arrive on `rx` and `Ok(None)` ends
+    /// the upload. An `Err` chunk (bad input), a channel closed early, or a batch no longer
+    /// `initial` rolls the whole upload back. Returns (accepted, total).
+    pub async fn import_recipients<E: Send>(
+        &self,
+        batch_id: i64,
+        mut rx: tokio::sync::mpsc::Receiver<UploadChunk<E>>,
+    ) -> Result<(i64, i64), ImportError<E>> {
+        with_tx!(self, ImportError<E>, |conn| {
+            let mut accepted = 0i64;
+            loop {
+                match rx.recv().await {
+                    Some(Ok(Some(chunk))) => {
+                        accepted += chunk.len() as i64;
+                        for rows in chunk.chunks(INSERT_CHUNK) {
+                            let rows: Vec<NewRecipient> = rows
+                                .iter()
+                                .map(|(phone, vars)| NewRecipient {
+                                    batch_id,
+                                    phone: phone.clone(),
+                                    vars: vars.clone(),
+                                })
+                                .collect();
+                            conn.insert_recipients(rows).await?;
+                        }
+                    }
+                    Some(Ok(None)) => break,
+                    Some(Err(e)) => return Err(ImportError::Input(e)),
+                    None => return Err(ImportError::Incomplete),
+                }
+            }
+            let total: Option<i64> = diesel::update(
+                batches::table
+                    .filter(batches::id.eq(batch_id))
+                    .filter(batches::state.eq("initial")),
+            )
+            .set((
+                batches::recipients.eq(batches::recipients + accepted),
+                batches::version.eq(batches::version + 1),
+                batches::updated_at.eq(now()),
+            ))
+            .returning(batches::recipients)
+            .get_result(conn)
+            .await
+            .optional()?;
+            total
+                .map(|total| (accepted, total))
+                .ok_or(ImportError::NotInitial)
+        })
+    }
+
+    /// Recipients of a batch after `after`, in id order.
+    pub async fn recipients_after(
+        &self,
+        batch_id: i64,
+        after: i64,
+        limit: i64,
+    ) -> Result<Vec<Recipient>, StoreError> {
+        with_conn!(self, |conn| {
+            Ok(recipients::table
+                .filter(recipients::batch_id.eq(batch_id))
+                .filter(recipients::id.gt(after))
+                .order(recipients::id)
+                .limit(limit)
+                .select(Recipient::as_select())
+                .load(conn)
+                .await?)
+        })
+    }
+
+    /// A step's checkpoint (0 when it has none).
+    pub async fn checkpoint(&self, batch_id: i64, step: &str) -> Result<i64, StoreError> {
+        with_conn!(self, |conn| {
+            Ok(checkpoints::table
+                .filter(checkpoints::batch_id.eq(batch_id))
+                .filter(checkpoints::step.eq(step))
+                .select(checkpoints::position)
+                .first(conn)
+                .await
+                .optional()?
+                .unwrap_or(0))
+        })
+    }
+
+    /// Writes one prepared chunk: drops opted-out numbers, inserts the messages (a number already
+    /// in the batch is a duplicate and is skipped by the unique index), adds the counters and
+    /// moves the checkpoint — all in one transaction, so a restart inserts nothing twice.
+    pub async fn write_prepared_chunk(
+        &self,
+        batch_id: i64,
+        chunk: PreparedChunk,
+    ) -> Result<ChunkWritten, StoreError> {
+        with_tx!(self, |conn| {
+            let phones: Vec<&str> = chunk.messages.iter().map(|m| m.phone.as_str()).collect();
+            let opted: std::collections::HashSet<String> = if phones.is_empty() {
+                Default::default()
+            } else {
+                opt_outs::table
+                    .filter(opt_outs::phone.eq_any(&phones))
+                    .select(opt_outs::phone)
+                    .load::<String>(conn)
+                    .await?
+                    .into_iter()
+                    .collect()
+            };
+            let candidates = chunk.messages.len() as i64;
+            let keep: Vec<&NewMessage> = chunk
+                .messages
+                .iter()
+                .filter(|m| !opted.contains(&m.phone))
+                .collect();
+            let opted_out = candidates - keep.len() as i64;
+            let mut per_partition: BTreeMap<i32, i64> = BTreeMap::new();
+            let mut segments = 0i64;
+            for rows in keep.chunks(INSERT_CHUNK) {
+                let rows: Vec<NewMessage> = rows.iter().map(|m| (*m).clone()).collect();
+                let inserted = conn.insert_messages(rows).await?;
+                for (partition, segs) in inserted {
+                    *per_partition.entry(partition).or_default() += 1;
+                    segments += i64::from(segs);
+                }
+            }
+            let inserted: i64 = per_partition.values().sum();
+            for (idx, n) in &per_partition {
+                diesel::update(partitions::table.find((batch_id, *idx)))
+                    .set(partitions::total.eq(partitions::total + *n))
+                    .execute(conn)
+                    .await?;
+            }
+            let duplicates = keep.len() as i64 - inserted;
+            diesel::update(batches::table.find(batch_id))
+                .set((
+                    batches::processed.eq(batches::processed + chunk.processed),
+                    batches::valid.eq(batches::valid + inserted),
+                    batches::invalid.eq(batches::invalid + chunk.invalid),
+                    batches::duplicates.eq(batches::duplicates + duplicates),
+                    batches::opted_out.eq(batches::opted_out + opted_out),
+                    batches::segments.eq(batches::segments + segments),
+                ))
+                .execute(conn)
+                .await?;
+            diesel::insert_into(checkpoints::table)
+                .values((
+                    checkpoints::batch_id.eq(batch_id),
+                    checkpoints::step.eq("preparation"),
+                    checkpoints::position.eq(chunk.last_recipient_id),
+                    checkpoints::updated_at.eq(now()),
+                ))
+                .on_conflict((checkpoints::batch_id, checkpoints::step))
+                .do_update()
+                .set((
+                    checkpoints::position.eq(excluded(checkpoints::position)),
+                    checkpoints::updated_at.eq(excluded(checkpoints::updated_at)),
+                ))
+                .execute(conn)
+                .await?;
+            Ok(ChunkWritten {
+                inserted,
+                duplicates,
+                opted_out,
+            })
+        })
+    }
+
+    /// Adds numbers to the opt-out list (E.164); returns how many were new.
+    pub async fn add_opt_outs(&self, phones: &[String]) -> Result<usize, StoreError> {
+        let at = now();
+        with_tx!(self, |conn| {
+            let mut added = 0;
+            for phone in phones {
+                added += diesel::insert_into(opt_outs::table)
+                    .values((opt_outs::phone.eq(phone), opt_outs::created_at.eq(at)))
+                    .on_conflict_do_nothing()
+                    .execute(conn)
+                    .await?;
+            }
+            Ok(added)
+        })
+    }
+
+    /// Partition counters of a batch.
+    pub async fn partitions(&self, batch_id: i64) -> Result<Vec<Partition>, StoreError> {
+        with_conn!(self, |conn| {
+            Ok(partitions::table
+                .filter(partitions::batch_id.eq(batch_id))
+                .order(partitions::idx)
+                .select(Partition::as_select())
+                .load(conn)
+                .await?)
+        })
+    }
+
+    /// The ids of the next due pending messages of a partition after `after`, at most `limit`:
+    /// one delivery task's worth.
+    pub async fn next_task_ids(
+        &self,
+        batch_id: i64,
+        partition: i32,
+        after: i64,
+        limit: i64,
+    ) -> Result<Vec<i64>, StoreError> {
+        let at = now();
+        with_conn!(self, |conn| {
+            Ok(messages::table
+                .filter(messages::batch_id.eq(batch_id))
+                .filter(messages::status.eq(PENDING))
+                .filter(messages::partition.eq(partition))
+                .filter(messages::id.gt(after))
+                .filter(
+                    messages::next_attempt_at
+                        .is_null()
+                        .or(messages::next_attempt_at.le(at)),
+                )
+                .order(messages::id)
+                .limit(limit)
+                .select(messages::id)
+                .load(conn)
+                .await?)
+        })
+    }
+
+    /// When the earliest pending retry of a batch falls due, if any message waits for one.
+    pub async fn earliest_retry(&self, batch_id: i64) -> Result<Option<NaiveDateTime>, StoreError> {
+        with_conn!(self, |conn| {
+            Ok(messages::table
+                .filter(messages::batch_id.eq(batch_id))
+                .filter(messages::status.eq(PENDING))
+                .select(diesel::dsl::min(messages::next_attempt_at))
+                .first::<Option<NaiveDateTime>>(conn)
+                .await?)
+        })
+    }
+
+    /// Claims a task's messages with one conditional update (`pending → sending`), so a task
+    /// handed out twice sends nothing twice.
+    pub async fn claim(
+        &self,
+        batch_id: i64,
+        partition: i32,
+        first_id: i64,
+        last_id: i64,
+    ) -> Result<Vec<ClaimedMessage>, StoreError> {
+        let at = now();
+        with_conn!(self, |conn| {
+            Ok(diesel::update(
+                messages::table
+                    .filter(messages::batch_id.eq(batch_id))
+                    .filter(messages::partition.eq(partition))
+                    .filter(messages::id.between(first_id, last_id))
+                    .filter(messages::status.eq(PENDING))
+                    .filter(
+                        messages::next_attempt_at
+                            .is_null()
+                            .or(messages::next_attempt_at.le(at)),
+                    ),
+            )
+            .set((
+                messages::status.eq(SENDING),
+                messages::attempts.eq(messages::attempts + 1),
+                messages::updated_at.eq(at),
+            ))
+            .returning((
+                messages::id,
+                messages::phone,
+                messages::body,
+                messages::attempts,
+            ))
+            .get_results(conn)
+            .await?)
+        })
+    }
+
+    /// Records a task's outcomes and the partition's counters in one transaction. Only messages
+    /// still `sending` change.
+    pub async fn record_outcomes(
+        &self,
+        batch_id: i64,
+        partition: i32,
+        outcomes: &Outcomes,
+    ) -> Result<(), StoreError> {
+        if outcomes.is_empty() {
+            return Ok(());
+        }
+        let at = now();
+        with_tx!(self, |conn| {
+            let mut sent = 0i64;
+            let mut failed = 0i64;
+            let mut cancelled = 0i64;
+            // Sent messages without a provider id share one statement; the rest carry their own.
+            let (plain, with_id): (Vec<_>, Vec<_>) =
+                outcomes.sent.iter().partition(|(_, pid)| pid.is_none());
+            let plain: Vec<i64> = plain.iter().map(|(id, _)| *id).collect();
+            for ids in plain.chunks(INSERT_CHUNK) {
+                sent += diesel::update(
+                    messages::table
+                        .filter(messages::id.eq_any(ids))
+                        .filter(messages::status.eq(SENDING)),
+                )
+                .set((
+                    messages::status.eq(SENT),
+                    messages::error.eq(None::<String>),
+                    messages::updated_at.eq(at),
+                ))
+                .execute(conn)
+                .await? as i64;
+            }
+            for (id, pid) in with_id {
+                sent += diesel::update(
+                    messages::table
+                        .filter(messages::id.eq(*id))
+                        .filter(messages::status.eq(SENDING)),
+                )
+                .set((
+                    messages::status.eq(SENT),
+                    messages::provider_message_id.eq(pid),
+                    messages::error.eq(None::<String>),
+                    messages::updated_at.eq(at),
+                ))
+                .execute(conn)
+                .await? as i64;
+            }
+            let mut by_error: BTreeMap<&str, Vec<i64>> = BTreeMap::new();
+            for (id, err) in &outcomes.failed {
+                by_error.entry(err.as_str()).or_default().push(*id);
+            }
+            for (err, ids) in by_error {
+                for ids in ids.chunks(INSERT_CHUNK) {
+                    failed += diesel::update(
+                        messages::table
+                            .filter(messages::id.eq_any(ids))
+                            .filter(messages::status.eq(SENDING)),
+                    )
+                    .set((
+                        messages::status.eq(FAILED),
+                        messages::error.eq(err),
+                        messages::updated_at.eq(at),
+                    ))
+                    .execute(conn)
+                    .await? as i64;
+                }
+            }
+            let mut by_retry: BTreeMap<(NaiveDateTime, &str), Vec<i64>> = BTreeMap::new();
+            for (id, due, err) in &outcomes.retry {
+                by_retry.entry((*due, err.as_str())).or_default().push(*id);
+            }
+            for ((due, err), ids) in by_retry {
+                for ids in ids.chunks(INSERT_CHUNK) {
+                    diesel::update(
+                        messages::table
+                            .filter(messages::id.eq_any(ids))
+                            .filter(messages::status.eq(SENDING)),
+                    )
+                    .set((
+                        messages::status.eq(PENDING),
+                        messages::next_attempt_at.eq(Some(due)),
+                        messages::error.eq(err),
+                        messages::updated_at.eq(at),
+                    ))
+                    .execute(conn)
+                    .await?;
+                }
+            }
+            for ids in outcomes.released.chunks(INSERT_CHUNK) {
+                // Released messages did not reach the provider: the claim's attempt is undone.
+                diesel::update(
+                    messages::table
+                        .filter(messages::id.eq_any(ids))
+                        .filter(messages::status.eq(SENDING)),
+                )
+                .set((
+                    messages::status.eq(PENDING),
+                    messages::attempts.eq(messages::attempts - 1),
+                    messages::updated_at.eq(at),
+                ))
+                .execute(conn)
+                .await?;
+            }
+            for ids in outcomes.cancelled.chunks(INSERT_CHUNK) {
+                cancelled += diesel::update(
+                    messages::table
+                        .filter(messages::id.eq_any(ids))
+                        .filter(messages::status.eq(SENDING)),
+                )
+                .set((messages::status.eq(CANCELLED), messages::updated_at.eq(at)))
+                .execute(conn)
+                .await? as i64;
+            }
+            if sent + failed + cancelled > 0 {
+                diesel::update(partitions::table.find((batch_id, partition)))
+                    .set((
+                        partitions::sent.eq(partitions::sent + sent),
+                        partitions::failed.eq(partitions::failed + failed),
+                        partitions::cancelled.eq(partitions::cancelled + cancelled),
+                    ))
+                    .execute(conn)
+                    .await?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Marks every message of a batch still `pending` as `cancelled`; returns how many.
+    pub async fn cancel_pending(
+        &self,
+        batch_id: i64,
+        partition_count: i32,
+    ) -> Result<i64, StoreError> {
+        let mut total = 0;
+        for partition in 0..partition_count {
+            total += self
+                .move_partition(batch_id, partition, PENDING, CANCELLED, None)
+                .await?;
+        }
+        Ok(total)
+    }
+
+    /// Settles the messages of a batch left `sending` by a process that died: `failed` with
+    /// `unknown_outcome` (at most once) or back to `pending` (at least once). Returns how many.
+    pub async fn recover_sending(
+        &self,
+        batch_id: i64,
+        partition_count: i32,
+        resend: bool,
+    ) -> Result<i64, StoreError> {
+        let mut total = 0;
+        for partition in 0..partition_count {
+            total += if resend {
+                self.move_partition(batch_id, partition, SENDING, PENDING, None)
+                    .await?
+            } else {
+                self.move_partition(batch_id, partition, SENDING, FAILED, Some(UNKNOWN_OUTCOME))
+                    .await?
+            };
+        }
+        Ok(total)
+    }
+
+    /// Moves every message of one partition from one status to another, with its counters.
+    async fn move_partition(
+        &self,
+        batch_id: i64,
+        partition: i32,
+        from: i16,
+        to: i16,
+        error: Option<&'static str>,
+    ) -> Result<i64, StoreError> {
+        let at = now();
+        with_tx!(self, |conn| {
+            let target = messages::table
+                .filter(messages::batch_id.eq(batch_id))
+                .filter(messages::partition.eq(partition))
+                .filter(messages::status.eq(from));
+            let moved = match error {
+                Some(err) => {
+                    diesel::update(target)
+                        .set((
+                            messages::status.eq(to),
+                            messages::error.eq(err),
+                            messages::updated_at.eq(at),
+                        ))
+                        .execute(conn)
+                        .await?
+                }
+                None => {
+                    diesel::update(target)
+                        .set((messages::status.eq(to), messages::updated_at.eq(at)))
+                        .execute(conn)
+                        .await?
+                }
+            } as i64;
+            if moved > 0 {
+                let row = partitions::table.find((batch_id, partition));
+                match to {
+                    FAILED => {
+                        diesel::update(row)
+                            .set(partitions::failed.eq(partitions::failed + moved))
+                            .execute(conn)
+                            .await?;
+                    }
+                    CANCELLED => {
+                        diesel::update(row)
+                            .set(partitions::cancelled.eq(partitions::cancelled + moved))
+                            .execute(conn)
+                            .await?;
+                    }
+                    _ => {}
+                }
+            }
+            Ok(moved)
+        })
+    }
+
+    /// A page of a batch's messages in id order, optionally of one status.
+    pub async fn list_messages(
+        &self,
+        batch_id: i64,
+        status: Option<MessageStatus>,
+        after: i64,
+        limit: i64,
+    ) -> Result<Vec<MessageRow>, StoreError> {
+        with_conn!(self, |conn| {
+            let mut query = messages::table
+                .filter(messages::batch_id.eq(batch_id))
+                .filter(messages::id.gt(after))
+                .select(MessageRow::as_select())
+                .into_boxed();
+            if let Some(status) = status {
+                query = query.filter(messages::status.eq(status.as_i16()));
+            }
+            Ok(query.order(messages::id).limit(limit).load(conn).await?)
+        })
+    }
+}

@@ -1,0 +1,149 @@
+//! Logs (tracing) and metrics (Prometheus). Metric names are namespaced `smsbatch_*`; labels are
+//! low-cardinality: never a batch id or a phone number.
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+
+use crate::config::{LogFormat, LogSettings};
+
+/// Installs the global tracing subscriber: JSON lines or pretty text, on stderr. `RUST_LOG`
+/// overrides `log.level`.
+pub fn init_tracing(settings: &LogSettings) {
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&settings.level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let registry = tracing_subscriber::registry().with(filter);
+    let result = match settings.format {
+        LogFormat::Json => registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .with_current_span(true)
+                    .with_writer(std::io::stderr),
+            )
+            .try_init(),
+        LogFormat::Pretty => registry
+            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+            .try_init(),
+    };
+    // A second init (tests) keeps the first subscriber.
+    let _ = result;
+}
+
+/// The service's metrics, registered in their own registry.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    /// `smsbatch_batches{state}`: batches by state (set from the database at each scrape).
+    pub batches: IntGaugeVec,
+    /// `smsbatch_messages_total{provider,outcome}`: provider outcomes.
+    pub messages: IntCounterVec,
+    /// `smsbatch_provider_request_seconds{provider}`: provider call latency.
+    pub provider_seconds: HistogramVec,
+    /// `smsbatch_preparation_rows_total{outcome}`: recipients prepared, by outcome.
+    pub preparation_rows: IntCounterVec,
+    /// `smsbatch_mailbox_depth{actor}`: messages waiting in actor mailboxes.
+    pub mailbox_depth: IntGaugeVec,
+    /// `smsbatch_tasks_in_flight`: delivery tasks dispatched and not yet finished.
+    pub tasks_in_flight: IntGauge,
+    /// `smsbatch_tasks_total`: delivery tasks finished by workers of this process.
+    pub tasks: IntCounter,
+    /// `smsbatch_step_restarts_total{step}`: steps restarted after a crash or error.
+    pub step_restarts: IntCounterVec,
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let registry = Registry::new();
+        let batches = IntGaugeVec::new(
+            Opts::new("smsbatch_batches", "Batches by state."),
+            &["state"],
+        )?;
+        let messages = IntCounterVec::new(
+            Opts::new(
+                "smsbatch_messages_total",
+                "Messages handed to providers, by provider and outcome.",
+            ),
+            &["provider", "outcome"],
+        )?;
+        let provider_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "smsbatch_provider_request_seconds",
+                "Provider call latency in seconds.",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0,
+            ]),
+            &["provider"],
+        )?;
+        let preparation_rows = IntCounterVec::new(
+            Opts::new(
+                "smsbatch_preparation_rows_total",
+                "Recipients prepared, by outcome.",
+            ),
+            &["outcome"],
+        )?;
+        let mailbox_depth = IntGaugeVec::new(
+            Opts::new(
+                "smsbatch_mailbox_depth",
+                "Messages waiting in actor mailboxes, by actor kind.",
+            ),
+            &["actor"],
+        )?;
+        let tasks_in_flight = IntGauge::new(
+            "smsbatch_tasks_in_flight",
+            "Delivery tasks dispatched and not yet finished.",
+        )?;
+        let tasks = IntCounter::new(
+            "smsbatch_tasks_total",
+            "Delivery tasks finished by this process's workers.",
+        )?;
+        let step_restarts = IntCounterVec::new(
+            Opts::new(
+                "smsbatch_step_restarts_total",
+                "Steps restarted after a crash or an error.",
+            ),
+            &["step"],
+        )?;
+        registry.register(Box::new(batches.clone()))?;
+        registry.register(Box::new(messages.clone()))?;
+        registry.register(Box::new(provider_seconds.clone()))?;
+        registry.register(Box::new(preparation_rows.clone()))?;
+        registry.register(Box::new(mailbox_depth.clone()))?;
+        registry.register(Box::new(tasks_in_flight.clone()))?;
+        registry.register(Box::new(tasks.clone()))?;
+        registry.register(Box::new(step_restarts.clone()))?;
+        // Expose the series from the start, so dashboards see zeros rather than nothing.
+        for actor in ["partition_worker", "registry"] {
+            mailbox_depth.with_label_values(&[actor]).set(0);
+        }
+        for outcome in ["valid", "invalid", "duplicate", "opted_out"] {
+            preparation_rows.with_label_values(&[outcome]);
+        }
+        Ok(Metrics {
+            registry,
+            batches,
+            messages,
+            provider_seconds,
+            preparation_rows,
+            mailbox_depth,
+            tasks_in_flight,
+            tasks,
+            step_restarts,
+        })
+    }
+
+    /// The text exposition (format 0.0.4).
+    pub fn render(&self) -> Result<String, prometheus::Error> {
+        let mut buf = Vec::new();
+        TextEncoder::new().encode(&self.registry.gather(), &mut buf)?;
+        String::from_utf8(buf).map_err(|e| prometheus::Error::Msg(e.to_string()))
+    }
+}

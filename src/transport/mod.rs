@@ -1,0 +1,64 @@
+//! How delivery tasks reach the partition workers. A task is a work hint — batch, partition and a
+//! range of message ids — never data: the worker claims what is still `pending` in that range.
+
+mod in_process;
+
+use futures_util::future::BoxFuture;
+use serde::{Deserialize, Serialize};
+
+pub use in_process::InProcess;
+
+/// One unit of delivery work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, actix::Message)]
+#[rtype(result = "Result<TaskReport, TransportError>")]
+pub struct DeliveryTask {
+    /// The batch's internal id.
+    pub batch_id: i64,
+    /// The partition the messages belong to.
+    pub partition: i32,
+    /// First message id of the range (inclusive).
+    pub first_id: i64,
+    /// Last message id of the range (inclusive).
+    pub last_id: i64,
+}
+
+/// What a worker did with a task.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TaskReport {
+    /// Messages claimed.
+    pub claimed: usize,
+    /// Messages sent.
+    pub sent: usize,
+    /// Messages failed for good.
+    pub failed: usize,
+    /// Messages put back for a later retry.
+    pub retried: usize,
+    /// Messages put back because the batch stopped.
+    pub released: usize,
+    /// Messages cancelled.
+    pub cancelled: usize,
+}
+
+/// Why a task could not be handed over or carried out.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum TransportError {
+    /// The receiving side is gone (worker stopped, connection lost).
+    #[error("transport closed: {0}")]
+    Closed(String),
+    /// The worker could not finish the task.
+    #[error("task failed: {0}")]
+    Task(String),
+}
+
+/// Carries delivery tasks to workers. `dispatch` resolves once the task is accepted by the
+/// transport (in-process: done by a worker; a broker: confirmed), and waits while the workers
+/// are full: that wait is the backpressure.
+pub trait Transport: Send + Sync {
+    /// Hands one task over.
+    fn dispatch(
+        &self,
+        task: DeliveryTask,
+    ) -> BoxFuture<'static, Result<TaskReport, TransportError>>;
+    /// How many tasks may be in flight at once before `dispatch` would only queue.
+    fn capacity(&self) -> usize;
+}
