@@ -174,6 +174,9 @@ pub struct BatchSettings {
     pub batch_size: usize,
     /// Messages per delivery task.
     pub task_size: usize,
+    /// Messages a worker claims at once within a task: the most a crash can leave with an
+    /// unknown outcome per worker.
+    pub claim_size: usize,
     /// Attempts after a transient provider error, and restarts of a failed step.
     pub retry_count: u32,
     /// First retry delay in milliseconds; doubles with each attempt.
@@ -198,6 +201,7 @@ impl Default for BatchSettings {
             send_concurrency: 8,
             batch_size: 1000,
             task_size: 500,
+            claim_size: 64,
             retry_count: 3,
             retry_backoff_ms: 1000,
             timeout_ms: 10_000,
@@ -402,6 +406,13 @@ impl Settings {
         )?;
         positive("smsbatch.batch_size", self.smsbatch.batch_size as u64)?;
         positive("smsbatch.task_size", self.smsbatch.task_size as u64)?;
+        positive("smsbatch.claim_size", self.smsbatch.claim_size as u64)?;
+        if self.smsbatch.claim_size > 10_000 {
+            return Err(ConfigError::Invalid {
+                key: "smsbatch.claim_size",
+                reason: "must be at most 10000 (one statement binds every claimed id)".into(),
+            });
+        }
         positive("smsbatch.timeout_ms", self.smsbatch.timeout_ms)?;
         positive(
             "smsbatch.worker_mailbox",

@@ -85,40 +85,56 @@ impl Handler<Command> for BatchRegistry {
     fn handle(&mut self, msg: Command, _ctx: &mut Self::Context) -> Self::Result {
         let store = self.deps.core.store.clone();
         let Command { public_id, action } = msg;
+        let id = public_id.clone();
         Box::pin(
-            async move {
-                store
-                    .find_batch(&public_id)
-                    .await?
-                    .map(|r| r.batch)
-                    .ok_or(ActError::NotFound(public_id))
-            }
-            .into_actor(self)
-            .map(move |loaded, act, ctx| {
-                let batch = loaded?;
-                // Refuse what the state machine refuses without waking a supervisor for it.
-                if !act.supervisors.contains_key(&batch.id) {
-                    let lifecycle = Lifecycle {
-                        state: batch.state.parse().unwrap_or(BatchState::Initial),
-                        resume_to: batch.resume_to.as_deref().and_then(|s| s.parse().ok()),
-                    };
-                    transition(lifecycle, action.event(&batch))?;
-                }
-                Ok(act.supervisor(batch, ctx))
-            })
-            .then(
-                move |addr: Result<Addr<BatchSupervisor>, ActError>, act, _ctx| {
-                    async move {
-                        addr?
-                            .send(Act(action))
-                            .await
-                            .map_err(|e| ActError::Unavailable(e.to_string()))?
+            async move { load(&store, &public_id).await }
+                .into_actor(self)
+                .map(move |loaded, act, ctx| {
+                    let batch = loaded?;
+                    // Refuse what the state machine refuses without waking a supervisor for it.
+                    if !act.supervisors.contains_key(&batch.id) {
+                        check(&batch, action)?;
                     }
-                    .into_actor(act)
-                },
-            ),
+                    Ok(act.supervisor(batch, ctx))
+                })
+                .then(
+                    move |addr: Result<Addr<BatchSupervisor>, ActError>, act, _ctx| {
+                        let store = act.deps.core.store.clone();
+                        async move {
+                            match addr?.send(Act(action)).await {
+                                Ok(answer) => answer,
+                                Err(MailboxError::Closed) => {
+                                    // The supervisor stopped between the lookup and the send: its
+                                    // batch just reached a final state. Answer from the stored state.
+                                    check(&load(&store, &id).await?, action)?;
+                                    Err(ActError::Unavailable("batch supervisor restarting".into()))
+                                }
+                                Err(e) => Err(ActError::Unavailable(e.to_string())),
+                            }
+                        }
+                        .into_actor(act)
+                    },
+                ),
         )
     }
+}
+
+async fn load(store: &crate::store::Store, public_id: &str) -> Result<Batch, ActError> {
+    store
+        .find_batch(public_id)
+        .await?
+        .map(|r| r.batch)
+        .ok_or_else(|| ActError::NotFound(public_id.to_string()))
+}
+
+/// Checks an action against the state machine for a batch as stored.
+fn check(batch: &Batch, action: Action) -> Result<(), ActError> {
+    let lifecycle = Lifecycle {
+        state: batch.state.parse().unwrap_or(BatchState::Initial),
+        resume_to: batch.resume_to.as_deref().and_then(|s| s.parse().ok()),
+    };
+    transition(lifecycle, action.event(batch))?;
+    Ok(())
 }
 
 impl Handler<SupervisorStopped> for BatchRegistry {

@@ -13,6 +13,7 @@ use super::gates::{Gate, GateState};
 use crate::domain::state::BatchState;
 use crate::provider::{OutgoingSms, ProviderError};
 use crate::store::Outcomes;
+use crate::store::models::ClaimedMessage;
 use crate::transport::{DeliveryTask, TaskReport, TransportError};
 
 /// A pool member. Stateless between tasks: everything it needs is in the task and the store.
@@ -70,31 +71,52 @@ async fn gate_for(core: &Core, batch_id: i64) -> Result<Arc<Gate>, TransportErro
     Ok(Arc::new(Gate::new(state, batch.provider)))
 }
 
-/// Carries out one task; returns what happened to its messages.
+/// Carries out one task; returns what happened to its messages. The task's range is claimed in
+/// slices of `claim_size`, each sent and recorded before the next is claimed: a crash leaves at
+/// most one slice per worker with an unknown outcome.
 #[tracing::instrument(skip_all, fields(batch_id = task.batch_id, partition = task.partition))]
 pub async fn process_task(core: &Core, task: DeliveryTask) -> Result<TaskReport, TransportError> {
     let gate = gate_for(core, task.batch_id).await?;
-    if !gate.is_open() {
-        return Ok(TaskReport::default());
+    let claim_size = core.settings.smsbatch.claim_size as i64;
+    let mut report = TaskReport::default();
+    let mut from = task.first_id;
+    while gate.is_open() && from <= task.last_id {
+        let claimed = core
+            .store
+            .claim(
+                task.batch_id,
+                task.partition,
+                from,
+                task.last_id,
+                claim_size,
+            )
+            .await
+            .map_err(|e| TransportError::Task(e.to_string()))?;
+        let Some(last) = claimed.last().map(|m| m.id) else {
+            break;
+        };
+        from = last + 1;
+        report.claimed += claimed.len();
+        let outcomes = send_slice(core, &gate, claimed).await;
+        report.sent += outcomes.sent.len();
+        report.failed += outcomes.failed.len();
+        report.retried += outcomes.retry.len();
+        report.released += outcomes.released.len();
+        report.cancelled += outcomes.cancelled.len();
+        record_with_retry(core, &task, &outcomes).await;
     }
-    let claimed = core
-        .store
-        .claim(task.batch_id, task.partition, task.first_id, task.last_id)
-        .await
-        .map_err(|e| TransportError::Task(e.to_string()))?;
-    let mut report = TaskReport {
-        claimed: claimed.len(),
-        ..TaskReport::default()
-    };
-    if claimed.is_empty() {
-        return Ok(report);
-    }
+    core.metrics.tasks.inc();
+    Ok(report)
+}
+
+/// Sends claimed messages through the batch's provider, `send_concurrency` at a time, looking at
+/// the gate before each call.
+async fn send_slice(core: &Core, gate: &Gate, claimed: Vec<ClaimedMessage>) -> Outcomes {
     let settings = &core.settings.smsbatch;
     let provider = core.providers.get(&gate.provider);
     let timeout = Duration::from_millis(settings.timeout_ms);
     let results: Vec<(i64, i32, SendResult)> = futures_util::stream::iter(claimed)
         .map(|m| {
-            let gate = &gate;
             let provider = provider.clone();
             async move {
                 let result = match gate.state() {
@@ -178,14 +200,7 @@ pub async fn process_task(core: &Core, task: DeliveryTask) -> Result<TaskReport,
             .with_label_values(&[gate.provider.as_str(), outcome])
             .inc();
     }
-    report.sent = outcomes.sent.len();
-    report.failed = outcomes.failed.len();
-    report.retried = outcomes.retry.len();
-    report.released = outcomes.released.len();
-    report.cancelled = outcomes.cancelled.len();
-    record_with_retry(core, &task, &outcomes).await;
-    core.metrics.tasks.inc();
-    Ok(report)
+    outcomes
 }
 
 /// What happened to one message.

@@ -389,17 +389,16 @@ impl Store {
     ) -> Result<ChunkWritten, StoreError> {
         with_tx!(self, |conn| {
             let phones: Vec<&str> = chunk.messages.iter().map(|m| m.phone.as_str()).collect();
-            let opted: std::collections::HashSet<String> = if phones.is_empty() {
-                Default::default()
-            } else {
-                opt_outs::table
-                    .filter(opt_outs::phone.eq_any(&phones))
-                    .select(opt_outs::phone)
-                    .load::<String>(conn)
-                    .await?
-                    .into_iter()
-                    .collect()
-            };
+            let mut opted = std::collections::HashSet::new();
+            for phones in phones.chunks(INSERT_CHUNK) {
+                opted.extend(
+                    opt_outs::table
+                        .filter(opt_outs::phone.eq_any(phones))
+                        .select(opt_outs::phone)
+                        .load::<String>(conn)
+                        .await?,
+                );
+            }
             let candidates = chunk.messages.len() as i64;
             let keep: Vec<&NewMessage> = chunk
                 .messages
@@ -528,28 +527,41 @@ impl Store {
         })
     }
 
-    /// Claims a task's messages with one conditional update (`pending → sending`), so a task
-    /// handed out twice sends nothing twice.
+    /// Claims up to `limit` due messages of a task's range, in id order, with one conditional
+    /// update (`pending → sending`), so a task handed out twice sends nothing twice. The status
+    /// is checked again on the row itself, so two claimers racing for a row cannot both win.
     pub async fn claim(
         &self,
         batch_id: i64,
         partition: i32,
         first_id: i64,
         last_id: i64,
+        limit: i64,
     ) -> Result<Vec<ClaimedMessage>, StoreError> {
         let at = now();
-        with_conn!(self, |conn| {
-            Ok(diesel::update(
+        with_tx!(self, |conn| {
+            let due: Vec<i64> = messages::table
+                .filter(messages::batch_id.eq(batch_id))
+                .filter(messages::partition.eq(partition))
+                .filter(messages::id.between(first_id, last_id))
+                .filter(messages::status.eq(PENDING))
+                .filter(
+                    messages::next_attempt_at
+                        .is_null()
+                        .or(messages::next_attempt_at.le(at)),
+                )
+                .order(messages::id)
+                .limit(limit)
+                .select(messages::id)
+                .load(conn)
+                .await?;
+            if due.is_empty() {
+                return Ok(Vec::new());
+            }
+            let mut claimed: Vec<ClaimedMessage> = diesel::update(
                 messages::table
-                    .filter(messages::batch_id.eq(batch_id))
-                    .filter(messages::partition.eq(partition))
-                    .filter(messages::id.between(first_id, last_id))
-                    .filter(messages::status.eq(PENDING))
-                    .filter(
-                        messages::next_attempt_at
-                            .is_null()
-                            .or(messages::next_attempt_at.le(at)),
-                    ),
+                    .filter(messages::id.eq_any(&due))
+                    .filter(messages::status.eq(PENDING)),
             )
             .set((
                 messages::status.eq(SENDING),
@@ -563,7 +575,9 @@ impl Store {
                 messages::attempts,
             ))
             .get_results(conn)
-            .await?)
+            .await?;
+            claimed.sort_unstable_by_key(|m| m.id);
+            Ok(claimed)
         })
     }
 
@@ -591,6 +605,8 @@ impl Store {
                 sent += diesel::update(
                     messages::table
                         .filter(messages::id.eq_any(ids))
+                        .filter(messages::batch_id.eq(batch_id))
+                        .filter(messages::partition.eq(partition))
                         .filter(messages::status.eq(SENDING)),
                 )
                 .set((
@@ -605,6 +621,8 @@ impl Store {
                 sent += diesel::update(
                     messages::table
                         .filter(messages::id.eq(*id))
+                        .filter(messages::batch_id.eq(batch_id))
+                        .filter(messages::partition.eq(partition))
                         .filter(messages::status.eq(SENDING)),
                 )
                 .set((
@@ -625,6 +643,8 @@ impl Store {
                     failed += diesel::update(
                         messages::table
                             .filter(messages::id.eq_any(ids))
+                            .filter(messages::batch_id.eq(batch_id))
+                            .filter(messages::partition.eq(partition))
                             .filter(messages::status.eq(SENDING)),
                     )
                     .set((
@@ -645,6 +665,8 @@ impl Store {
                     diesel::update(
                         messages::table
                             .filter(messages::id.eq_any(ids))
+                            .filter(messages::batch_id.eq(batch_id))
+                            .filter(messages::partition.eq(partition))
                             .filter(messages::status.eq(SENDING)),
                     )
                     .set((
@@ -662,6 +684,8 @@ impl Store {
                 diesel::update(
                     messages::table
                         .filter(messages::id.eq_any(ids))
+                        .filter(messages::batch_id.eq(batch_id))
+                        .filter(messages::partition.eq(partition))
                         .filter(messages::status.eq(SENDING)),
                 )
                 .set((
@@ -676,6 +700,8 @@ impl Store {
                 cancelled += diesel::update(
                     messages::table
                         .filter(messages::id.eq_any(ids))
+                        .filter(messages::batch_id.eq(batch_id))
+                        .filter(messages::partition.eq(partition))
                         .filter(messages::status.eq(SENDING)),
                 )
                 .set((messages::status.eq(CANCELLED), messages::updated_at.eq(at)))

@@ -1,0 +1,1109 @@
+//! HTTP integration tests: the real `smsbatch` binary on port 0, one fresh database per test,
+//! every scenario on both SQLite and PostgreSQL. Each asserts what an operator would check
+//! through the API (states, exact counts, message listings, error bodies), per
+//! `/work/shared/API.md`.
+//!
+//! Expected counts are derived from the recipient lists the tests generate: valid numbers are
+//! written either as `+86138XXXXXXXX` or in national format `138 XXXX XXXX`, invalid ones are
+//! strings no phone parser accepts as a valid CN number, and the simulator fails numbers ending
+//! `0001` permanently and those ending `0002` once.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use common::{
+    ACTIONS, Backend, TestDb, TestServer, assert_error, assert_error_message, eventually, num,
+    rfc3339_in, text,
+};
+
+/// A deadline for small batches (only stops a stuck test).
+const SHORT: Duration = Duration::from_secs(120);
+/// A deadline for the large batches on a loaded two-core machine (only stops a stuck test).
+const LONG: Duration = Duration::from_secs(600);
+
+const CONTENT: &str = "Hi {{name}}, 30% off today: {{url}}";
+const URL: &str = "https://shop.example/bf";
+
+/// Runs one scenario as two tests, one per backend.
+macro_rules! on_both_backends {
+    ($scenario:ident => $sqlite:ident, $postgres:ident) => {
+        #[test]
+        fn $sqlite() {
+            $scenario(Backend::Sqlite);
+        }
+
+        #[test]
+        fn $postgres() {
+            $scenario(Backend::Postgres);
+        }
+    };
+}
+
+on_both_backends!(completes_inline_batch_with_exact_counts
+    => completes_inline_batch_with_exact_counts_sqlite,
+       completes_inline_batch_with_exact_counts_postgres);
+on_both_backends!(csv_upload_pause_resume_completes_exactly_once
+    => csv_upload_pause_resume_completes_exactly_once_sqlite,
+       csv_upload_pause_resume_completes_exactly_once_postgres);
+on_both_backends!(cancel_mid_delivery_cancels_the_rest
+    => cancel_mid_delivery_cancels_the_rest_sqlite,
+       cancel_mid_delivery_cancels_the_rest_postgres);
+on_both_backends!(illegal_transitions_and_unknown_ids
+    => illegal_transitions_and_unknown_ids_sqlite,
+       illegal_transitions_and_unknown_ids_postgres);
+on_both_backends!(csv_without_phone_column_stores_nothing
+    => csv_without_phone_column_stores_nothing_sqlite,
+       csv_without_phone_column_stores_nothing_postgres);
+on_both_backends!(restart_mid_delivery_finishes_with_exact_counts
+    => restart_mid_delivery_finishes_with_exact_counts_sqlite,
+       restart_mid_delivery_finishes_with_exact_counts_postgres);
+on_both_backends!(scheduled_batch_starts_when_due
+    => scheduled_batch_starts_when_due_sqlite,
+       scheduled_batch_starts_when_due_postgres);
+on_both_backends!(probes_and_metrics => probes_and_metrics_sqlite, probes_and_metrics_postgres);
+
+// ---------------------------------------------------------------------------------------------
+// Recipient lists and the counts they must produce
+// ---------------------------------------------------------------------------------------------
+
+/// A valid CN mobile number: `+86138` and eight digits.
+fn mobile(n: u64) -> String {
+    assert!(n < 100_000_000, "eight digits");
+    format!("+86138{n:08}")
+}
+
+/// `+8613812345678` written the way a person would type it at home: `138 1234 5678`.
+fn national(e164: &str) -> String {
+    let digits = &e164[3..];
+    format!("{} {} {}", &digits[..3], &digits[3..7], &digits[7..])
+}
+
+/// The E.164 form of a number this file generated, or `None` for the invalid ones.
+fn canonical(phone: &str) -> Option<String> {
+    let digits: String = phone.chars().filter(char::is_ascii_digit).collect();
+    if let Some(rest) = phone.strip_prefix("+86138") {
+        (rest.len() == 8 && rest.chars().all(|c| c.is_ascii_digit())).then(|| phone.to_owned())
+    } else if phone.starts_with("138")
+        && digits.len() == 11
+        && phone.chars().all(|c| c.is_ascii_digit() || c == ' ')
+    {
+        Some(format!("+86{digits}"))
+    } else {
+        None
+    }
+}
+
+/// What preparation and delivery must count for a recipient list.
+#[derive(Debug)]
+struct Expected {
+    recipients: u64,
+    valid: u64,
+    invalid: u64,
+    duplicates: u64,
+    /// E.164 of every distinct valid number: exactly one message each.
+    valid_phones: BTreeSet<String>,
+    /// Valid numbers ending `0001`: the simulator fails them permanently.
+    permanent: BTreeSet<String>,
+    /// Valid numbers ending `0002`: the simulator fails their first attempt only.
+    transient: BTreeSet<String>,
+}
+
+impl Expected {
+    fn of(phones: &[String]) -> Self {
+        let mut valid_phones = BTreeSet::new();
+        let (mut invalid, mut duplicates) = (0, 0);
+        for phone in phones {
+            match canonical(phone) {
+                None => invalid += 1,
+                Some(e164) => {
+                    if !valid_phones.insert(e164) {
+                        duplicates += 1;
+                    }
+                }
+            }
+        }
+        let ending = |suffix: &str| -> BTreeSet<String> {
+            valid_phones
+                .iter()
+                .filter(|p| p.ends_with(suffix))
+                .cloned()
+                .collect()
+        };
+        Self {
+            recipients: phones.len() as u64,
+            valid: valid_phones.len() as u64,
+            invalid,
+            duplicates,
+            permanent: ending("0001"),
+            transient: ending("0002"),
+            valid_phones,
+        }
+    }
+
+    fn failed(&self) -> u64 {
+        self.permanent.len() as u64
+    }
+
+    fn sent(&self) -> u64 {
+        self.valid - self.failed()
+    }
+}
+
+/// A deterministic Fisher–Yates shuffle (xorshift64), so the mix is interleaved but repeatable.
+fn shuffle<T>(items: &mut [T], mut seed: u64) {
+    for i in (1..items.len()).rev() {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let j = (seed % (i as u64 + 1)) as usize;
+        items.swap(i, j);
+    }
+}
+
+/// 1,000 inline recipients: 10 permanent failures, 10 transient ones, 12 invalid numbers,
+/// 20 exact duplicates and one duplicate written in national format.
+fn inline_phones() -> Vec<String> {
+    let mut phones: Vec<String> = Vec::with_capacity(1000);
+    phones.extend((0..10).map(|k| mobile(20_000_001 + k * 10_000)));
+    phones.extend((0..10).map(|k| mobile(30_000_002 + k * 10_000)));
+    phones.extend(["12345", "not-a-phone", "+86123", ""].map(String::from));
+    phones.extend((0..8).map(|k| format!("bad-{k}")));
+    phones.push("+8613800001234".into());
+    phones.push("138 0000 1234".into());
+    let regular: Vec<String> = (0..946).map(|k| mobile(40_000_007 + k * 10)).collect();
+    phones.extend((0..20).map(|k| regular[k * 37].clone()));
+    phones.extend(regular);
+    shuffle(&mut phones, 0x5eed_cafe_f00d_d00d);
+    assert_eq!(phones.len(), 1000);
+    phones
+}
+
+/// `rows` CSV recipients: mostly distinct valid numbers (those at rows ≡ 1 and 2 mod 10,000 end
+/// in `0001` and `0002`), the four documented invalid examples, one `bad-…` row in 331, one
+/// exact duplicate in 257 and one national-format duplicate in 4,999.
+fn csv_phones(rows: u64) -> Vec<String> {
+    (0..rows)
+        .map(|i| match i {
+            7 => String::new(),
+            8 => "not-a-phone".into(),
+            9 => "12345".into(),
+            10 => "+86123".into(),
+            _ if i % 331 == 17 => format!("bad-{i}"),
+            _ if i % 257 == 100 => mobile(10_000_000 + i - 50),
+            _ if i % 4999 == 2000 => national(&mobile(10_000_000 + i - 1)),
+            _ => mobile(10_000_000 + i),
+        })
+        .collect()
+}
+
+/// A `phone,name` CSV of `phones`.
+fn csv_body(phones: &[String]) -> String {
+    let mut csv = String::with_capacity(phones.len() * 32 + 16);
+    csv.push_str("phone,name\n");
+    for (i, phone) in phones.iter().enumerate() {
+        let _ = writeln!(csv, "{phone},Customer {i}");
+    }
+    csv
+}
+
+// ---------------------------------------------------------------------------------------------
+// Assertions shared by the scenarios
+// ---------------------------------------------------------------------------------------------
+
+/// `results.sent`.
+fn sent(batch: &Value) -> u64 {
+    num(batch, "/results/sent")
+}
+
+/// Whether delivery has sent something yet (tolerates results not filled in before delivery).
+fn has_sent(batch: &Value) -> bool {
+    batch
+        .pointer("/results/sent")
+        .and_then(Value::as_u64)
+        .is_some_and(|n| n > 0)
+}
+
+/// Messages with an outcome so far: sent, delivered or failed.
+fn processed(batch: &Value) -> u64 {
+    num(batch, "/results/sent") + num(batch, "/results/delivered") + num(batch, "/results/failed")
+}
+
+/// `recipients = valid + invalid + duplicates + opted_out`.
+fn assert_recipient_rule(batch: &Value) {
+    let r = |k: &str| num(batch, &format!("/results/{k}"));
+    assert_eq!(
+        r("recipients"),
+        r("valid") + r("invalid") + r("duplicates") + r("opted_out"),
+        "recipients = valid + invalid + duplicates + opted_out: {:#}",
+        batch["results"]
+    );
+}
+
+/// `valid = sent + delivered + failed + cancelled`.
+fn assert_outcome_rule(batch: &Value) {
+    let r = |k: &str| num(batch, &format!("/results/{k}"));
+    assert_eq!(
+        r("valid"),
+        r("sent") + r("delivered") + r("failed") + r("cancelled"),
+        "valid = sent + delivered + failed + cancelled: {:#}",
+        batch["results"]
+    );
+}
+
+/// The preparation counts (recipients, valid, invalid, duplicates, opted_out) are exact.
+fn assert_prepared_counts(batch: &Value, expected: &Expected) {
+    let actual: BTreeMap<&str, u64> = ["recipients", "valid", "invalid", "duplicates", "opted_out"]
+        .into_iter()
+        .map(|k| (k, num(batch, &format!("/results/{k}"))))
+        .collect();
+    let wanted = BTreeMap::from([
+        ("recipients", expected.recipients),
+        ("valid", expected.valid),
+        ("invalid", expected.invalid),
+        ("duplicates", expected.duplicates),
+        ("opted_out", 0),
+    ]);
+    assert_eq!(
+        actual, wanted,
+        "preparation counts of {:#}",
+        batch["results"]
+    );
+    assert_recipient_rule(batch);
+}
+
+/// Every count of a batch that completed normally is exact, and both counting rules hold.
+fn assert_completed_counts(batch: &Value, expected: &Expected) {
+    assert_eq!(batch["state"], "completed", "{batch:#}");
+    assert_prepared_counts(batch, expected);
+    let actual: BTreeMap<&str, u64> = ["sent", "delivered", "failed", "cancelled"]
+        .into_iter()
+        .map(|k| (k, num(batch, &format!("/results/{k}"))))
+        .collect();
+    let wanted = BTreeMap::from([
+        ("sent", expected.sent()),
+        ("delivered", 0),
+        ("failed", expected.failed()),
+        ("cancelled", 0),
+    ]);
+    assert_eq!(actual, wanted, "delivery counts of {:#}", batch["results"]);
+    assert_outcome_rule(batch);
+}
+
+/// Both steps `completed` at 100 %.
+fn assert_steps_completed(batch: &Value) {
+    for step in ["preparation", "delivery"] {
+        assert_eq!(
+            text(batch, &format!("/steps/{step}/status")),
+            "completed",
+            "step {step}: {:#}",
+            batch["steps"]
+        );
+        let percentage = batch
+            .pointer(&format!("/steps/{step}/progress/percentage"))
+            .and_then(Value::as_f64);
+        assert_eq!(
+            percentage,
+            Some(100.0),
+            "step {step} progress: {:#}",
+            batch["steps"]
+        );
+    }
+}
+
+/// Uploads a CSV and asserts `{"accepted": accepted, "total": total}`.
+fn upload_ok(server: &TestServer, id: &str, csv: String, accepted: u64, total: u64) {
+    let (status, body) = server.upload_csv(id, csv);
+    assert_eq!(status, 200, "upload answered {status}: {body:#}");
+    assert_eq!(
+        (num(&body, "/accepted"), num(&body, "/total")),
+        (accepted, total),
+        "upload answer {body:#}"
+    );
+}
+
+/// A small batch body with `n` valid recipients inline.
+fn small_batch(name: &str, n: u64) -> Value {
+    let recipients: Vec<Value> = (0..n)
+        .map(|k| json!({"phone": mobile(60_000_005 + k * 10), "vars": {"name": format!("Guest {k}")}}))
+        .collect();
+    json!({"name": name, "content": CONTENT, "url": URL, "recipients": recipients})
+}
+
+/// Phone and status of every message, page by page.
+fn message_statuses(server: &TestServer, id: &str) -> Vec<(String, String, String)> {
+    let mut out = Vec::new();
+    server.for_each_message(id, None, |m| {
+        out.push((
+            text(m, "/phone").to_owned(),
+            text(m, "/status").to_owned(),
+            m["error"].as_str().unwrap_or("").to_owned(),
+        ));
+    });
+    out
+}
+
+/// Every valid recipient has exactly one message: as many messages as valid recipients, and
+/// their phones are exactly the distinct valid numbers.
+fn assert_one_message_per_valid_recipient(
+    messages: &[(String, String, String)],
+    expected: &Expected,
+) {
+    assert_eq!(
+        messages.len() as u64,
+        expected.valid,
+        "one message per valid recipient"
+    );
+    let phones: BTreeSet<&str> = messages.iter().map(|(p, _, _)| p.as_str()).collect();
+    assert_eq!(
+        phones.len() as u64,
+        expected.valid,
+        "no valid recipient has two messages"
+    );
+    let missing: Vec<&String> = expected
+        .valid_phones
+        .iter()
+        .filter(|p| !phones.contains(p.as_str()))
+        .take(10)
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "valid recipients without a message: {missing:?}"
+    );
+}
+
+fn status_counts(messages: &[(String, String, String)]) -> BTreeMap<String, u64> {
+    let mut counts = BTreeMap::new();
+    for (_, status, _) in messages {
+        *counts.entry(status.clone()).or_insert(0) += 1;
+    }
+    counts
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scenarios
+// ---------------------------------------------------------------------------------------------
+
+fn completes_inline_batch_with_exact_counts(backend: Backend) {
+    let db = TestDb::new(backend);
+    let server = TestServer::start(&db, &[]);
+
+    let phones = inline_phones();
+    let expected = Expected::of(&phones);
+    assert_eq!(
+        (
+            expected.invalid,
+            expected.duplicates,
+            expected.failed(),
+            expected.transient.len()
+        ),
+        (12, 21, 10, 10),
+        "the generated mix"
+    );
+    let recipients: Vec<Value> = phones
+        .iter()
+        .enumerate()
+        .map(|(i, phone)| json!({"phone": phone, "vars": {"name": format!("Customer {i}")}}))
+        .collect();
+    let id = server.create_batch(&json!({
+        "name": "inline-exact",
+        "campaign_id": "cmp-42",
+        "content": CONTENT,
+        "url": URL,
+        "provider": "simulator",
+        "message_type": "marketing",
+        "partition_count": 4,
+        "recipients": recipients,
+    }));
+    let created = server.batch(&id);
+    assert_eq!(created["state"], "initial");
+    assert_eq!(created["name"], "inline-exact");
+    assert_eq!(created["partition_count"], 4);
+
+    server.action_ok(&id, "start", "preparing");
+    let batch = server.wait_for_state(&id, &["completed"], SHORT);
+
+    assert_completed_counts(&batch, &expected);
+    assert_steps_completed(&batch);
+
+    let partitions = batch["partitions"]
+        .as_array()
+        .unwrap_or_else(|| panic!("partitions is an array: {batch:#}"));
+    assert_eq!(partitions.len(), 4, "partition_count 4: {partitions:#?}");
+    let partition_total: u64 = partitions.iter().map(|p| num(p, "/total")).sum();
+    assert_eq!(
+        partition_total, expected.valid,
+        "partitions share the valid messages: {partitions:#?}"
+    );
+
+    for kind in ["Prepared", "Delivered"] {
+        let condition = batch["conditions"]
+            .as_array()
+            .and_then(|cs| cs.iter().find(|c| c["type"] == kind))
+            .unwrap_or_else(|| panic!("a {kind} condition: {:#}", batch["conditions"]));
+        assert_eq!(condition["status"], "True", "{kind}: {condition:#}");
+    }
+
+    // Every valid recipient has one message, with the E.164 number and one segment.
+    let messages = server.all_messages(&id, None);
+    assert_eq!(
+        messages.len() as u64,
+        expected.valid,
+        "one message per valid recipient"
+    );
+    let phones_seen: BTreeSet<String> = messages
+        .iter()
+        .map(|m| text(m, "/phone").to_owned())
+        .collect();
+    assert_eq!(
+        phones_seen, expected.valid_phones,
+        "message phones are E.164"
+    );
+    for m in &messages {
+        assert_eq!(
+            num(m, "/segments"),
+            1,
+            "a short GSM-7 text is one segment: {m:#}"
+        );
+    }
+
+    // The permanent failures, and only they, are failed, each with its reason.
+    let failed = server.all_messages(&id, Some("failed"));
+    let failed_phones: BTreeSet<String> = failed
+        .iter()
+        .map(|m| text(m, "/phone").to_owned())
+        .collect();
+    assert_eq!(
+        failed_phones, expected.permanent,
+        "failed = the 0001 numbers"
+    );
+    for m in &failed {
+        assert_eq!(m["status"], "failed", "{m:#}");
+        assert!(
+            m["error"].as_str().is_some_and(|e| !e.trim().is_empty()),
+            "a failed message says why: {m:#}"
+        );
+        assert_eq!(
+            num(m, "/attempts"),
+            1,
+            "a permanent error is not retried: {m:#}"
+        );
+    }
+
+    // The transient failures were sent on their second attempt; everything else on its first.
+    let sent_messages = server.all_messages(&id, Some("sent"));
+    assert_eq!(sent_messages.len() as u64, expected.sent());
+    for m in &sent_messages {
+        assert_eq!(m["status"], "sent", "{m:#}");
+        let phone = text(m, "/phone");
+        let attempts = if expected.transient.contains(phone) {
+            2
+        } else {
+            1
+        };
+        assert_eq!(num(m, "/attempts"), attempts, "attempts of {phone}: {m:#}");
+    }
+    for phone in &expected.transient {
+        assert!(
+            sent_messages.iter().any(|m| m["phone"] == phone.as_str()),
+            "the transient failure {phone} was sent in the end"
+        );
+    }
+
+    // Listing: newest first, one per page with limit=1, and the state filter.
+    let other = server.create_batch(&json!({"name": "second", "content": "hello"}));
+    let mut listed = Vec::new();
+    let mut path = "/v1/batches?limit=1".to_owned();
+    loop {
+        let (status, page) = server.get_json(&path);
+        assert_eq!(status, 200, "GET {path}: {page:#}");
+        let items = page["items"]
+            .as_array()
+            .unwrap_or_else(|| panic!("GET {path}: items: {page:#}"));
+        assert!(items.len() <= 1, "limit=1 gives at most one item: {page:#}");
+        listed.extend(items.iter().map(|b| text(b, "/id").to_owned()));
+        match page["next"].as_str() {
+            Some(next) if listed.len() < 10 => {
+                path = format!("/v1/batches?limit=1&after={}", common::encode(next));
+            }
+            Some(_) => panic!("more pages than batches: {listed:?}"),
+            None => break,
+        }
+    }
+    assert_eq!(listed, vec![other.clone(), id.clone()], "newest first");
+    let (status, completed) = server.get_json("/v1/batches?state=completed");
+    assert_eq!(status, 200, "{completed:#}");
+    let completed_ids: Vec<&str> = completed["items"]
+        .as_array()
+        .map(|items| items.iter().filter_map(|b| b["id"].as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(
+        completed_ids,
+        vec![id.as_str()],
+        "state=completed: {completed:#}"
+    );
+}
+
+fn csv_upload_pause_resume_completes_exactly_once(backend: Backend) {
+    let db = TestDb::new(backend);
+    let server = TestServer::start(
+        &db,
+        &[
+            ("SMSBATCH__PROVIDERS__SIMULATOR__LATENCY_MS", "1"),
+            ("SMSBATCH__SMSBATCH__WORKER_COUNT", "2"),
+            ("SMSBATCH__SMSBATCH__SEND_CONCURRENCY", "4"),
+        ],
+    );
+    let idle_rss_kb = server.rss_kb();
+
+    let phones = csv_phones(100_000);
+    let expected = Expected::of(&phones);
+    assert!(
+        expected.invalid >= 300 && expected.duplicates >= 300 && expected.failed() >= 5,
+        "the generated mix: {} invalid, {} duplicates, {} permanent failures",
+        expected.invalid,
+        expected.duplicates,
+        expected.failed()
+    );
+    let id = server.create_batch(&json!({
+        "name": "csv-100k",
+        "content": CONTENT,
+        "url": URL,
+        "message_type": "marketing",
+    }));
+    upload_ok(&server, &id, csv_body(&phones), 100_000, 100_000);
+
+    server.action_ok(&id, "start", "preparing");
+    server.wait_until(&id, "sending (results.sent > 0)", LONG, has_sent);
+
+    server.action_ok(&id, "pause", "paused");
+    // Provider calls already in flight may still finish; after that nothing moves.
+    thread::sleep(Duration::from_secs(1));
+    let first = server.batch(&id);
+    thread::sleep(Duration::from_secs(1));
+    let second = server.batch(&id);
+    assert_eq!(first["state"], "paused", "{first:#}");
+    assert_eq!(second["state"], "paused", "{second:#}");
+    assert_eq!(
+        processed(&first),
+        processed(&second),
+        "nothing is sent while paused: {:#} then {:#}",
+        first["results"],
+        second["results"]
+    );
+    assert!(
+        processed(&second) < expected.valid,
+        "paused before the end: {:#}",
+        second["results"]
+    );
+
+    server.action_ok(&id, "resume", "delivering");
+    let batch = server.wait_for_state(&id, &["completed"], LONG);
+    assert_completed_counts(&batch, &expected);
+    assert_steps_completed(&batch);
+
+    let messages = message_statuses(&server, &id);
+    assert_one_message_per_valid_recipient(&messages, &expected);
+    let counts = status_counts(&messages);
+    assert_eq!(
+        counts,
+        BTreeMap::from([
+            ("failed".to_owned(), expected.failed()),
+            ("sent".to_owned(), expected.sent()),
+        ]),
+        "message statuses (none pending or sending)"
+    );
+    let mut sent_listed = 0;
+    server.for_each_message(&id, Some("sent"), |_| sent_listed += 1);
+    assert_eq!(
+        sent_listed,
+        sent(&batch),
+        "messages?status=sent = results.sent"
+    );
+
+    let peak_rss_kb = server.peak_rss_kb();
+    let growth_kb = peak_rss_kb.saturating_sub(idle_rss_kb);
+    eprintln!(
+        "[{backend:?}] 100,000-row CSV batch: idle RSS {idle_rss_kb} kB, peak RSS {peak_rss_kb} kB, \
+         growth {growth_kb} kB"
+    );
+    assert!(
+        growth_kb < 100 * 1024,
+        "memory must not grow with the batch: idle {idle_rss_kb} kB, peak {peak_rss_kb} kB"
+    );
+}
+
+fn cancel_mid_delivery_cancels_the_rest(backend: Backend) {
+    let db = TestDb::new(backend);
+    let server = TestServer::start(
+        &db,
+        &[
+            ("SMSBATCH__PROVIDERS__SIMULATOR__LATENCY_MS", "1"),
+            ("SMSBATCH__SMSBATCH__WORKER_COUNT", "1"),
+            ("SMSBATCH__SMSBATCH__SEND_CONCURRENCY", "4"),
+        ],
+    );
+    let phones = csv_phones(20_000);
+    let expected = Expected::of(&phones);
+    let id = server.create_batch(&json!({"name": "cancel-me", "content": CONTENT, "url": URL}));
+    upload_ok(&server, &id, csv_body(&phones), 20_000, 20_000);
+
+    server.action_ok(&id, "start", "preparing");
+    server.wait_until(&id, "sending (results.sent > 0)", LONG, has_sent);
+    server.action_ok(&id, "cancel", "cancelled");
+
+    // Provider calls in flight at the cancel finish; then the counts are final.
+    let batch = eventually("settled after the cancel", SHORT, || {
+        let sending = server.all_messages(&id, Some("sending"));
+        if !sending.is_empty() {
+            return Err(format!("{} messages still sending", sending.len()));
+        }
+        let batch = server.batch(&id);
+        let r = |k: &str| num(&batch, &format!("/results/{k}"));
+        if r("valid") == r("sent") + r("delivered") + r("failed") + r("cancelled") {
+            Ok(batch)
+        } else {
+            Err(format!("counts do not add up yet: {:#}", batch["results"]))
+        }
+    });
+    assert_eq!(batch["state"], "cancelled", "{batch:#}");
+    assert_prepared_counts(&batch, &expected);
+    assert_outcome_rule(&batch);
+    let cancelled = num(&batch, "/results/cancelled");
+    assert!(
+        cancelled > 0,
+        "the rest was cancelled: {:#}",
+        batch["results"]
+    );
+
+    let messages = message_statuses(&server, &id);
+    assert_one_message_per_valid_recipient(&messages, &expected);
+    let counts = status_counts(&messages);
+    assert_eq!(
+        counts.get("pending"),
+        None,
+        "no message left pending: {counts:?}"
+    );
+    assert_eq!(
+        counts.get("sending"),
+        None,
+        "no message left sending: {counts:?}"
+    );
+    assert_eq!(
+        counts.get("cancelled").copied().unwrap_or(0),
+        cancelled,
+        "messages?status=cancelled = results.cancelled"
+    );
+    assert_eq!(
+        counts.get("sent").copied().unwrap_or(0),
+        sent(&batch),
+        "listed sent = results.sent"
+    );
+    for (phone, status, _) in &messages {
+        if status == "failed" {
+            assert!(
+                expected.permanent.contains(phone),
+                "only 0001 numbers fail: {phone}"
+            );
+        }
+    }
+    assert!(
+        server.all_messages(&id, Some("pending")).is_empty(),
+        "messages?status=pending is empty"
+    );
+}
+
+fn illegal_transitions_and_unknown_ids(backend: Backend) {
+    let db = TestDb::new(backend);
+    let server = TestServer::start(&db, &[]);
+
+    // An initial batch can only be started or cancelled.
+    let id = server.create_batch(&small_batch("transitions", 3));
+    for action in ["pause", "resume", "retry"] {
+        assert_error(
+            &server.action(&id, action),
+            409,
+            "invalid_transition",
+            &format!("{action} of an initial batch"),
+        );
+    }
+    assert_eq!(
+        server.batch(&id)["state"],
+        "initial",
+        "refused actions change nothing"
+    );
+
+    server.action_ok(&id, "start", "preparing");
+    assert_error(
+        &server.action(&id, "start"),
+        409,
+        "invalid_transition",
+        "a second start",
+    );
+    let (status, body) = server.upload_csv(&id, "phone\n+8613870000005\n");
+    assert_eq!(status, 409, "upload after start: {body:#}");
+    assert_error_message(&body, "upload after start");
+
+    let done = server.wait_for_state(&id, &["completed"], SHORT);
+    assert_eq!(
+        num(&done, "/results/recipients"),
+        3,
+        "the refused upload stored nothing"
+    );
+    for action in ACTIONS {
+        assert_error(
+            &server.action(&id, action),
+            409,
+            "invalid_transition",
+            &format!("{action} of a completed batch"),
+        );
+    }
+
+    // Cancel is allowed from initial; after it nothing is.
+    let cancelled = server.create_batch(&small_batch("cancelled-early", 2));
+    server.action_ok(&cancelled, "cancel", "cancelled");
+    for action in ACTIONS {
+        assert_error(
+            &server.action(&cancelled, action),
+            409,
+            "invalid_transition",
+            &format!("{action} of a cancelled batch"),
+        );
+    }
+
+    // Unknown ids.
+    let unknown = uuid::Uuid::now_v7().to_string();
+    assert_error(
+        &server.get_json(&format!("/v1/batches/{unknown}")),
+        404,
+        "not_found",
+        "GET of an unknown batch",
+    );
+    assert_error(
+        &server.get_json(&format!("/v1/batches/{unknown}/messages")),
+        404,
+        "not_found",
+        "messages of an unknown batch",
+    );
+    for action in ACTIONS {
+        assert_error(
+            &server.action(&unknown, action),
+            404,
+            "not_found",
+            &format!("{action} of an unknown batch"),
+        );
+    }
+    assert_error(
+        &server.upload_csv(&unknown, "phone\n+8613870000005\n"),
+        404,
+        "not_found",
+        "upload to an unknown batch",
+    );
+    let (status, body) = server.get_json("/v1/batches/not-a-uuid");
+    assert!(
+        status == 404 || status == 400,
+        "GET /v1/batches/not-a-uuid answered {status}: {body:#}"
+    );
+    assert_error_message(&body, "GET /v1/batches/not-a-uuid");
+
+    // Invalid creations store nothing.
+    let mut empty_content = small_batch("empty-content", 1);
+    empty_content["content"] = json!("");
+    assert_error(
+        &server.post_json("/v1/batches", &empty_content),
+        422,
+        "invalid",
+        "empty content",
+    );
+    for partitions in [0, 257] {
+        let mut body = small_batch("bad-partitions", 1);
+        body["partition_count"] = json!(partitions);
+        assert_error(
+            &server.post_json("/v1/batches", &body),
+            422,
+            "invalid",
+            &format!("partition_count {partitions}"),
+        );
+    }
+    let mut unknown_provider = small_batch("unknown-provider", 1);
+    unknown_provider["provider"] = json!("no-such-provider");
+    assert_error(
+        &server.post_json("/v1/batches", &unknown_provider),
+        422,
+        "invalid",
+        "unknown provider",
+    );
+    assert_error(
+        &server.post_raw(
+            "/v1/batches",
+            "application/json",
+            r#"{"name": "broken", "content": "#,
+        ),
+        400,
+        "bad_request",
+        "malformed JSON",
+    );
+
+    let (status, list) = server.get_json("/v1/batches?limit=100");
+    assert_eq!(status, 200, "{list:#}");
+    let mut ids: Vec<&str> = list["items"]
+        .as_array()
+        .map(|items| items.iter().filter_map(|b| b["id"].as_str()).collect())
+        .unwrap_or_default();
+    ids.sort_unstable();
+    let mut wanted = vec![id.as_str(), cancelled.as_str()];
+    wanted.sort_unstable();
+    assert_eq!(
+        ids, wanted,
+        "only the two valid creations are stored: {list:#}"
+    );
+}
+
+fn csv_without_phone_column_stores_nothing(backend: Backend) {
+    let db = TestDb::new(backend);
+    let server = TestServer::start(&db, &[]);
+    let id = server.create_batch(&json!({"name": "csv-errors", "content": CONTENT, "url": URL}));
+    let recipients = |server: &TestServer| num(&server.batch(&id), "/results/recipients");
+
+    assert_error(
+        &server.upload_csv(&id, "number,name\n+8613870000005,Ann\n+8613870000015,Bob\n"),
+        400,
+        "bad_csv",
+        "a CSV without a phone column",
+    );
+    assert_eq!(recipients(&server), 0, "nothing stored");
+
+    // The 3rd data row (line 4 of the file) has an extra column.
+    let ragged = "phone,name\n\
+                  +8613870000005,Ann\n\
+                  +8613870000015,Bob\n\
+                  +8613870000025,Cid,extra\n\
+                  +8613870000035,Dan\n";
+    let reply = server.upload_csv(&id, ragged);
+    assert_error(&reply, 400, "bad_csv", "a row with the wrong column count");
+    let message = text(&reply.1, "/error/message");
+    assert!(
+        message
+            .split(|c: char| !c.is_ascii_digit())
+            .any(|number| number == "4"),
+        "the error names line 4: {message}"
+    );
+    assert_eq!(recipients(&server), 0, "a malformed upload stores nothing");
+
+    let mut good = String::from("phone,name\n");
+    for k in 0..9u64 {
+        let _ = writeln!(good, "{},Guest {k}", mobile(70_000_005 + k * 10));
+    }
+    // RFC 4180 quoting: a comma inside a quoted field.
+    good.push_str("\"+8613870000095\",\"Doe, Jane\"\n");
+    upload_ok(&server, &id, good, 10, 10);
+    let more: String = (0..5u64).fold(String::from("phone,name\n"), |mut csv, k| {
+        let _ = writeln!(csv, "{},Late {k}", mobile(71_000_005 + k * 10));
+        csv
+    });
+    upload_ok(&server, &id, more, 5, 15);
+    assert_eq!(recipients(&server), 15);
+
+    server.action_ok(&id, "start", "preparing");
+    let batch = server.wait_for_state(&id, &["completed"], SHORT);
+    let all: Vec<String> = (0..9u64)
+        .map(|k| mobile(70_000_005 + k * 10))
+        .chain(["+8613870000095".to_owned()])
+        .chain((0..5u64).map(|k| mobile(71_000_005 + k * 10)))
+        .collect();
+    assert_completed_counts(&batch, &Expected::of(&all));
+}
+
+fn restart_mid_delivery_finishes_with_exact_counts(backend: Backend) {
+    let db = TestDb::new(backend);
+    let mut server = TestServer::start(
+        &db,
+        &[
+            ("SMSBATCH__PROVIDERS__SIMULATOR__LATENCY_MS", "1"),
+            ("SMSBATCH__SMSBATCH__WORKER_COUNT", "2"),
+            ("SMSBATCH__SMSBATCH__SEND_CONCURRENCY", "4"),
+        ],
+    );
+    let phones = csv_phones(20_000);
+    let expected = Expected::of(&phones);
+    let id = server.create_batch(&json!({
+        "name": "survives-sigkill",
+        "content": CONTENT,
+        "url": URL,
+        "message_type": "marketing",
+    }));
+    upload_ok(&server, &id, csv_body(&phones), 20_000, 20_000);
+
+    server.action_ok(&id, "start", "preparing");
+    server.wait_until(&id, "sending (results.sent > 0)", LONG, has_sent);
+    server.kill();
+    server.restart();
+
+    let batch = server.wait_for_state(&id, &["completed"], LONG);
+    assert_prepared_counts(&batch, &expected);
+    assert_outcome_rule(&batch);
+    assert_eq!(
+        num(&batch, "/results/cancelled"),
+        0,
+        "{:#}",
+        batch["results"]
+    );
+
+    let messages = message_statuses(&server, &id);
+    assert_one_message_per_valid_recipient(&messages, &expected);
+    let counts = status_counts(&messages);
+    assert_eq!(
+        counts.get("pending"),
+        None,
+        "no message left pending: {counts:?}"
+    );
+    assert_eq!(
+        counts.get("sending"),
+        None,
+        "no message left sending: {counts:?}"
+    );
+    assert_eq!(
+        counts.get("sent").copied().unwrap_or(0),
+        sent(&batch),
+        "listed sent = results.sent"
+    );
+    assert_eq!(
+        counts.get("failed").copied().unwrap_or(0),
+        num(&batch, "/results/failed"),
+        "listed failed = results.failed"
+    );
+
+    // Failures are the 0001 numbers, plus messages whose outcome the kill made unknown.
+    let mut unknown_outcome = 0;
+    let mut failed_for_a_reason = BTreeSet::new();
+    let mut failed_phones = BTreeSet::new();
+    for (phone, status, error) in &messages {
+        if status != "failed" {
+            continue;
+        }
+        failed_phones.insert(phone.clone());
+        if error.contains("unknown_outcome") {
+            unknown_outcome += 1;
+        } else {
+            failed_for_a_reason.insert(phone.clone());
+        }
+    }
+    eprintln!("[{backend:?}] after SIGKILL: {unknown_outcome} messages with unknown_outcome");
+    assert!(
+        failed_for_a_reason.is_subset(&expected.permanent),
+        "only 0001 numbers fail for a provider reason: {:?}",
+        failed_for_a_reason
+            .difference(&expected.permanent)
+            .collect::<Vec<_>>()
+    );
+    assert!(
+        expected.permanent.is_subset(&failed_phones),
+        "every 0001 number failed: missing {:?}",
+        expected
+            .permanent
+            .difference(&failed_phones)
+            .collect::<Vec<_>>()
+    );
+    let permanent_with_unknown = expected
+        .permanent
+        .iter()
+        .filter(|p| !failed_for_a_reason.contains(*p))
+        .count();
+    assert_eq!(
+        failed_for_a_reason.len() + permanent_with_unknown,
+        expected.permanent.len(),
+        "failures with a provider reason = the 0001 numbers (less any whose call the kill cut)"
+    );
+}
+
+fn scheduled_batch_starts_when_due(backend: Backend) {
+    let db = TestDb::new(backend);
+    let mut server = TestServer::start(&db, &[]);
+
+    let mut body = small_batch("scheduled", 3);
+    body["schedule_at"] = json!(rfc3339_in(Duration::from_secs(3)));
+    let created_at = Instant::now();
+    let id = server.create_batch(&body);
+    server.action_ok(&id, "start", "scheduled");
+    let now = server.batch(&id);
+    if created_at.elapsed() < Duration::from_secs(2) {
+        assert_eq!(now["state"], "scheduled", "not due yet: {now:#}");
+    }
+    let batch = server.wait_for_state(&id, &["completed"], SHORT);
+    assert_eq!(sent(&batch), 3, "{:#}", batch["results"]);
+    assert_steps_completed(&batch);
+
+    // A schedule survives a crash: the restarted server wakes the batch when due.
+    let mut body = small_batch("scheduled-across-restart", 3);
+    body["schedule_at"] = json!(rfc3339_in(Duration::from_secs(4)));
+    let id = server.create_batch(&body);
+    server.action_ok(&id, "start", "scheduled");
+    server.kill();
+    server.restart();
+    let batch = server.wait_for_state(&id, &["completed"], SHORT);
+    assert_eq!(sent(&batch), 3, "{:#}", batch["results"]);
+    assert_outcome_rule(&batch);
+}
+
+fn probes_and_metrics(backend: Backend) {
+    let db = TestDb::new(backend);
+    let server = TestServer::start(&db, &[]);
+
+    let (status, health) = server.get_json("/healthz");
+    assert_eq!(
+        (status, &health["status"]),
+        (200, &json!("ok")),
+        "{health:#}"
+    );
+
+    let (status, ready) = server.get_json("/readyz");
+    assert_eq!(status, 200, "{ready:#}");
+    assert_eq!(ready["status"], "healthy", "{ready:#}");
+    assert_eq!(
+        ready.pointer("/checks/database"),
+        Some(&json!("ok")),
+        "{ready:#}"
+    );
+
+    let mut body = small_batch("metrics", 4);
+    body["recipients"]
+        .as_array_mut()
+        .expect("recipients array")
+        .push(json!({"phone": mobile(60_100_001), "vars": {"name": "Fails"}}));
+    let id = server.create_batch(&body);
+    server.action_ok(&id, "start", "preparing");
+    let batch = server.wait_for_state(&id, &["completed"], SHORT);
+    assert_eq!(
+        (sent(&batch), num(&batch, "/results/failed")),
+        (4, 1),
+        "{:#}",
+        batch["results"]
+    );
+
+    let metrics = server.get("/metrics");
+    assert_eq!(metrics.status, 200, "{}", metrics.body);
+    assert!(
+        metrics.content_type.starts_with("text/plain"),
+        "Prometheus text format, got {:?}",
+        metrics.content_type
+    );
+    for name in [
+        "smsbatch_batches",
+        "smsbatch_messages_total",
+        "smsbatch_preparation_rows_total",
+        "smsbatch_provider_request_seconds",
+        "smsbatch_mailbox_depth",
+    ] {
+        assert!(
+            metrics.body.contains(name),
+            "/metrics has {name}:\n{}",
+            metrics.body
+        );
+    }
+}

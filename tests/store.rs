@@ -1,0 +1,2159 @@
+//! The store conformance suite: every scenario runs the public `Store` API against a fresh
+//! SQLite file and a fresh PostgreSQL database, and asserts the exact rows and counters a user of
+//! the store relies on — both backends must answer alike ("both stores pass one shared
+//! conformance suite").
+
+mod store_support;
+
+use std::collections::BTreeSet;
+
+use chrono::{Duration as ChronoDuration, NaiveDateTime, Timelike, Utc};
+use smsbatch::domain::batch::MessageStatus;
+use smsbatch::store::models::{
+    Batch, LifecycleUpdate, MessageRow, NewBatch, NewMessage, Partition, Steps,
+};
+use smsbatch::store::{
+    BatchRecord, ChunkWritten, ImportError, Outcomes, PreparedChunk, Store, StoreError,
+    UNKNOWN_OUTCOME, UploadChunk,
+};
+use uuid::Uuid;
+
+use store_support::{Backend, run};
+
+/// Runs one scenario as two tests, one per backend.
+macro_rules! on_both_backends {
+    ($scenario:ident => $sqlite:ident, $postgres:ident) => {
+        #[test]
+        fn $sqlite() {
+            run(Backend::Sqlite, $scenario);
+        }
+
+        #[test]
+        fn $postgres() {
+            run(Backend::Postgres, $scenario);
+        }
+    };
+}
+
+on_both_backends!(create_find_and_list_batches
+    => create_find_and_list_batches_sqlite, create_find_and_list_batches_postgres);
+on_both_backends!(save_lifecycle_checks_the_version
+    => save_lifecycle_checks_the_version_sqlite, save_lifecycle_checks_the_version_postgres);
+on_both_backends!(import_commits_and_accumulates
+    => import_commits_and_accumulates_sqlite, import_commits_and_accumulates_postgres);
+on_both_backends!(import_bad_input_rolls_back
+    => import_bad_input_rolls_back_sqlite, import_bad_input_rolls_back_postgres);
+on_both_backends!(import_cut_short_stores_nothing
+    => import_cut_short_stores_nothing_sqlite, import_cut_short_stores_nothing_postgres);
+on_both_backends!(import_into_started_batch_stores_nothing
+    => import_into_started_batch_stores_nothing_sqlite,
+       import_into_started_batch_stores_nothing_postgres);
+on_both_backends!(abandoned_import_stores_nothing
+    => abandoned_import_stores_nothing_sqlite, abandoned_import_stores_nothing_postgres);
+on_both_backends!(import_racing_a_transition_has_one_winner
+    => import_racing_a_transition_has_one_winner_sqlite,
+       import_racing_a_transition_has_one_winner_postgres);
+on_both_backends!(recipients_page_in_id_order
+    => recipients_page_in_id_order_sqlite, recipients_page_in_id_order_postgres);
+on_both_backends!(prepared_chunks_drop_duplicates_and_opt_outs
+    => prepared_chunks_drop_duplicates_and_opt_outs_sqlite,
+       prepared_chunks_drop_duplicates_and_opt_outs_postgres);
+on_both_backends!(large_prepared_chunk_is_written
+    => large_prepared_chunk_is_written_sqlite, large_prepared_chunk_is_written_postgres);
+on_both_backends!(claim_moves_pending_to_sending_once
+    => claim_moves_pending_to_sending_once_sqlite, claim_moves_pending_to_sending_once_postgres);
+on_both_backends!(claims_slice_a_range_in_id_order
+    => claims_slice_a_range_in_id_order_sqlite, claims_slice_a_range_in_id_order_postgres);
+on_both_backends!(concurrent_claims_hand_out_each_message_once
+    => concurrent_claims_hand_out_each_message_once_sqlite,
+       concurrent_claims_hand_out_each_message_once_postgres);
+on_both_backends!(record_outcomes_moves_messages_and_counters
+    => record_outcomes_moves_messages_and_counters_sqlite,
+       record_outcomes_moves_messages_and_counters_postgres);
+on_both_backends!(retries_wait_until_due
+    => retries_wait_until_due_sqlite, retries_wait_until_due_postgres);
+on_both_backends!(cancel_pending_and_recover_sending
+    => cancel_pending_and_recover_sending_sqlite, cancel_pending_and_recover_sending_postgres);
+on_both_backends!(recover_sending_for_resend
+    => recover_sending_for_resend_sqlite, recover_sending_for_resend_postgres);
+on_both_backends!(list_messages_pages_and_filters
+    => list_messages_pages_and_filters_sqlite, list_messages_pages_and_filters_postgres);
+on_both_backends!(count_by_state_and_ping
+    => count_by_state_and_ping_sqlite, count_by_state_and_ping_postgres);
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------------------------
+
+const PENDING: i16 = 0;
+const SENDING: i16 = 1;
+const SENT: i16 = 2;
+const FAILED: i16 = 4;
+const CANCELLED: i16 = 5;
+
+fn now() -> NaiveDateTime {
+    Utc::now().naive_utc()
+}
+
+/// `now() + offset`, to the whole second (so both backends store and return it exactly).
+fn whole_second(offset: ChronoDuration) -> NaiveDateTime {
+    (Utc::now() + offset)
+        .naive_utc()
+        .with_nanosecond(0)
+        .expect("zero nanoseconds is valid")
+}
+
+fn new_batch(name: &str, partition_count: i32) -> NewBatch {
+    let at = now();
+    NewBatch {
+        public_id: Uuid::now_v7().to_string(),
+        name: name.to_owned(),
+        campaign_id: Some(format!("campaign-{name}")),
+        content: "Hi {{name}}".to_owned(),
+        url: None,
+        provider: "simulator".to_owned(),
+        message_type: "marketing".to_owned(),
+        schedule_at: None,
+        partition_count,
+        state: "initial".to_owned(),
+        created_at: at,
+        updated_at: at,
+    }
+}
+
+/// `n` inline recipients `+8613800000000 + start + i`, without vars.
+fn recipients(start: u64, n: u64) -> Vec<(String, Option<String>)> {
+    (0..n)
+        .map(|i| (format!("+86138{:08}", start + i), None))
+        .collect()
+}
+
+async fn create(store: &Store, name: &str, partition_count: i32) -> Batch {
+    store
+        .create_batch(new_batch(name, partition_count), Vec::new())
+        .await
+        .expect("create_batch")
+        .batch
+}
+
+/// Moves a batch to `state` through `save_lifecycle` at its current version.
+async fn set_state(store: &Store, id: i64, state: &str) -> Batch {
+    let batch = store.batch(id).await.expect("batch");
+    let mut update = LifecycleUpdate::from(&batch);
+    update.state = state.to_owned();
+    update.updated_at = now();
+    store
+        .save_lifecycle(id, batch.version, &update)
+        .await
+        .expect("save_lifecycle at the current version")
+}
+
+fn message(
+    batch_id: i64,
+    partition: i32,
+    recipient_id: i64,
+    phone: &str,
+    segments: i32,
+) -> NewMessage {
+    NewMessage {
+        batch_id,
+        partition,
+        recipient_id,
+        phone: phone.to_owned(),
+        body: format!("Hello {phone}"),
+        encoding: "gsm7".to_owned(),
+        segments,
+        updated_at: now(),
+    }
+}
+
+/// Writes one message per `(partition, phone)` (one segment each) as one prepared chunk and
+/// returns their ids in the same order.
+async fn seed(store: &Store, batch_id: i64, spec: &[(i32, &str)]) -> Vec<i64> {
+    let messages: Vec<NewMessage> = spec
+        .iter()
+        .enumerate()
+        .map(|(i, (p, phone))| message(batch_id, *p, i as i64 + 1, phone, 1))
+        .collect();
+    let n = messages.len() as i64;
+    let written = store
+        .write_prepared_chunk(
+            batch_id,
+            PreparedChunk {
+                messages,
+                last_recipient_id: n,
+                processed: n,
+                invalid: 0,
+            },
+        )
+        .await
+        .expect("write_prepared_chunk");
+    assert_eq!(written.inserted, n, "every seeded message is inserted");
+    let rows = all_messages(store, batch_id).await;
+    spec.iter()
+        .map(|(_, phone)| {
+            rows.iter()
+                .find(|r| r.phone == *phone)
+                .unwrap_or_else(|| panic!("seeded message {phone} is listed"))
+                .id
+        })
+        .collect()
+}
+
+async fn all_messages(store: &Store, batch_id: i64) -> Vec<MessageRow> {
+    store
+        .list_messages(batch_id, None, 0, 10_000)
+        .await
+        .expect("list_messages")
+}
+
+async fn message_by_id(store: &Store, batch_id: i64, id: i64) -> MessageRow {
+    all_messages(store, batch_id)
+        .await
+        .into_iter()
+        .find(|m| m.id == id)
+        .unwrap_or_else(|| panic!("message {id} exists"))
+}
+
+/// (id, status) of every message of a batch, in id order.
+async fn statuses(store: &Store, batch_id: i64) -> Vec<(i64, i16)> {
+    all_messages(store, batch_id)
+        .await
+        .iter()
+        .map(|m| (m.id, m.status))
+        .collect()
+}
+
+/// The partitions' (total, sent, delivered, failed, cancelled).
+async fn counters(store: &Store, batch_id: i64) -> Vec<(i64, i64, i64, i64, i64)> {
+    store
+        .partitions(batch_id)
+        .await
+        .expect("partitions")
+        .iter()
+        .map(|p| (p.total, p.sent, p.delivered, p.failed, p.cancelled))
+        .collect()
+}
+
+fn ids_of(rows: &[MessageRow]) -> Vec<i64> {
+    rows.iter().map(|m| m.id).collect()
+}
+
+fn public_ids(records: &[BatchRecord]) -> Vec<String> {
+    records.iter().map(|r| r.batch.public_id.clone()).collect()
+}
+
+/// Sends `chunks` into a channel that is then closed and imports it.
+async fn import(
+    store: &Store,
+    batch_id: i64,
+    chunks: Vec<UploadChunk<String>>,
+) -> Result<(i64, i64), ImportError<String>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(chunks.len() + 1);
+    for chunk in chunks {
+        tx.send(chunk).await.expect("the channel has room");
+    }
+    drop(tx);
+    store.import_recipients(batch_id, rx).await
+}
+
+/// Every recipient phone of a batch, in id order (paged by 2 to exercise the cursor).
+async fn recipient_phones(store: &Store, batch_id: i64) -> Vec<String> {
+    let mut phones = Vec::new();
+    let mut after = 0;
+    loop {
+        let page = store
+            .recipients_after(batch_id, after, 2)
+            .await
+            .expect("recipients_after");
+        let Some(last) = page.last() else { break };
+        after = last.id;
+        phones.extend(page.into_iter().map(|r| r.phone));
+    }
+    phones
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. create, find, list
+// ---------------------------------------------------------------------------------------------
+
+async fn create_find_and_list_batches(store: Store) {
+    let mut new = new_batch("first", 3);
+    new.url = Some("https://shop.example/x".into());
+    let inline = vec![
+        (
+            "+8613800000001".to_owned(),
+            Some(r#"{"name":"Ann"}"#.to_owned()),
+        ),
+        ("+8613800000002".to_owned(), None),
+        (
+            "138 0000 0003".to_owned(),
+            Some(r#"{"name":"Bo"}"#.to_owned()),
+        ),
+        ("garbage".to_owned(), None),
+    ];
+    let created = store
+        .create_batch(new.clone(), inline.clone())
+        .await
+        .expect("create_batch");
+    let b = &created.batch;
+    assert_eq!(b.public_id, new.public_id);
+    assert_eq!(b.name, "first");
+    assert_eq!(b.campaign_id.as_deref(), Some("campaign-first"));
+    assert_eq!(b.content, "Hi {{name}}");
+    assert_eq!(b.url.as_deref(), Some("https://shop.example/x"));
+    assert_eq!(b.provider, "simulator");
+    assert_eq!(b.message_type, "marketing");
+    assert_eq!(b.schedule_at, None);
+    assert_eq!(b.partition_count, 3);
+    assert_eq!(b.state, "initial");
+    assert_eq!(b.resume_to, None);
+    assert_eq!(b.version, 0);
+    assert_eq!(b.recipients, 4);
+    assert_eq!(
+        (
+            b.processed,
+            b.valid,
+            b.invalid,
+            b.duplicates,
+            b.opted_out,
+            b.segments,
+            b.restarts
+        ),
+        (0, 0, 0, 0, 0, 0, 0)
+    );
+    assert_eq!(b.error, None);
+    assert_eq!((b.started_at, b.finished_at), (None, None));
+    assert_eq!(b.steps(), Steps::default());
+    let zero = |idx| Partition {
+        batch_id: b.id,
+        idx,
+        total: 0,
+        sent: 0,
+        delivered: 0,
+        failed: 0,
+        cancelled: 0,
+    };
+    assert_eq!(created.partitions, vec![zero(0), zero(1), zero(2)]);
+
+    // find_batch by public id.
+    let found = store
+        .find_batch(&new.public_id)
+        .await
+        .expect("find_batch")
+        .expect("the batch is found by its public id");
+    assert_eq!(found.batch.id, b.id);
+    assert_eq!(found.batch.recipients, 4);
+    assert_eq!(found.batch.state, "initial");
+    assert_eq!(found.partitions, created.partitions);
+    assert!(
+        store
+            .find_batch(&Uuid::now_v7().to_string())
+            .await
+            .expect("find_batch")
+            .is_none(),
+        "an unknown public id finds nothing"
+    );
+
+    // batch by internal id.
+    let by_id = store.batch(b.id).await.expect("batch by id");
+    assert_eq!(by_id.public_id, new.public_id);
+    assert_eq!(by_id.recipients, 4);
+    assert!(
+        matches!(
+            store.batch(b.id + 1000).await,
+            Err(StoreError::Query(diesel::result::Error::NotFound))
+        ),
+        "an unknown internal id is NotFound"
+    );
+
+    // The inline recipients were stored as given, in order.
+    let rows = store
+        .recipients_after(b.id, 0, 100)
+        .await
+        .expect("recipients_after");
+    let stored: Vec<(String, Option<String>)> = rows
+        .iter()
+        .map(|r| (r.phone.clone(), r.vars.clone()))
+        .collect();
+    assert_eq!(stored, inline);
+    assert!(rows.iter().all(|r| r.batch_id == b.id));
+
+    // Four more batches, with 1..=4 partitions: five in all.
+    let mut all = vec![created.batch.public_id.clone()];
+    for i in 1..=4 {
+        let r = store
+            .create_batch(
+                new_batch(&format!("b{i}"), i),
+                recipients(100 * i as u64, 2),
+            )
+            .await
+            .expect("create_batch");
+        all.push(r.batch.public_id.clone());
+    }
+    let newest_first: Vec<String> = all.iter().rev().cloned().collect();
+
+    let everything = store.list_batches(None, None, 100).await.expect("list");
+    assert_eq!(public_ids(&everything), newest_first);
+    for r in &everything {
+        assert_eq!(
+            r.partitions.len() as i32,
+            r.batch.partition_count,
+            "each listed batch carries its own partitions"
+        );
+        assert!(r.partitions.iter().all(|p| p.batch_id == r.batch.id));
+        let idx: Vec<i32> = r.partitions.iter().map(|p| p.idx).collect();
+        assert_eq!(idx, (0..r.batch.partition_count).collect::<Vec<_>>());
+    }
+
+    // Paging by two with the cursor.
+    let page1 = store.list_batches(None, None, 2).await.expect("page 1");
+    assert_eq!(public_ids(&page1), newest_first[0..2]);
+    let page2 = store
+        .list_batches(None, Some(&newest_first[1]), 2)
+        .await
+        .expect("page 2");
+    assert_eq!(public_ids(&page2), newest_first[2..4]);
+    let page3 = store
+        .list_batches(None, Some(&newest_first[3]), 2)
+        .await
+        .expect("page 3");
+    assert_eq!(public_ids(&page3), newest_first[4..5]);
+    let page4 = store
+        .list_batches(None, Some(&newest_first[4]), 2)
+        .await
+        .expect("page 4");
+    assert!(page4.is_empty(), "nothing after the oldest batch");
+
+    // The state filter, alone and with the cursor: b1 and b3 are scheduled.
+    for name in [&all[1], &all[3]] {
+        let rec = store.find_batch(name).await.expect("find").expect("exists");
+        set_state(&store, rec.batch.id, "scheduled").await;
+    }
+    let scheduled = store
+        .list_batches(Some("scheduled"), None, 10)
+        .await
+        .expect("scheduled");
+    assert_eq!(public_ids(&scheduled), vec![all[3].clone(), all[1].clone()]);
+    assert!(scheduled.iter().all(|r| r.batch.state == "scheduled"));
+    let first = store
+        .list_batches(Some("scheduled"), None, 1)
+        .await
+        .expect("scheduled, limit 1");
+    assert_eq!(public_ids(&first), vec![all[3].clone()]);
+    let second = store
+        .list_batches(Some("scheduled"), Some(&all[3]), 1)
+        .await
+        .expect("scheduled after b3");
+    assert_eq!(public_ids(&second), vec![all[1].clone()]);
+    let initial = store
+        .list_batches(Some("initial"), None, 10)
+        .await
+        .expect("initial");
+    assert_eq!(
+        public_ids(&initial),
+        vec![all[4].clone(), all[2].clone(), all[0].clone()]
+    );
+    let initial_after = store
+        .list_batches(Some("initial"), Some(&all[3]), 10)
+        .await
+        .expect("initial after b3 (a scheduled cursor)");
+    assert_eq!(
+        public_ids(&initial_after),
+        vec![all[2].clone(), all[0].clone()]
+    );
+    assert!(
+        store
+            .list_batches(Some("completed"), None, 10)
+            .await
+            .expect("completed")
+            .is_empty()
+    );
+    assert_eq!(
+        store
+            .batches_in_states(&["scheduled", "initial"])
+            .await
+            .expect("batches_in_states")
+            .iter()
+            .map(|b| b.public_id.clone())
+            .collect::<Vec<_>>(),
+        all,
+        "batches_in_states lists oldest first"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. save_lifecycle
+// ---------------------------------------------------------------------------------------------
+
+async fn save_lifecycle_checks_the_version(store: Store) {
+    let batch = store
+        .create_batch(new_batch("life", 2), recipients(0, 3))
+        .await
+        .expect("create")
+        .batch;
+    assert_eq!(batch.version, 0);
+
+    let mut steps = Steps::default();
+    steps.preparation.status = "ready".into();
+    let started = whole_second(ChronoDuration::zero());
+    let mut update = LifecycleUpdate::from(&batch);
+    update.state = "scheduled".into();
+    update.steps = serde_json::to_string(&steps).expect("steps as JSON");
+    update.conditions = r#"[{"type":"Scheduled"}]"#.into();
+    update.error = Some("transient hiccup".into());
+    update.started_at = Some(started);
+    let saved = store
+        .save_lifecycle(batch.id, 0, &update)
+        .await
+        .expect("save at the current version");
+    assert_eq!(saved.version, 1);
+    assert_eq!(saved.state, "scheduled");
+    assert_eq!(saved.steps(), steps);
+    assert_eq!(saved.conditions, r#"[{"type":"Scheduled"}]"#);
+    assert_eq!(saved.error.as_deref(), Some("transient hiccup"));
+    assert_eq!(saved.started_at, Some(started));
+    assert_eq!(saved.recipients, 3, "the recipients count is kept");
+
+    // The same version again is stale now.
+    let mut stale = update.clone();
+    stale.state = "cancelled".into();
+    match store.save_lifecycle(batch.id, 0, &stale).await {
+        Err(StoreError::Conflict(_)) => {}
+        other => panic!("a stale version must conflict, got {other:?}"),
+    }
+    let after = store.batch(batch.id).await.expect("batch");
+    assert_eq!(
+        (after.state.as_str(), after.version),
+        ("scheduled", 1),
+        "a conflicting save changes nothing"
+    );
+
+    // Counters written meanwhile survive a lifecycle save built from an older read.
+    let written = store
+        .write_prepared_chunk(
+            batch.id,
+            PreparedChunk {
+                messages: vec![
+                    message(batch.id, 0, 1, "+8613800000000", 2),
+                    message(batch.id, 1, 2, "+8613800000001", 1),
+                ],
+                last_recipient_id: 3,
+                processed: 3,
+                invalid: 1,
+            },
+        )
+        .await
+        .expect("write_prepared_chunk");
+    assert_eq!(written.inserted, 2);
+    let mut next = LifecycleUpdate::from(&saved); // read before the counters moved
+    next.state = "preparing".into();
+    next.error = None; // None clears the column
+    next.updated_at = now();
+    let saved2 = store
+        .save_lifecycle(batch.id, saved.version, &next)
+        .await
+        .expect("save at version 1");
+    assert_eq!(saved2.version, 2);
+    assert_eq!(saved2.state, "preparing");
+    assert_eq!(saved2.error, None, "a None error clears the stored one");
+    assert_eq!(
+        (
+            saved2.recipients,
+            saved2.processed,
+            saved2.valid,
+            saved2.invalid,
+            saved2.segments
+        ),
+        (3, 3, 2, 1, 3),
+        "a lifecycle save does not overwrite the counters"
+    );
+    assert_eq!(
+        counters(&store, batch.id).await,
+        vec![(1, 0, 0, 0, 0), (1, 0, 0, 0, 0)]
+    );
+
+    // A batch that does not exist conflicts too (nothing to update).
+    assert!(matches!(
+        store.save_lifecycle(batch.id + 1000, 0, &next).await,
+        Err(StoreError::Conflict(_))
+    ));
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. import_recipients
+// ---------------------------------------------------------------------------------------------
+
+async fn import_commits_and_accumulates(store: Store) {
+    let batch = store
+        .create_batch(new_batch("upload", 2), recipients(0, 2))
+        .await
+        .expect("create")
+        .batch;
+
+    // First upload: three chunks (one larger than the store's insert chunk) through a small
+    // channel fed by another task, then the end marker.
+    let (tx, rx) = tokio::sync::mpsc::channel::<UploadChunk<String>>(1);
+    let producer = tokio::spawn(async move {
+        for (start, n) in [(10u64, 3u64), (20, 1200), (5000, 2)] {
+            let rows: Vec<(String, Option<String>)> = recipients(start, n)
+                .into_iter()
+                .map(|(p, _)| {
+                    let vars = format!(r#"{{"n":"{p}"}}"#);
+                    (p, Some(vars))
+                })
+                .collect();
+            tx.send(Ok(Some(rows))).await.expect("the importer listens");
+        }
+        tx.send(Ok(None)).await.expect("the importer listens");
+    });
+    let (accepted, total) = store
+        .import_recipients(batch.id, rx)
+        .await
+        .expect("the upload commits");
+    producer.await.expect("producer");
+    assert_eq!((accepted, total), (1205, 1207));
+    let after1 = store.batch(batch.id).await.expect("batch");
+    assert_eq!(after1.recipients, 1207);
+    assert_eq!(
+        after1.version,
+        batch.version + 1,
+        "an import bumps the version"
+    );
+    assert_eq!(after1.state, "initial");
+
+    let phones = recipient_phones(&store, batch.id).await;
+    let mut expected: Vec<String> = recipients(0, 2).into_iter().map(|r| r.0).collect();
+    for (start, n) in [(10u64, 3u64), (20, 1200), (5000, 2)] {
+        expected.extend(recipients(start, n).into_iter().map(|r| r.0));
+    }
+    assert_eq!(
+        phones, expected,
+        "recipients are stored once each, in upload order"
+    );
+    let first_uploaded = store
+        .recipients_after(batch.id, 0, 3)
+        .await
+        .expect("recipients_after");
+    assert_eq!(
+        first_uploaded[2].vars.as_deref(),
+        Some(r#"{"n":"+8613800000010"}"#),
+        "vars are stored as given"
+    );
+
+    // Second upload: the total accumulates.
+    let (accepted, total) = import(
+        &store,
+        batch.id,
+        vec![
+            Ok(Some(recipients(9000, 4))),
+            Ok(Some(Vec::new())),
+            Ok(None),
+        ],
+    )
+    .await
+    .expect("second upload");
+    assert_eq!((accepted, total), (4, 1211));
+    assert_eq!(store.batch(batch.id).await.expect("batch").recipients, 1211);
+    assert_eq!(recipient_phones(&store, batch.id).await.len(), 1211);
+
+    // An upload with no rows commits too.
+    assert_eq!(
+        import(&store, batch.id, vec![Ok(None)])
+            .await
+            .expect("empty upload"),
+        (0, 1211)
+    );
+    // Rows after the end marker are not read.
+    assert_eq!(
+        import(
+            &store,
+            batch.id,
+            vec![
+                Ok(Some(recipients(9100, 1))),
+                Ok(None),
+                Ok(Some(recipients(9200, 5)))
+            ]
+        )
+        .await
+        .expect("upload with trailing rows"),
+        (1, 1212)
+    );
+    assert_eq!(recipient_phones(&store, batch.id).await.len(), 1212);
+}
+
+async fn import_bad_input_rolls_back(store: Store) {
+    let batch = store
+        .create_batch(new_batch("bad", 1), recipients(0, 2))
+        .await
+        .expect("create")
+        .batch;
+    let before = recipient_phones(&store, batch.id).await;
+
+    let result = import(
+        &store,
+        batch.id,
+        vec![
+            Ok(Some(recipients(100, 3))),
+            Ok(Some(recipients(200, 1500))),
+            Err("line 1504: bad column count".to_owned()),
+            Ok(Some(recipients(300, 2))),
+            Ok(None),
+        ],
+    )
+    .await;
+    match result {
+        Err(ImportError::Input(e)) => assert_eq!(e, "line 1504: bad column count"),
+        other => panic!("bad input must fail the upload, got {other:?}"),
+    }
+    let after = store.batch(batch.id).await.expect("batch");
+    assert_eq!(after.recipients, 2, "the recipients count is unchanged");
+    assert_eq!(
+        after.version, batch.version,
+        "a failed upload does not bump the version"
+    );
+    assert_eq!(
+        recipient_phones(&store, batch.id).await,
+        before,
+        "none of the rows before the bad chunk is stored"
+    );
+
+    // The store is usable afterwards (the transaction was really rolled back).
+    assert_eq!(
+        import(
+            &store,
+            batch.id,
+            vec![Ok(Some(recipients(400, 2))), Ok(None)]
+        )
+        .await
+        .expect("a later upload"),
+        (2, 4)
+    );
+    assert_eq!(recipient_phones(&store, batch.id).await.len(), 4);
+}
+
+async fn import_cut_short_stores_nothing(store: Store) {
+    let batch = store
+        .create_batch(new_batch("cut", 1), recipients(0, 1))
+        .await
+        .expect("create")
+        .batch;
+
+    // The sender goes away after some rows, without the end marker.
+    let result = import(
+        &store,
+        batch.id,
+        vec![Ok(Some(recipients(100, 5))), Ok(Some(recipients(200, 5)))],
+    )
+    .await;
+    assert!(
+        matches!(result, Err(ImportError::Incomplete)),
+        "an upload cut short is Incomplete, got {result:?}"
+    );
+    // Same, the sender dropped by a task mid-stream while the import waits.
+    let (tx, rx) = tokio::sync::mpsc::channel::<UploadChunk<String>>(1);
+    let producer = tokio::spawn(async move {
+        tx.send(Ok(Some(recipients(300, 3)))).await.expect("send");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        drop(tx);
+    });
+    let result = store.import_recipients(batch.id, rx).await;
+    producer.await.expect("producer");
+    assert!(
+        matches!(result, Err(ImportError::Incomplete)),
+        "an upload whose sender vanished is Incomplete, got {result:?}"
+    );
+
+    let after = store.batch(batch.id).await.expect("batch");
+    assert_eq!(after.recipients, 1);
+    assert_eq!(after.version, batch.version);
+    assert_eq!(
+        recipient_phones(&store, batch.id).await,
+        vec!["+8613800000000".to_owned()]
+    );
+    assert_eq!(
+        import(
+            &store,
+            batch.id,
+            vec![Ok(Some(recipients(400, 1))), Ok(None)]
+        )
+        .await
+        .expect("a later upload"),
+        (1, 2)
+    );
+}
+
+async fn import_into_started_batch_stores_nothing(store: Store) {
+    let batch = store
+        .create_batch(new_batch("started", 1), recipients(0, 2))
+        .await
+        .expect("create")
+        .batch;
+    let scheduled = set_state(&store, batch.id, "scheduled").await;
+
+    let result = import(
+        &store,
+        batch.id,
+        vec![Ok(Some(recipients(100, 3))), Ok(None)],
+    )
+    .await;
+    assert!(
+        matches!(result, Err(ImportError::NotInitial)),
+        "an upload into a batch no longer initial is refused, got {result:?}"
+    );
+    let after = store.batch(batch.id).await.expect("batch");
+    assert_eq!(after.recipients, 2);
+    assert_eq!(
+        after.version, scheduled.version,
+        "nothing was written to the batch"
+    );
+    assert_eq!(after.state, "scheduled");
+    assert_eq!(
+        recipient_phones(&store, batch.id).await,
+        vec!["+8613800000000".to_owned(), "+8613800000001".to_owned()],
+        "none of the uploaded rows is stored"
+    );
+}
+
+async fn abandoned_import_stores_nothing(store: Store) {
+    let batch = store
+        .create_batch(new_batch("abandoned", 1), recipients(0, 1))
+        .await
+        .expect("create")
+        .batch;
+    let (tx, rx) = tokio::sync::mpsc::channel::<UploadChunk<String>>(4);
+    tx.send(Ok(Some(recipients(100, 1500))))
+        .await
+        .expect("send");
+    tx.send(Ok(Some(recipients(2000, 3)))).await.expect("send");
+    // The importing future is dropped (its caller went away) while it waits for more input,
+    // with its transaction open and rows written in it.
+    let abandoned = tokio::time::timeout(
+        std::time::Duration::from_millis(500),
+        store.import_recipients(batch.id, rx),
+    )
+    .await;
+    assert!(
+        abandoned.is_err(),
+        "the import still waits for the end marker"
+    );
+    drop(tx);
+
+    // The store takes writes at once, on every pooled connection, and nothing was kept.
+    let later = tokio::time::timeout(std::time::Duration::from_secs(20), async {
+        let mut results = Vec::new();
+        for i in 0..6 {
+            results.push(
+                import(
+                    &store,
+                    batch.id,
+                    vec![Ok(Some(recipients(3000 + i, 1))), Ok(None)],
+                )
+                .await
+                .expect("a later upload"),
+            );
+        }
+        results
+    })
+    .await
+    .expect("later uploads are not blocked by the abandoned one");
+    assert_eq!(
+        later,
+        (2..=7).map(|total| (1, total)).collect::<Vec<_>>(),
+        "the abandoned rows do not count"
+    );
+    let mut expected = vec!["+8613800000000".to_owned()];
+    expected.extend(recipients(3000, 6).into_iter().map(|r| r.0));
+    assert_eq!(recipient_phones(&store, batch.id).await, expected);
+    assert_eq!(store.batch(batch.id).await.expect("batch").recipients, 7);
+}
+
+async fn import_racing_a_transition_has_one_winner(store: Store) {
+    let batch = store
+        .create_batch(new_batch("race", 1), recipients(0, 2))
+        .await
+        .expect("create")
+        .batch;
+    let (tx, rx) = tokio::sync::mpsc::channel::<UploadChunk<String>>(4);
+    tx.send(Ok(Some(recipients(100, 5)))).await.expect("send");
+    let importer = {
+        let store = store.clone();
+        tokio::spawn(async move { store.import_recipients(batch.id, rx).await })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+    // A transition read before the upload ends (the operator starts the batch meanwhile).
+    let saver = {
+        let store = store.clone();
+        let batch = batch.clone();
+        tokio::spawn(async move {
+            let mut update = LifecycleUpdate::from(&batch);
+            update.state = "scheduled".into();
+            store.save_lifecycle(batch.id, batch.version, &update).await
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    tx.send(Ok(None)).await.expect("the importer listens");
+    let imported = importer.await.expect("importer");
+    let saved = saver.await.expect("saver");
+    let after = store.batch(batch.id).await.expect("batch");
+    let phones = recipient_phones(&store, batch.id).await;
+    match (&imported, &saved) {
+        (Ok(counts), Err(StoreError::Conflict(_))) => {
+            assert_eq!(*counts, (5, 7));
+            assert_eq!((after.state.as_str(), after.recipients), ("initial", 7));
+            assert_eq!(phones.len(), 7);
+        }
+        (Err(ImportError::NotInitial), Ok(saved)) => {
+            assert_eq!(saved.state, "scheduled");
+            assert_eq!((after.state.as_str(), after.recipients), ("scheduled", 2));
+            assert_eq!(phones.len(), 2, "the refused upload stored nothing");
+        }
+        _ => panic!(
+            "exactly one of the upload and the transition must win: \
+             import {imported:?}, save {saved:?}"
+        ),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. recipients_after, checkpoint
+// ---------------------------------------------------------------------------------------------
+
+async fn recipients_page_in_id_order(store: Store) {
+    let a = store
+        .create_batch(new_batch("a", 1), recipients(0, 4))
+        .await
+        .expect("create a")
+        .batch;
+    // b's recipients get ids between a's inline ones and a's uploaded ones.
+    let b = store
+        .create_batch(new_batch("b", 1), recipients(500, 3))
+        .await
+        .expect("create b")
+        .batch;
+    import(&store, a.id, vec![Ok(Some(recipients(4, 3))), Ok(None)])
+        .await
+        .expect("upload into a");
+
+    assert_eq!(store.checkpoint(a.id, "preparation").await.expect("cp"), 0);
+    assert_eq!(store.checkpoint(a.id, "delivery").await.expect("cp"), 0);
+    assert_eq!(
+        store
+            .checkpoint(a.id + 1000, "preparation")
+            .await
+            .expect("cp"),
+        0
+    );
+
+    let mut pages = Vec::new();
+    let mut after = 0;
+    loop {
+        let page = store
+            .recipients_after(a.id, after, 3)
+            .await
+            .expect("recipients_after");
+        if page.is_empty() {
+            break;
+        }
+        assert!(page.len() <= 3, "a page holds at most `limit` rows");
+        assert!(page.iter().all(|r| r.batch_id == a.id && r.id > after));
+        after = page.last().map(|r| r.id).unwrap_or(after);
+        pages.push(page.iter().map(|r| r.phone.clone()).collect::<Vec<_>>());
+    }
+    let expected: Vec<String> = recipients(0, 7).into_iter().map(|r| r.0).collect();
+    assert_eq!(
+        pages,
+        vec![
+            expected[0..3].to_vec(),
+            expected[3..6].to_vec(),
+            expected[6..7].to_vec()
+        ]
+    );
+    let all = store
+        .recipients_after(a.id, 0, 100)
+        .await
+        .expect("all of a");
+    let ids: Vec<i64> = all.iter().map(|r| r.id).collect();
+    assert!(
+        ids.windows(2).all(|w| w[0] < w[1]),
+        "strictly increasing ids"
+    );
+
+    // A cursor in the middle of b's ids skips nothing of a.
+    let b_rows = store
+        .recipients_after(b.id, 0, 100)
+        .await
+        .expect("all of b");
+    assert_eq!(b_rows.len(), 3);
+    let mid = store
+        .recipients_after(a.id, b_rows[1].id, 100)
+        .await
+        .expect("after a b id");
+    assert_eq!(
+        mid.iter().map(|r| r.phone.clone()).collect::<Vec<_>>(),
+        expected[4..7].to_vec()
+    );
+    assert!(
+        store
+            .recipients_after(a.id, ids[6], 100)
+            .await
+            .expect("after the last")
+            .is_empty()
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. write_prepared_chunk
+// ---------------------------------------------------------------------------------------------
+
+async fn prepared_chunks_drop_duplicates_and_opt_outs(store: Store) {
+    let phone = |n: u32| format!("+8613800000{n:03}");
+    let created = store
+        .create_batch(
+            new_batch("prep", 2),
+            (1..=10).map(|n| (phone(n), None)).collect(),
+        )
+        .await
+        .expect("create");
+    let batch = created.batch;
+    let r: Vec<i64> = store
+        .recipients_after(batch.id, 0, 100)
+        .await
+        .expect("recipients")
+        .iter()
+        .map(|r| r.id)
+        .collect();
+    assert_eq!(r.len(), 10);
+
+    assert_eq!(
+        store
+            .add_opt_outs(&[phone(9), phone(8), phone(9)])
+            .await
+            .expect("add_opt_outs"),
+        2,
+        "two new numbers"
+    );
+    assert_eq!(
+        store
+            .add_opt_outs(&[phone(9), phone(7)])
+            .await
+            .expect("add_opt_outs"),
+        1,
+        "one new number"
+    );
+
+    // Chunk 1: recipients 1..=6; 3 repeats 1's phone, 4 is opted out, 6 invalid.
+    let written = store
+        .write_prepared_chunk(
+            batch.id,
+            PreparedChunk {
+                messages: vec![
+                    message(batch.id, 0, r[0], &phone(1), 1),
+                    message(batch.id, 1, r[1], &phone(2), 2),
+                    message(batch.id, 1, r[2], &phone(1), 1),
+                    message(batch.id, 0, r[3], &phone(9), 1),
+                    message(batch.id, 0, r[4], &phone(3), 3),
+                ],
+                last_recipient_id: r[5],
+                processed: 6,
+                invalid: 1,
+            },
+        )
+        .await
+        .expect("chunk 1");
+    assert_eq!(
+        written,
+        ChunkWritten {
+            inserted: 3,
+            duplicates: 1,
+            opted_out: 1
+        }
+    );
+    assert_eq!(
+        store.checkpoint(batch.id, "preparation").await.expect("cp"),
+        r[5]
+    );
+
+    // Chunk 2: recipients 7..=10; 7 repeats 2's phone (from chunk 1), 9 is opted out, 10
+    // invalid.
+    let written = store
+        .write_prepared_chunk(
+            batch.id,
+            PreparedChunk {
+                messages: vec![
+                    message(batch.id, 0, r[6], &phone(2), 1),
+                    message(batch.id, 1, r[7], &phone(4), 2),
+                    message(batch.id, 1, r[8], &phone(7), 1),
+                ],
+                last_recipient_id: r[9],
+                processed: 4,
+                invalid: 1,
+            },
+        )
+        .await
+        .expect("chunk 2");
+    assert_eq!(
+        written,
+        ChunkWritten {
+            inserted: 1,
+            duplicates: 1,
+            opted_out: 1
+        }
+    );
+
+    let b = store.batch(batch.id).await.expect("batch");
+    assert_eq!(
+        (
+            b.processed,
+            b.valid,
+            b.invalid,
+            b.duplicates,
+            b.opted_out,
+            b.segments
+        ),
+        (10, 4, 2, 2, 2, 8)
+    );
+    assert_eq!(b.recipients, 10);
+    assert_eq!(
+        store.checkpoint(batch.id, "preparation").await.expect("cp"),
+        r[9]
+    );
+    // The first occurrence wins: phone 1 in partition 0, phone 2 in partition 1.
+    assert_eq!(
+        counters(&store, batch.id).await,
+        vec![(2, 0, 0, 0, 0), (2, 0, 0, 0, 0)]
+    );
+    let rows = all_messages(&store, batch.id).await;
+    assert_eq!(
+        rows.iter()
+            .map(|m| (m.phone.clone(), m.status, m.segments, m.attempts))
+            .collect::<Vec<_>>(),
+        vec![
+            (phone(1), PENDING, 1, 0),
+            (phone(2), PENDING, 2, 0),
+            (phone(3), PENDING, 3, 0),
+            (phone(4), PENDING, 2, 0),
+        ]
+    );
+    assert!(
+        rows.iter()
+            .all(|m| m.provider_message_id.is_none() && m.error.is_none())
+    );
+    assert_eq!(
+        store
+            .next_task_ids(batch.id, 0, 0, 10)
+            .await
+            .expect("p0")
+            .len(),
+        2
+    );
+    assert_eq!(
+        store
+            .next_task_ids(batch.id, 1, 0, 10)
+            .await
+            .expect("p1")
+            .len(),
+        2
+    );
+
+    // A chunk of only invalid recipients moves the counters and the checkpoint.
+    let written = store
+        .write_prepared_chunk(
+            batch.id,
+            PreparedChunk {
+                messages: Vec::new(),
+                last_recipient_id: r[9] + 50,
+                processed: 2,
+                invalid: 2,
+            },
+        )
+        .await
+        .expect("empty chunk");
+    assert_eq!(written, ChunkWritten::default());
+    let b = store.batch(batch.id).await.expect("batch");
+    assert_eq!((b.processed, b.valid, b.invalid), (12, 4, 4));
+    assert_eq!(
+        store.checkpoint(batch.id, "preparation").await.expect("cp"),
+        r[9] + 50
+    );
+
+    // Duplicates are per batch: another batch may message the same number.
+    let other = create(&store, "other", 1).await;
+    let written = store
+        .write_prepared_chunk(
+            other.id,
+            PreparedChunk {
+                messages: vec![message(other.id, 0, 1, &phone(1), 1)],
+                last_recipient_id: 1,
+                processed: 1,
+                invalid: 0,
+            },
+        )
+        .await
+        .expect("other batch");
+    assert_eq!(written.inserted, 1);
+    assert_eq!(written.duplicates, 0);
+    assert_eq!(
+        store.checkpoint(other.id, "preparation").await.expect("cp"),
+        1
+    );
+    assert_eq!(
+        store.checkpoint(batch.id, "preparation").await.expect("cp"),
+        r[9] + 50,
+        "checkpoints are per batch"
+    );
+}
+
+/// A chunk larger than SQLite's bind-variable limit (32766) is written like any other: the
+/// preparation's `batch_size` is configurable and only has to be positive.
+async fn large_prepared_chunk_is_written(store: Store) {
+    const N: usize = 40_000;
+    let batch = create(&store, "large", 4).await;
+    let phones: Vec<String> = (0..N).map(|i| format!("+86131{i:08}")).collect();
+    store
+        .add_opt_outs(&[phones[7].clone(), phones[N - 1].clone()])
+        .await
+        .expect("add_opt_outs");
+    let messages: Vec<NewMessage> = phones
+        .iter()
+        .enumerate()
+        .map(|(i, p)| message(batch.id, (i % 4) as i32, i as i64 + 1, p, 1))
+        .collect();
+    let written = store
+        .write_prepared_chunk(
+            batch.id,
+            PreparedChunk {
+                messages,
+                last_recipient_id: N as i64,
+                processed: N as i64,
+                invalid: 0,
+            },
+        )
+        .await
+        .expect("a chunk of 40,000 messages is written");
+    assert_eq!(
+        written,
+        ChunkWritten {
+            inserted: N as i64 - 2,
+            duplicates: 0,
+            opted_out: 2
+        }
+    );
+    let b = store.batch(batch.id).await.expect("batch");
+    assert_eq!(
+        (b.valid, b.opted_out, b.segments),
+        (N as i64 - 2, 2, N as i64 - 2)
+    );
+    assert_eq!(
+        counters(&store, batch.id)
+            .await
+            .iter()
+            .map(|c| c.0)
+            .collect::<Vec<_>>(),
+        vec![10_000, 10_000, 10_000, 9_998]
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6. next_task_ids / claim
+// ---------------------------------------------------------------------------------------------
+
+/// A worker claims a task's range a slice at a time: each claim takes the next `limit` pending
+/// messages in id order, and nothing twice.
+async fn claims_slice_a_range_in_id_order(store: Store) {
+    let batch = create(&store, "slices", 1).await;
+    let spec: Vec<(i32, String)> = (0..7).map(|i| (0, format!("+861390001{i:04}"))).collect();
+    let spec_ref: Vec<(i32, &str)> = spec.iter().map(|(p, s)| (*p, s.as_str())).collect();
+    let ids = seed(&store, batch.id, &spec_ref).await;
+    let (first, last) = (ids[0], ids[6]);
+    let mut slices = Vec::new();
+    let mut from = first;
+    loop {
+        let claimed = store
+            .claim(batch.id, 0, from, last, 3)
+            .await
+            .expect("claim slice");
+        let Some(end) = claimed.last().map(|m| m.id) else {
+            break;
+        };
+        slices.push(claimed.iter().map(|m| m.id).collect::<Vec<_>>());
+        from = end + 1;
+    }
+    assert_eq!(
+        slices,
+        vec![ids[0..3].to_vec(), ids[3..6].to_vec(), ids[6..7].to_vec()]
+    );
+    assert!(
+        store
+            .claim(batch.id, 0, first, last, 3)
+            .await
+            .expect("again")
+            .is_empty(),
+        "every message is sending: nothing left to claim"
+    );
+}
+
+async fn claim_moves_pending_to_sending_once(store: Store) {
+    let batch = create(&store, "claim", 2).await;
+    // Partitions interleave in id order: p0 p1 p0 p0 p1 p0 p0 p1 p0.
+    let spec: Vec<(i32, String)> = [0, 1, 0, 0, 1, 0, 0, 1, 0]
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (*p, format!("+861390000{i:04}")))
+        .collect();
+    let spec_ref: Vec<(i32, &str)> = spec.iter().map(|(p, s)| (*p, s.as_str())).collect();
+    let ids = seed(&store, batch.id, &spec_ref).await;
+    let p0: Vec<i64> = ids
+        .iter()
+        .zip(&spec)
+        .filter(|(_, s)| s.0 == 0)
+        .map(|(i, _)| *i)
+        .collect();
+    let p1: Vec<i64> = ids
+        .iter()
+        .zip(&spec)
+        .filter(|(_, s)| s.0 == 1)
+        .map(|(i, _)| *i)
+        .collect();
+    assert_eq!((p0.len(), p1.len()), (6, 3));
+
+    // next_task_ids pages each partition in id order.
+    let task1 = store
+        .next_task_ids(batch.id, 0, 0, 4)
+        .await
+        .expect("task 1");
+    assert_eq!(task1, p0[0..4]);
+    let task2 = store
+        .next_task_ids(batch.id, 0, task1[3], 4)
+        .await
+        .expect("task 2");
+    assert_eq!(task2, p0[4..6]);
+    assert!(
+        store
+            .next_task_ids(batch.id, 0, p0[5], 4)
+            .await
+            .expect("end")
+            .is_empty()
+    );
+    assert_eq!(
+        store.next_task_ids(batch.id, 1, 0, 10).await.expect("p1"),
+        p1
+    );
+    let other = create(&store, "other", 2).await;
+    assert!(
+        store
+            .next_task_ids(other.id, 0, 0, 10)
+            .await
+            .expect("other")
+            .is_empty()
+    );
+
+    // Claim task 1: its range also covers p1 ids, which stay untouched.
+    let mut claimed = store
+        .claim(batch.id, 0, task1[0], task1[3], i64::MAX)
+        .await
+        .expect("claim");
+    claimed.sort_by_key(|m| m.id);
+    assert_eq!(claimed.iter().map(|m| m.id).collect::<Vec<_>>(), task1);
+    for m in &claimed {
+        let (_, phone) = spec[ids.iter().position(|i| *i == m.id).expect("known id")].clone();
+        assert_eq!(m.phone, phone);
+        assert_eq!(m.body, format!("Hello {phone}"));
+        assert_eq!(m.attempts, 1, "the claim counts the attempt");
+    }
+    let sending = store
+        .list_messages(batch.id, Some(MessageStatus::Sending), 0, 100)
+        .await
+        .expect("sending");
+    assert_eq!(ids_of(&sending), task1);
+    assert!(sending.iter().all(|m| m.attempts == 1));
+    let pending = store
+        .list_messages(batch.id, Some(MessageStatus::Pending), 0, 100)
+        .await
+        .expect("pending");
+    assert!(pending.iter().all(|m| m.attempts == 0));
+    assert_eq!(pending.len(), 5);
+
+    // The same task delivered again claims nothing.
+    assert!(
+        store
+            .claim(batch.id, 0, task1[0], task1[3], i64::MAX)
+            .await
+            .expect("claim again")
+            .is_empty(),
+        "a task delivered twice sends nothing twice"
+    );
+    // Claimed messages are no longer offered to new tasks.
+    assert_eq!(
+        store.next_task_ids(batch.id, 0, 0, 10).await.expect("p0"),
+        p0[4..6]
+    );
+
+    // The id range bounds the claim (inclusive on both ends).
+    let one = store
+        .claim(batch.id, 0, p0[4], p0[4], i64::MAX)
+        .await
+        .expect("claim one");
+    assert_eq!(one.iter().map(|m| m.id).collect::<Vec<_>>(), vec![p0[4]]);
+    // Another batch or another partition claims nothing of these.
+    assert!(
+        store
+            .claim(other.id, 0, 0, i64::MAX, i64::MAX)
+            .await
+            .expect("other")
+            .is_empty()
+    );
+    assert!(
+        store
+            .claim(batch.id, 1, p0[5], p0[5], i64::MAX)
+            .await
+            .expect("wrong partition")
+            .is_empty()
+    );
+    let mut rest1 = store
+        .claim(batch.id, 1, 0, i64::MAX, i64::MAX)
+        .await
+        .expect("p1");
+    rest1.sort_by_key(|m| m.id);
+    assert_eq!(rest1.iter().map(|m| m.id).collect::<Vec<_>>(), p1);
+
+    let expected: Vec<(i64, i16)> = ids
+        .iter()
+        .map(|id| (*id, if *id == p0[5] { PENDING } else { SENDING }))
+        .collect();
+    assert_eq!(statuses(&store, batch.id).await, expected);
+    assert_eq!(
+        counters(&store, batch.id).await,
+        vec![(6, 0, 0, 0, 0), (3, 0, 0, 0, 0)],
+        "claims do not touch the counters"
+    );
+}
+
+async fn concurrent_claims_hand_out_each_message_once(store: Store) {
+    let batch = create(&store, "race", 1).await;
+    let phones: Vec<String> = (0..60).map(|i| format!("+861370000{i:04}")).collect();
+    let spec: Vec<(i32, &str)> = phones.iter().map(|p| (0, p.as_str())).collect();
+    let ids = seed(&store, batch.id, &spec).await;
+    let (first, last) = (ids[0], ids[59]);
+
+    // Eight workers receive overlapping tasks at once.
+    let mut handles = Vec::new();
+    for w in 0..8i64 {
+        let store = store.clone();
+        let (lo, hi) = if w % 2 == 0 {
+            (first, last)
+        } else {
+            (first + w, last - w)
+        };
+        handles.push(tokio::spawn(async move {
+            store
+                .claim(batch.id, 0, lo, hi, i64::MAX)
+                .await
+                .expect("claim")
+        }));
+    }
+    let mut seen = Vec::new();
+    for h in handles {
+        seen.extend(h.await.expect("claim task").into_iter().map(|m| {
+            assert_eq!(m.attempts, 1, "no message is claimed twice");
+            m.id
+        }));
+    }
+    seen.sort_unstable();
+    assert_eq!(seen, ids, "every message is claimed exactly once");
+    assert!(
+        statuses(&store, batch.id)
+            .await
+            .iter()
+            .all(|(_, s)| *s == SENDING)
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 7. record_outcomes
+// ---------------------------------------------------------------------------------------------
+
+async fn record_outcomes_moves_messages_and_counters(store: Store) {
+    let batch = create(&store, "outcomes", 2).await;
+    let phones: Vec<String> = (0..8).map(|i| format!("+861360000{i:04}")).collect();
+    // m0..m6 in partition 0, m7 in partition 1.
+    let spec: Vec<(i32, &str)> = phones
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (if i == 7 { 1 } else { 0 }, p.as_str()))
+        .collect();
+    let m = seed(&store, batch.id, &spec).await;
+    // Claim m0..m5; m6 stays pending.
+    let claimed = store
+        .claim(batch.id, 0, m[0], m[5], i64::MAX)
+        .await
+        .expect("claim");
+    assert_eq!(claimed.len(), 6);
+
+    let due = whole_second(ChronoDuration::hours(1));
+    let outcomes = Outcomes {
+        sent: vec![
+            (m[0], Some("prov-0".into())),
+            (m[1], None),
+            (m[6], Some("x".into())),
+        ],
+        failed: vec![(m[2], "rejected: blocked number".into())],
+        retry: vec![(m[3], due, "throttled".into())],
+        released: vec![m[4]],
+        cancelled: vec![m[5]],
+    };
+    assert_eq!(outcomes.len(), 7);
+    store
+        .record_outcomes(batch.id, 0, &outcomes)
+        .await
+        .expect("record_outcomes");
+
+    let row = |id| {
+        let store = store.clone();
+        async move { message_by_id(&store, batch.id, id).await }
+    };
+    let r0 = row(m[0]).await;
+    assert_eq!((r0.status, r0.attempts), (SENT, 1));
+    assert_eq!(r0.provider_message_id.as_deref(), Some("prov-0"));
+    assert_eq!(r0.error, None);
+    let r1 = row(m[1]).await;
+    assert_eq!(
+        (r1.status, r1.attempts, r1.provider_message_id),
+        (SENT, 1, None)
+    );
+    let r2 = row(m[2]).await;
+    assert_eq!((r2.status, r2.attempts), (FAILED, 1));
+    assert_eq!(r2.error.as_deref(), Some("rejected: blocked number"));
+    let r3 = row(m[3]).await;
+    assert_eq!(
+        (r3.status, r3.attempts),
+        (PENDING, 1),
+        "a retry keeps its attempt"
+    );
+    assert_eq!(r3.error.as_deref(), Some("throttled"));
+    let r4 = row(m[4]).await;
+    assert_eq!(
+        (r4.status, r4.attempts),
+        (PENDING, 0),
+        "a release undoes the attempt"
+    );
+    let r5 = row(m[5]).await;
+    assert_eq!((r5.status, r5.attempts), (CANCELLED, 1));
+    let r6 = row(m[6]).await;
+    assert_eq!(
+        (r6.status, r6.attempts, r6.provider_message_id),
+        (PENDING, 0, None),
+        "an outcome for a message that is not sending changes nothing"
+    );
+    assert_eq!(
+        counters(&store, batch.id).await,
+        vec![(7, 2, 0, 1, 1), (1, 0, 0, 0, 0)]
+    );
+
+    // The retry waits: not offered, not claimable, and reported by earliest_retry.
+    assert_eq!(
+        store
+            .next_task_ids(batch.id, 0, 0, 100)
+            .await
+            .expect("next"),
+        vec![m[4], m[6]]
+    );
+    assert_eq!(
+        store.earliest_retry(batch.id).await.expect("earliest"),
+        Some(due)
+    );
+    let mut again = store
+        .claim(batch.id, 0, m[0], m[6], i64::MAX)
+        .await
+        .expect("claim");
+    again.sort_by_key(|c| c.id);
+    assert_eq!(
+        again.iter().map(|c| (c.id, c.attempts)).collect::<Vec<_>>(),
+        vec![(m[4], 1), (m[6], 1)],
+        "only due pending messages are claimed"
+    );
+    assert_eq!(row(m[3]).await.status, PENDING);
+
+    // The same outcomes recorded again (a retried commit) change nothing.
+    let before = statuses(&store, batch.id).await;
+    store
+        .record_outcomes(
+            batch.id,
+            0,
+            &Outcomes {
+                sent: vec![
+                    (m[0], Some("prov-0-bis".into())),
+                    (m[2], None),
+                    (m[3], None),
+                ],
+                failed: vec![(m[1], "late".into()), (m[5], "late".into())],
+                retry: vec![(m[0], due, "late".into())],
+                released: vec![m[2], m[3]],
+                cancelled: vec![m[0], m[1], m[3]],
+            },
+        )
+        .await
+        .expect("record final messages again");
+    assert_eq!(statuses(&store, batch.id).await, before);
+    assert_eq!(
+        row(m[0]).await.provider_message_id.as_deref(),
+        Some("prov-0")
+    );
+    assert_eq!(row(m[1]).await.error, None);
+    assert_eq!(row(m[3]).await.attempts, 1);
+    assert_eq!(
+        counters(&store, batch.id).await,
+        vec![(7, 2, 0, 1, 1), (1, 0, 0, 0, 0)],
+        "counters move only for messages that were sending"
+    );
+
+    // Empty outcomes are a no-op.
+    store
+        .record_outcomes(batch.id, 0, &Outcomes::default())
+        .await
+        .expect("empty outcomes");
+
+    // The partition argument picks the counters: partition 1's message m7.
+    let c7 = store
+        .claim(batch.id, 1, m[7], m[7], i64::MAX)
+        .await
+        .expect("claim m7");
+    assert_eq!(c7.len(), 1);
+    store
+        .record_outcomes(
+            batch.id,
+            1,
+            &Outcomes {
+                failed: vec![(m[7], "unreachable".into())],
+                ..Outcomes::default()
+            },
+        )
+        .await
+        .expect("m7 failed");
+    // m4 and m6, claimed above, are sent: two more for partition 0.
+    store
+        .record_outcomes(
+            batch.id,
+            0,
+            &Outcomes {
+                sent: vec![(m[4], Some("prov-4".into())), (m[6], None)],
+                ..Outcomes::default()
+            },
+        )
+        .await
+        .expect("m4, m6 sent");
+    assert_eq!(
+        counters(&store, batch.id).await,
+        vec![(7, 4, 0, 1, 1), (1, 0, 0, 1, 0)]
+    );
+    assert_eq!(
+        statuses(&store, batch.id).await,
+        vec![
+            (m[0], SENT),
+            (m[1], SENT),
+            (m[2], FAILED),
+            (m[3], PENDING),
+            (m[4], SENT),
+            (m[5], CANCELLED),
+            (m[6], SENT),
+            (m[7], FAILED),
+        ]
+    );
+}
+
+async fn retries_wait_until_due(store: Store) {
+    let batch = create(&store, "retries", 1).await;
+    let phones: Vec<String> = (0..4).map(|i| format!("+861350000{i:04}")).collect();
+    let spec: Vec<(i32, &str)> = phones.iter().map(|p| (0, p.as_str())).collect();
+    let m = seed(&store, batch.id, &spec).await;
+    assert_eq!(
+        store.earliest_retry(batch.id).await.expect("none yet"),
+        None
+    );
+
+    let claimed = store
+        .claim(batch.id, 0, m[0], m[3], i64::MAX)
+        .await
+        .expect("claim");
+    assert_eq!(claimed.len(), 4);
+    let later = whole_second(ChronoDuration::hours(2));
+    let sooner = whole_second(ChronoDuration::minutes(30));
+    let past = whole_second(ChronoDuration::seconds(-5));
+    store
+        .record_outcomes(
+            batch.id,
+            0,
+            &Outcomes {
+                retry: vec![
+                    (m[0], later, "busy".into()),
+                    (m[1], sooner, "busy".into()),
+                    (m[2], past, "busy".into()),
+                ],
+                sent: vec![(m[3], None)],
+                ..Outcomes::default()
+            },
+        )
+        .await
+        .expect("retries");
+    assert_eq!(
+        store.earliest_retry(batch.id).await.expect("earliest"),
+        Some(past),
+        "the earliest pending retry, due or not"
+    );
+    // Only the retry whose time has come is offered and claimable.
+    assert_eq!(
+        store.next_task_ids(batch.id, 0, 0, 10).await.expect("due"),
+        vec![m[2]]
+    );
+    let c = store
+        .claim(batch.id, 0, m[0], m[3], i64::MAX)
+        .await
+        .expect("claim due");
+    assert_eq!(
+        c.iter().map(|c| (c.id, c.attempts)).collect::<Vec<_>>(),
+        vec![(m[2], 2)],
+        "the second attempt"
+    );
+    store
+        .record_outcomes(
+            batch.id,
+            0,
+            &Outcomes {
+                sent: vec![(m[2], Some("p2".into()))],
+                ..Outcomes::default()
+            },
+        )
+        .await
+        .expect("sent on retry");
+    let r2 = message_by_id(&store, batch.id, m[2]).await;
+    assert_eq!(
+        (r2.status, r2.attempts, r2.error),
+        (SENT, 2, None),
+        "sent clears the error"
+    );
+    assert_eq!(
+        store.earliest_retry(batch.id).await.expect("earliest"),
+        Some(sooner),
+        "sent messages no longer count"
+    );
+    assert!(
+        store
+            .next_task_ids(batch.id, 0, 0, 10)
+            .await
+            .expect("none due")
+            .is_empty()
+    );
+    assert_eq!(counters(&store, batch.id).await, vec![(4, 2, 0, 0, 0)]);
+
+    // Sub-second due times compare correctly on both backends (SQLite stores them as text).
+    let extra = seed(
+        &store,
+        batch.id,
+        &[(0, "+8613500009998"), (0, "+8613500009999")],
+    )
+    .await;
+    store
+        .claim(batch.id, 0, extra[0], extra[1], i64::MAX)
+        .await
+        .expect("claim extra");
+    let micros = |t: NaiveDateTime| {
+        t.with_nanosecond(t.nanosecond() / 1000 * 1000)
+            .expect("valid nanoseconds")
+    };
+    let just_passed = micros(now() - ChronoDuration::milliseconds(300));
+    let soon = micros(now() + ChronoDuration::milliseconds(3000));
+    store
+        .record_outcomes(
+            batch.id,
+            0,
+            &Outcomes {
+                retry: vec![
+                    (extra[0], just_passed, "busy".into()),
+                    (extra[1], soon, "busy".into()),
+                ],
+                ..Outcomes::default()
+            },
+        )
+        .await
+        .expect("sub-second retries");
+    assert_eq!(
+        store.earliest_retry(batch.id).await.expect("earliest"),
+        Some(just_passed),
+        "microseconds survive the round trip"
+    );
+    assert_eq!(
+        store.next_task_ids(batch.id, 0, 0, 10).await.expect("due"),
+        vec![extra[0]]
+    );
+    assert!(
+        store
+            .claim(batch.id, 0, extra[1], extra[1], i64::MAX)
+            .await
+            .expect("not yet")
+            .is_empty()
+    );
+    let wait = (soon - now()).to_std().unwrap_or_default() + std::time::Duration::from_millis(100);
+    tokio::time::sleep(wait).await;
+    assert_eq!(
+        store
+            .next_task_ids(batch.id, 0, 0, 10)
+            .await
+            .expect("both due"),
+        vec![extra[0], extra[1]]
+    );
+    let c = store
+        .claim(batch.id, 0, extra[0], extra[1], i64::MAX)
+        .await
+        .expect("claim");
+    assert_eq!(c.len(), 2);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 8. cancel_pending, recover_sending
+// ---------------------------------------------------------------------------------------------
+
+async fn cancel_pending_and_recover_sending(store: Store) {
+    let batch = create(&store, "cancel", 2).await;
+    let phones: Vec<String> = (0..8).map(|i| format!("+861340000{i:04}")).collect();
+    // p0: m0..m4, p1: m5..m7.
+    let spec: Vec<(i32, &str)> = phones
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (if i < 5 { 0 } else { 1 }, p.as_str()))
+        .collect();
+    let m = seed(&store, batch.id, &spec).await;
+    let other = create(&store, "bystander", 2).await;
+    let om = seed(
+        &store,
+        other.id,
+        &[(0, "+8613400000000"), (1, "+8613400000001")],
+    )
+    .await;
+
+    // p0: m0, m1 sending; m2 sent; m3 waiting for a retry; m4 pending. p1: m5 sending.
+    assert_eq!(
+        store
+            .claim(batch.id, 0, m[0], m[3], i64::MAX)
+            .await
+            .expect("claim")
+            .len(),
+        4
+    );
+    assert_eq!(
+        store
+            .claim(batch.id, 1, m[5], m[5], i64::MAX)
+            .await
+            .expect("claim")
+            .len(),
+        1
+    );
+    store
+        .record_outcomes(
+            batch.id,
+            0,
+            &Outcomes {
+                sent: vec![(m[2], None)],
+                retry: vec![(m[3], whole_second(ChronoDuration::hours(1)), "busy".into())],
+                ..Outcomes::default()
+            },
+        )
+        .await
+        .expect("outcomes");
+
+    let cancelled = store
+        .cancel_pending(batch.id, 2)
+        .await
+        .expect("cancel_pending");
+    assert_eq!(cancelled, 4, "m3, m4, m6, m7");
+    assert_eq!(
+        statuses(&store, batch.id).await,
+        vec![
+            (m[0], SENDING),
+            (m[1], SENDING),
+            (m[2], SENT),
+            (m[3], CANCELLED),
+            (m[4], CANCELLED),
+            (m[5], SENDING),
+            (m[6], CANCELLED),
+            (m[7], CANCELLED),
+        ]
+    );
+    assert_eq!(
+        counters(&store, batch.id).await,
+        vec![(5, 1, 0, 0, 2), (3, 0, 0, 0, 2)]
+    );
+    assert_eq!(
+        store.earliest_retry(batch.id).await.expect("earliest"),
+        None
+    );
+    assert_eq!(
+        store.cancel_pending(batch.id, 2).await.expect("again"),
+        0,
+        "nothing pending is left"
+    );
+    assert_eq!(
+        counters(&store, batch.id).await,
+        vec![(5, 1, 0, 0, 2), (3, 0, 0, 0, 2)]
+    );
+
+    // At most once: sending messages fail with unknown_outcome.
+    let recovered = store
+        .recover_sending(batch.id, 2, false)
+        .await
+        .expect("recover_sending");
+    assert_eq!(recovered, 3);
+    for id in [m[0], m[1], m[5]] {
+        let row = message_by_id(&store, batch.id, id).await;
+        assert_eq!(row.status, FAILED);
+        assert_eq!(row.error.as_deref(), Some(UNKNOWN_OUTCOME));
+        assert_eq!(row.attempts, 1);
+    }
+    assert_eq!(
+        counters(&store, batch.id).await,
+        vec![(5, 1, 0, 2, 2), (3, 0, 0, 1, 2)]
+    );
+    assert_eq!(
+        store
+            .recover_sending(batch.id, 2, false)
+            .await
+            .expect("again"),
+        0
+    );
+    assert_eq!(
+        store
+            .recover_sending(batch.id, 2, true)
+            .await
+            .expect("again"),
+        0
+    );
+    assert_eq!(
+        counters(&store, batch.id).await,
+        vec![(5, 1, 0, 2, 2), (3, 0, 0, 1, 2)]
+    );
+    // Every partition is done.
+    let parts = store.partitions(batch.id).await.expect("partitions");
+    assert!(parts.iter().all(|p| p.done() == p.total));
+
+    // The other batch was not touched.
+    assert_eq!(
+        statuses(&store, other.id).await,
+        vec![(om[0], PENDING), (om[1], PENDING)]
+    );
+    assert_eq!(
+        counters(&store, other.id).await,
+        vec![(1, 0, 0, 0, 0), (1, 0, 0, 0, 0)]
+    );
+}
+
+async fn recover_sending_for_resend(store: Store) {
+    let batch = create(&store, "resend", 2).await;
+    let m = seed(
+        &store,
+        batch.id,
+        &[
+            (0, "+8613300000000"),
+            (0, "+8613300000001"),
+            (1, "+8613300000002"),
+            (1, "+8613300000003"),
+        ],
+    )
+    .await;
+    assert_eq!(
+        store
+            .claim(batch.id, 0, m[0], m[1], i64::MAX)
+            .await
+            .expect("claim")
+            .len(),
+        2
+    );
+    assert_eq!(
+        store
+            .claim(batch.id, 1, m[2], m[2], i64::MAX)
+            .await
+            .expect("claim")
+            .len(),
+        1
+    );
+
+    let recovered = store
+        .recover_sending(batch.id, 2, true)
+        .await
+        .expect("recover_sending");
+    assert_eq!(recovered, 3);
+    assert_eq!(
+        statuses(&store, batch.id).await,
+        vec![
+            (m[0], PENDING),
+            (m[1], PENDING),
+            (m[2], PENDING),
+            (m[3], PENDING)
+        ]
+    );
+    assert_eq!(
+        counters(&store, batch.id).await,
+        vec![(2, 0, 0, 0, 0), (2, 0, 0, 0, 0)],
+        "resending moves no counter"
+    );
+    // They are offered and claimed again; the attempt count keeps the lost attempt.
+    assert_eq!(
+        store.next_task_ids(batch.id, 0, 0, 10).await.expect("p0"),
+        vec![m[0], m[1]]
+    );
+    let mut c = store
+        .claim(batch.id, 0, m[0], m[1], i64::MAX)
+        .await
+        .expect("claim again");
+    c.sort_by_key(|c| c.id);
+    assert_eq!(
+        c.iter().map(|c| (c.id, c.attempts)).collect::<Vec<_>>(),
+        vec![(m[0], 2), (m[1], 2)]
+    );
+    let r2 = message_by_id(&store, batch.id, m[2]).await;
+    assert_eq!((r2.attempts, r2.error), (1, None));
+}
+
+// ---------------------------------------------------------------------------------------------
+// 9. list_messages
+// ---------------------------------------------------------------------------------------------
+
+async fn list_messages_pages_and_filters(store: Store) {
+    let batch = create(&store, "list", 1).await;
+    let phones: Vec<String> = (0..7).map(|i| format!("+861320000{i:04}")).collect();
+    let spec: Vec<(i32, &str)> = phones.iter().map(|p| (0, p.as_str())).collect();
+    let m = seed(&store, batch.id, &spec).await;
+    let other = create(&store, "other", 1).await;
+    seed(
+        &store,
+        other.id,
+        &[(0, "+8613200000000"), (0, "+8613200009999")],
+    )
+    .await;
+
+    // m0, m2, m4 sent; m5 failed; m6 sending; m1, m3 pending.
+    store
+        .claim(batch.id, 0, m[0], m[6], i64::MAX)
+        .await
+        .expect("claim");
+    store
+        .record_outcomes(
+            batch.id,
+            0,
+            &Outcomes {
+                sent: vec![(m[0], None), (m[2], Some("p2".into())), (m[4], None)],
+                failed: vec![(m[5], "nope".into())],
+                released: vec![m[1], m[3]],
+                ..Outcomes::default()
+            },
+        )
+        .await
+        .expect("outcomes");
+
+    // Paging by 3 with the cursor.
+    let page1 = store
+        .list_messages(batch.id, None, 0, 3)
+        .await
+        .expect("page 1");
+    assert_eq!(ids_of(&page1), m[0..3]);
+    let page2 = store
+        .list_messages(batch.id, None, page1[2].id, 3)
+        .await
+        .expect("page 2");
+    assert_eq!(ids_of(&page2), m[3..6]);
+    let page3 = store
+        .list_messages(batch.id, None, page2[2].id, 3)
+        .await
+        .expect("page 3");
+    assert_eq!(ids_of(&page3), m[6..7]);
+    assert!(
+        store
+            .list_messages(batch.id, None, m[6], 3)
+            .await
+            .expect("page 4")
+            .is_empty()
+    );
+    assert_eq!(
+        page1.iter().map(|r| r.phone.clone()).collect::<Vec<_>>(),
+        phones[0..3]
+    );
+    assert!(page1.iter().all(|r| r.segments == 1));
+
+    // Status filters, with and without the cursor.
+    let sent = store
+        .list_messages(batch.id, Some(MessageStatus::Sent), 0, 10)
+        .await
+        .expect("sent");
+    assert_eq!(ids_of(&sent), vec![m[0], m[2], m[4]]);
+    assert_eq!(sent[1].provider_message_id.as_deref(), Some("p2"));
+    let sent_after = store
+        .list_messages(batch.id, Some(MessageStatus::Sent), m[0], 1)
+        .await
+        .expect("sent after m0");
+    assert_eq!(ids_of(&sent_after), vec![m[2]]);
+    let pending = store
+        .list_messages(batch.id, Some(MessageStatus::Pending), 0, 10)
+        .await
+        .expect("pending");
+    assert_eq!(ids_of(&pending), vec![m[1], m[3]]);
+    assert!(pending.iter().all(|r| r.attempts == 0));
+    let failed = store
+        .list_messages(batch.id, Some(MessageStatus::Failed), 0, 10)
+        .await
+        .expect("failed");
+    assert_eq!(ids_of(&failed), vec![m[5]]);
+    assert_eq!(failed[0].error.as_deref(), Some("nope"));
+    let sending = store
+        .list_messages(batch.id, Some(MessageStatus::Sending), 0, 10)
+        .await
+        .expect("sending");
+    assert_eq!(ids_of(&sending), vec![m[6]]);
+    assert!(
+        store
+            .list_messages(batch.id, Some(MessageStatus::Delivered), 0, 10)
+            .await
+            .expect("delivered")
+            .is_empty()
+    );
+    assert!(
+        store
+            .list_messages(batch.id, Some(MessageStatus::Cancelled), 0, 10)
+            .await
+            .expect("cancelled")
+            .is_empty()
+    );
+    assert_eq!(all_messages(&store, other.id).await.len(), 2);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 10. count_batches_by_state, ping
+// ---------------------------------------------------------------------------------------------
+
+async fn count_by_state_and_ping(store: Store) {
+    store.ping().await.expect("ping");
+    assert!(
+        store
+            .count_batches_by_state()
+            .await
+            .expect("count on an empty store")
+            .is_empty()
+    );
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        ids.push(create(&store, &format!("c{i}"), 1).await.id);
+    }
+    set_state(&store, ids[1], "scheduled").await;
+    set_state(&store, ids[2], "scheduled").await;
+    set_state(&store, ids[3], "cancelled").await;
+    let mut counts = store.count_batches_by_state().await.expect("count");
+    counts.sort();
+    assert_eq!(
+        counts,
+        vec![
+            ("cancelled".to_owned(), 1),
+            ("initial".to_owned(), 2),
+            ("scheduled".to_owned(), 2),
+        ]
+    );
+    let states: BTreeSet<String> = counts.into_iter().map(|(s, _)| s).collect();
+    assert_eq!(states.len(), 3, "one row per state");
+    store.ping().await.expect("ping");
+}
