@@ -55,6 +55,12 @@ on_both_backends!(csv_upload_pause_resume_completes_exactly_once
 on_both_backends!(cancel_mid_delivery_cancels_the_rest
     => cancel_mid_delivery_cancels_the_rest_sqlite,
        cancel_mid_delivery_cancels_the_rest_postgres);
+on_both_backends!(failing_step_fails_the_batch_and_retry_resumes_it
+    => failing_step_fails_the_batch_and_retry_resumes_it_sqlite,
+       failing_step_fails_the_batch_and_retry_resumes_it_postgres);
+on_both_backends!(sigterm_drains_and_restart_finishes_exactly
+    => sigterm_drains_and_restart_finishes_exactly_sqlite,
+       sigterm_drains_and_restart_finishes_exactly_postgres);
 on_both_backends!(illegal_transitions_and_unknown_ids
     => illegal_transitions_and_unknown_ids_sqlite,
        illegal_transitions_and_unknown_ids_postgres);
@@ -1106,4 +1112,98 @@ fn probes_and_metrics(backend: Backend) {
             metrics.body
         );
     }
+}
+
+/// A step that keeps failing (here: a batch row whose template was corrupted behind the
+/// service's back) is restarted `retry_count` times, then the batch goes `failed` with the error
+/// and a condition; once the cause is fixed, `retry` continues it to `completed`.
+fn failing_step_fails_the_batch_and_retry_resumes_it(backend: Backend) {
+    let db = TestDb::new(backend);
+    let server = TestServer::start(&db, &[("SMSBATCH__SMSBATCH__RETRY_COUNT", "2")]);
+    let id = server.create_batch(&small_batch("doomed", 20));
+    db.execute(&format!(
+        "UPDATE batches SET content = 'Hi {{{{name' WHERE public_id = '{id}'"
+    ));
+    server.action_ok(&id, "start", "preparing");
+    let failed = server.wait_for_state(&id, &["failed"], SHORT);
+    let error = text(&failed, "/error");
+    assert!(error.contains("template"), "the error says why: {failed:#}");
+    assert_eq!(
+        text(&failed, "/steps/preparation/status"),
+        "failed",
+        "{failed:#}"
+    );
+    assert_eq!(
+        text(&failed, "/steps/preparation/error"),
+        error,
+        "{failed:#}"
+    );
+    assert_eq!(text(&failed, "/resume_to"), "preparing", "{failed:#}");
+    let conditions = failed["conditions"].as_array().expect("conditions");
+    assert!(
+        conditions
+            .iter()
+            .any(|c| c["type"] == "Failed" && c["status"] == "True" && c["message"] == error),
+        "a Failed condition carries the error: {failed:#}"
+    );
+    let metrics = server.get("/metrics").body;
+    assert!(
+        metrics.contains("smsbatch_step_restarts_total{step=\"preparation\"} 2"),
+        "two restarts before failing:\n{metrics}"
+    );
+    // Nothing but retry moves a failed batch.
+    for action in ["start", "pause", "resume"] {
+        assert_error(
+            &server.action(&id, action),
+            409,
+            "invalid_transition",
+            action,
+        );
+    }
+
+    db.execute(&format!(
+        "UPDATE batches SET content = 'Hi {{{{name}}}}' WHERE public_id = '{id}'"
+    ));
+    server.action_ok(&id, "retry", "preparing");
+    let done = server.wait_for_state(&id, &["completed"], SHORT);
+    assert_eq!(num(&done, "/results/valid"), 20, "{done:#}");
+    assert_eq!(sent(&done), 20, "{done:#}");
+    assert!(done["error"].is_null(), "{done:#}");
+    assert_eq!(
+        text(&done, "/steps/preparation/status"),
+        "completed",
+        "{done:#}"
+    );
+}
+
+/// SIGTERM mid-delivery drains: the server stops sending, puts what it had claimed back,
+/// exits 0, and the next start finishes the batch with every count exact — no message is left
+/// with an unknown outcome, unlike after a SIGKILL.
+fn sigterm_drains_and_restart_finishes_exactly(backend: Backend) {
+    let db = TestDb::new(backend);
+    let mut server = TestServer::start(
+        &db,
+        &[
+            ("SMSBATCH__PROVIDERS__SIMULATOR__LATENCY_MS", "1"),
+            ("SMSBATCH__SMSBATCH__WORKER_COUNT", "2"),
+            ("SMSBATCH__SMSBATCH__SEND_CONCURRENCY", "4"),
+        ],
+    );
+    let phones = csv_phones(10_000);
+    let expected = Expected::of(&phones);
+    let id = server.create_batch(&json!({"name": "drains", "content": CONTENT, "url": URL}));
+    upload_ok(&server, &id, csv_body(&phones), 10_000, 10_000);
+    server.action_ok(&id, "start", "preparing");
+    server.wait_until(&id, "sending (results.sent > 0)", LONG, has_sent);
+
+    let (code, _took) = server.terminate();
+    assert_eq!(code, Some(0), "SIGTERM exits 0");
+    server.restart();
+    let batch = server.wait_for_state(&id, &["completed"], LONG);
+    assert_completed_counts(&batch, &expected);
+    let failed = server.all_messages(&id, Some("failed"));
+    assert!(
+        failed.iter().all(|m| m["error"] != "unknown_outcome"),
+        "a drained shutdown leaves no unknown outcome: {failed:?}"
+    );
 }

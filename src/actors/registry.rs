@@ -22,6 +22,8 @@ pub struct Command {
     pub public_id: String,
     /// What to do.
     pub action: Action,
+    /// Set on the one resend after the supervisor stopped under the command.
+    pub resent: bool,
 }
 
 /// A supervisor stopped (its batch reached a final state, or the process stops).
@@ -30,8 +32,8 @@ pub struct Command {
 pub struct SupervisorStopped {
     /// The batch's internal id.
     pub batch_id: i64,
-    /// The supervisor that stopped (a newer one for the same batch stays registered).
-    pub addr: Addr<BatchSupervisor>,
+    /// Which supervisor of that batch stopped (a newer one stays registered).
+    pub generation: u64,
 }
 
 /// At start-up: settle what the previous run left in flight and resume active batches.
@@ -47,7 +49,8 @@ pub struct Shutdown(pub Duration);
 /// Finds, spawns and recovers supervisors.
 pub struct BatchRegistry {
     deps: Deps,
-    supervisors: HashMap<i64, Addr<BatchSupervisor>>,
+    supervisors: HashMap<i64, (u64, Addr<BatchSupervisor>)>,
+    generation: u64,
 }
 
 impl BatchRegistry {
@@ -56,17 +59,28 @@ impl BatchRegistry {
         BatchRegistry {
             deps,
             supervisors: HashMap::new(),
+            generation: 0,
         }
     }
 
     fn supervisor(&mut self, batch: Batch, ctx: &mut Context<Self>) -> Addr<BatchSupervisor> {
-        if let Some(addr) = self.supervisors.get(&batch.id).filter(|a| a.connected()) {
+        if let Some((_, addr)) = self
+            .supervisors
+            .get(&batch.id)
+            .filter(|(_, a)| a.connected())
+        {
             return addr.clone();
         }
+        self.generation += 1;
         let id = batch.id;
-        let addr =
-            BatchSupervisor::new(self.deps.clone(), batch, ctx.address().recipient()).start();
-        self.supervisors.insert(id, addr.clone());
+        let addr = BatchSupervisor::new(
+            self.deps.clone(),
+            batch,
+            ctx.address().recipient(),
+            self.generation,
+        )
+        .start();
+        self.supervisors.insert(id, (self.generation, addr.clone()));
         addr
     }
 }
@@ -84,7 +98,11 @@ impl Handler<Command> for BatchRegistry {
 
     fn handle(&mut self, msg: Command, _ctx: &mut Self::Context) -> Self::Result {
         let store = self.deps.core.store.clone();
-        let Command { public_id, action } = msg;
+        let Command {
+            public_id,
+            action,
+            resent,
+        } = msg;
         let id = public_id.clone();
         Box::pin(
             async move { load(&store, &public_id).await }
@@ -98,17 +116,22 @@ impl Handler<Command> for BatchRegistry {
                     Ok(act.supervisor(batch, ctx))
                 })
                 .then(
-                    move |addr: Result<Addr<BatchSupervisor>, ActError>, act, _ctx| {
-                        let store = act.deps.core.store.clone();
+                    move |addr: Result<Addr<BatchSupervisor>, ActError>, act, ctx| {
+                        let registry = ctx.address();
                         async move {
                             match addr?.send(Act(action)).await {
                                 Ok(answer) => answer,
-                                Err(MailboxError::Closed) => {
-                                    // The supervisor stopped between the lookup and the send: its
-                                    // batch just reached a final state. Answer from the stored state.
-                                    check(&load(&store, &id).await?, action)?;
-                                    Err(ActError::Unavailable("batch supervisor restarting".into()))
-                                }
+                                // The supervisor stopped between the lookup and the send (its batch
+                                // had just reached a final state): go through the registry once more,
+                                // which answers from the stored state or starts a new supervisor.
+                                Err(MailboxError::Closed) if !resent => registry
+                                    .send(Command {
+                                        public_id: id,
+                                        action,
+                                        resent: true,
+                                    })
+                                    .await
+                                    .map_err(|e| ActError::Unavailable(e.to_string()))?,
                                 Err(e) => Err(ActError::Unavailable(e.to_string())),
                             }
                         }
@@ -141,7 +164,11 @@ impl Handler<SupervisorStopped> for BatchRegistry {
     type Result = ();
 
     fn handle(&mut self, msg: SupervisorStopped, _ctx: &mut Self::Context) {
-        if self.supervisors.get(&msg.batch_id) == Some(&msg.addr) {
+        if self
+            .supervisors
+            .get(&msg.batch_id)
+            .is_some_and(|(generation, _)| *generation == msg.generation)
+        {
             self.supervisors.remove(&msg.batch_id);
         }
     }
@@ -198,7 +225,11 @@ impl Handler<Shutdown> for BatchRegistry {
 
     fn handle(&mut self, msg: Shutdown, _ctx: &mut Self::Context) -> Self::Result {
         self.deps.core.gates.hold_all();
-        let drains: Vec<_> = self.supervisors.values().map(|a| a.send(Drain)).collect();
+        let drains: Vec<_> = self
+            .supervisors
+            .values()
+            .map(|(_, a)| a.send(Drain))
+            .collect();
         Box::pin(async move {
             let all = futures_util::future::join_all(drains);
             if tokio::time::timeout(msg.0, all).await.is_err() {

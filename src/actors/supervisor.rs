@@ -104,9 +104,9 @@ pub struct Condition {
     pub last_transition_time: chrono::DateTime<chrono::Utc>,
 }
 
+/// The running child: its generation (stale exits are ignored) and the handle that aborts it.
 struct Child {
     generation: u64,
-    work: actix::prelude::SpawnHandle,
     abort: tokio::task::AbortHandle,
 }
 
@@ -116,6 +116,8 @@ pub struct BatchSupervisor {
     batch: Batch,
     gate: Arc<Gate>,
     registry: Recipient<SupervisorStopped>,
+    /// Which supervisor of this batch the registry knows this one as.
+    registration: u64,
     child: Option<Child>,
     generation: u64,
     restarts: u32,
@@ -126,7 +128,12 @@ pub struct BatchSupervisor {
 
 impl BatchSupervisor {
     /// A supervisor for a batch as loaded from the store.
-    pub fn new(deps: Deps, batch: Batch, registry: Recipient<SupervisorStopped>) -> Self {
+    pub fn new(
+        deps: Deps,
+        batch: Batch,
+        registry: Recipient<SupervisorStopped>,
+        generation: u64,
+    ) -> Self {
         let state = batch.state.parse().unwrap_or(BatchState::Initial);
         let gate = Arc::new(Gate::new(gate_state(state), batch.provider.clone()));
         BatchSupervisor {
@@ -134,6 +141,7 @@ impl BatchSupervisor {
             batch,
             gate,
             registry,
+            registration: generation,
             child: None,
             generation: 0,
             restarts: 0,
@@ -274,12 +282,8 @@ impl BatchSupervisor {
                 ctx,
             )
         });
-        let work = ctx.spawn(watcher);
-        self.child = Some(Child {
-            generation,
-            work,
-            abort,
-        });
+        ctx.spawn(watcher);
+        self.child = Some(Child { generation, abort });
     }
 
     fn child_exited(&mut self, msg: ChildExited, ctx: &mut Context<Self>) {
@@ -304,15 +308,8 @@ impl BatchSupervisor {
             }
             Err(error) if matches!(state, BatchState::Preparing | BatchState::Delivering) => {
                 self.restarts += 1;
-                let step = state.step().map(Step::as_str).unwrap_or("none");
-                self.deps
-                    .core
-                    .metrics
-                    .step_restarts
-                    .with_label_values(&[step])
-                    .inc();
                 if self.restarts > self.deps.core.settings.smsbatch.retry_count {
-                    tracing::error!(batch_id = %self.batch.public_id, %error, restarts = self.restarts, "Step failed for good.");
+                    tracing::error!(batch_id = %self.batch.public_id, %error, failures = self.restarts, "Step failed for good.");
                     ctx.wait(self.apply(Event::Fail, Some(error)).map(|_, _, _| ()));
                 } else {
                     let backoff = Duration::from_millis(
@@ -324,6 +321,13 @@ impl BatchSupervisor {
                             .saturating_mul(1 << self.restarts.min(10)),
                     )
                     .min(Duration::from_secs(60));
+                    let step = state.step().map(Step::as_str).unwrap_or("none");
+                    self.deps
+                        .core
+                        .metrics
+                        .step_restarts
+                        .with_label_values(&[step])
+                        .inc();
                     tracing::warn!(batch_id = %self.batch.public_id, %error, restarts = self.restarts, ?backoff, "Step failed; restarting from its checkpoint.");
                     self.timer = Some(ctx.run_later(backoff, |act, ctx| {
                         act.timer = None;
@@ -398,18 +402,21 @@ impl Actor for BatchSupervisor {
             .core
             .gates
             .insert(self.batch.id, self.gate.clone());
-        self.enter_state(ctx);
+        // A supervisor woken for a failed batch waits for its retry; one for a running or
+        // scheduled batch (a command, or recovery after a restart) takes up the work.
+        if !matches!(self.state(), BatchState::Failed | BatchState::Completed) {
+            self.enter_state(ctx);
+        }
     }
 
-    fn stopped(&mut self, ctx: &mut Self::Context) {
+    fn stopped(&mut self, _ctx: &mut Self::Context) {
         if let Some(child) = self.child.take() {
             child.abort.abort();
-            let _ = child.work;
         }
         self.deps.core.gates.remove(self.batch.id);
         if let Err(e) = self.registry.try_send(SupervisorStopped {
             batch_id: self.batch.id,
-            addr: ctx.address(),
+            generation: self.registration,
         }) {
             tracing::warn!(batch_id = %self.batch.public_id, error = %e, "Registry not told that a supervisor stopped.");
         }
@@ -611,5 +618,185 @@ fn set_condition(
             message,
             last_transition_time: at,
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batch(state: BatchState) -> Batch {
+        let now = chrono::Utc::now().naive_utc();
+        Batch {
+            id: 1,
+            public_id: "b".into(),
+            name: "n".into(),
+            campaign_id: None,
+            content: "Hi".into(),
+            url: None,
+            provider: "simulator".into(),
+            message_type: "transactional".into(),
+            schedule_at: None,
+            partition_count: 1,
+            state: state.as_str().into(),
+            resume_to: None,
+            version: 0,
+            steps: "{}".into(),
+            recipients: 10,
+            processed: 10,
+            valid: 8,
+            invalid: 1,
+            duplicates: 1,
+            opted_out: 0,
+            segments: 8,
+            restarts: 0,
+            conditions: "[]".into(),
+            error: None,
+            created_at: now,
+            updated_at: now,
+            started_at: None,
+            finished_at: None,
+        }
+    }
+
+    fn conditions(b: &Batch) -> Vec<Condition> {
+        serde_json::from_str(&b.conditions).expect("conditions JSON")
+    }
+
+    fn condition<'a>(all: &'a [Condition], kind: &str) -> &'a Condition {
+        all.iter()
+            .find(|c| c.kind == kind)
+            .unwrap_or_else(|| panic!("no {kind} condition in {all:?}"))
+    }
+
+    #[test]
+    fn start_runs_preparation_or_waits_for_the_schedule() {
+        let started = project(
+            &batch(BatchState::Initial),
+            Event::Start {
+                schedule_in_future: false,
+            },
+            None,
+            0,
+        )
+        .expect("start");
+        assert_eq!(started.state, "preparing");
+        assert_eq!(started.steps().preparation.status, "running");
+        assert!(started.steps().preparation.started_at.is_some());
+        assert_eq!(started.steps().delivery.status, "ready");
+        assert!(started.started_at.is_some());
+
+        let scheduled = project(
+            &batch(BatchState::Initial),
+            Event::Start {
+                schedule_in_future: true,
+            },
+            None,
+            0,
+        )
+        .expect("start");
+        assert_eq!(scheduled.state, "scheduled");
+        assert_eq!(scheduled.steps().preparation.status, "ready");
+        assert!(scheduled.steps().preparation.started_at.is_none());
+    }
+
+    #[test]
+    fn prepared_and_delivered_record_conditions() {
+        let preparing = project(
+            &batch(BatchState::Initial),
+            Event::Start {
+                schedule_in_future: false,
+            },
+            None,
+            0,
+        )
+        .expect("start");
+        let delivering = project(&preparing, Event::Prepared, None, 0).expect("prepared");
+        assert_eq!(delivering.state, "delivering");
+        let steps = delivering.steps();
+        assert_eq!(steps.preparation.status, "completed");
+        assert!(steps.preparation.finished_at.is_some());
+        assert_eq!(steps.delivery.status, "running");
+        let prepared = conditions(&delivering);
+        let c = condition(&prepared, "Prepared");
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("True", "Completed")
+        );
+        assert!(c.message.contains("8 of 10"), "{}", c.message);
+
+        let completed = project(&delivering, Event::Delivered, None, 0).expect("delivered");
+        assert_eq!(completed.state, "completed");
+        assert_eq!(completed.steps().delivery.status, "completed");
+        assert!(completed.finished_at.is_some());
+        assert_eq!(
+            condition(&conditions(&completed), "Delivered").status,
+            "True"
+        );
+    }
+
+    #[test]
+    fn pause_and_resume_keep_the_step_and_flip_the_condition() {
+        let mut delivering = batch(BatchState::Delivering);
+        delivering.steps = r#"{"delivery":{"status":"running","started_at":null,"finished_at":null,"error":null}}"#.into();
+        let paused = project(&delivering, Event::Pause, None, 0).expect("pause");
+        assert_eq!(paused.state, "paused");
+        assert_eq!(paused.resume_to.as_deref(), Some("delivering"));
+        assert_eq!(paused.steps().delivery.status, "paused");
+        assert_eq!(condition(&conditions(&paused), "Paused").status, "True");
+
+        let resumed = project(&paused, Event::Resume, None, 0).expect("resume");
+        assert_eq!(resumed.state, "delivering");
+        assert_eq!(resumed.resume_to, None);
+        assert_eq!(resumed.steps().delivery.status, "running");
+        let c = conditions(&resumed);
+        assert_eq!(condition(&c, "Paused").status, "False");
+        assert_eq!(condition(&c, "Paused").reason, "Resumed");
+    }
+
+    #[test]
+    fn fail_records_the_error_and_retry_clears_it() {
+        let failed = project(
+            &batch(BatchState::Preparing),
+            Event::Fail,
+            Some("template: broken"),
+            4,
+        )
+        .expect("fail");
+        assert_eq!(failed.state, "failed");
+        assert_eq!(failed.resume_to.as_deref(), Some("preparing"));
+        assert_eq!(failed.error.as_deref(), Some("template: broken"));
+        assert_eq!(failed.restarts, 4);
+        let steps = failed.steps();
+        assert_eq!(steps.preparation.status, "failed");
+        assert_eq!(steps.preparation.error.as_deref(), Some("template: broken"));
+        let c = conditions(&failed);
+        assert_eq!(condition(&c, "Failed").message, "template: broken");
+
+        let retried = project(&failed, Event::Retry, None, 0).expect("retry");
+        assert_eq!(retried.state, "preparing");
+        assert_eq!(retried.error, None);
+        assert_eq!(retried.finished_at, None);
+        assert_eq!(retried.steps().preparation.status, "running");
+        assert_eq!(retried.steps().preparation.error, None);
+        assert_eq!(condition(&conditions(&retried), "Failed").status, "False");
+    }
+
+    #[test]
+    fn cancel_stops_the_running_step_and_refusals_change_nothing() {
+        let mut preparing = batch(BatchState::Preparing);
+        preparing.steps = r#"{"preparation":{"status":"running","started_at":null,"finished_at":null,"error":null}}"#.into();
+        let cancelled = project(&preparing, Event::Cancel, None, 0).expect("cancel");
+        assert_eq!(cancelled.state, "cancelled");
+        assert_eq!(cancelled.steps().preparation.status, "paused");
+        assert!(cancelled.finished_at.is_some());
+        assert_eq!(
+            condition(&conditions(&cancelled), "Cancelled").status,
+            "True"
+        );
+
+        let err = project(&batch(BatchState::Completed), Event::Pause, None, 0)
+            .expect_err("completed is final");
+        assert_eq!(err.to_string(), "cannot pause a batch in state completed");
     }
 }

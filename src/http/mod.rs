@@ -346,6 +346,7 @@ async fn act(
         .send(Command {
             public_id: id.clone(),
             action,
+            resent: false,
         })
         .await
         .map_err(|e| ApiError::Unavailable(e.to_string()))??;

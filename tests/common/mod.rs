@@ -113,6 +113,23 @@ impl TestDb {
     pub fn backend(&self) -> Backend {
         self.backend
     }
+
+    /// Runs SQL straight on the database, behind the server's back: how a test injects a fault
+    /// (a corrupt row) that no API request can cause.
+    pub fn execute(&self, sql: &str) {
+        match self.backend {
+            Backend::Postgres => pg_exec(&self.url, sql).expect("run SQL on the test database"),
+            Backend::Sqlite => {
+                use diesel::Connection as _;
+                use diesel::connection::SimpleConnection as _;
+                let path = self.url.trim_start_matches("sqlite://");
+                let mut conn =
+                    diesel::SqliteConnection::establish(path).expect("open the SQLite file");
+                conn.batch_execute(&format!("PRAGMA busy_timeout=10000; {sql}"))
+                    .expect("run SQL on the test database");
+            }
+        }
+    }
 }
 
 impl Drop for TestDb {
@@ -256,6 +273,19 @@ impl TestServer {
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    /// Asks the server to stop with SIGTERM and waits for it to exit; returns the exit code and
+    /// how long it took.
+    pub fn terminate(&mut self) -> (Option<i32>, Duration) {
+        let started = Instant::now();
+        let sent = std::process::Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status()
+            .expect("run kill -TERM");
+        assert!(sent.success(), "kill -TERM {} failed", self.pid());
+        let status = self.child.wait().expect("wait for the server to exit");
+        (status.code(), started.elapsed())
     }
 
     /// Starts the server again on the same database with the same environment (a new port);
