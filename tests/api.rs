@@ -1207,3 +1207,40 @@ fn sigterm_drains_and_restart_finishes_exactly(backend: Backend) {
         "a drained shutdown leaves no unknown outcome: {failed:?}"
     );
 }
+
+/// A bad configuration value stops start-up with a message that names the key.
+#[test]
+fn bad_configuration_stops_startup_naming_the_key() {
+    for (var, value, key) in [
+        (
+            "SMSBATCH__SMSBATCH__WORKER_COUNT",
+            "many",
+            "smsbatch.worker_count",
+        ),
+        ("SMSBATCH__HTTP__BIND", "nowhere", "http.bind"),
+        ("SMSBATCH__DATABASE__URL", "mysql://db/x", "database.url"),
+        (
+            "SMSBATCH__SMSBATCH__DEFAULT_REGION",
+            "Atlantis",
+            "smsbatch.default_region",
+        ),
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_smsbatch"))
+            .arg("serve")
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .env(var, value)
+            .output()
+            .expect("run smsbatch");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{var}={value} must stop start-up");
+        assert!(
+            stderr.contains(key),
+            "{var}={value}: the message names `{key}`: {stderr}"
+        );
+        assert!(
+            String::from_utf8_lossy(&out.stdout).is_empty(),
+            "{var}={value}: nothing listens: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+}

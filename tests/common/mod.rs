@@ -10,7 +10,6 @@
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader, Read};
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
@@ -18,7 +17,9 @@ use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
-use uuid::Uuid;
+
+mod db;
+pub use db::{Backend, TestDb};
 
 /// How long the server may take to print its listening line (migrations included).
 const STARTUP_DEADLINE: Duration = Duration::from_secs(90);
@@ -28,139 +29,11 @@ const POLL_EVERY: Duration = Duration::from_millis(150);
 const TAIL_LINES: usize = 400;
 /// Page size used when listing every message of a batch.
 pub const MESSAGE_PAGE: usize = 1000;
-/// Admin URL of the PostgreSQL server the tests create their databases in (no database part).
-const DEFAULT_PG_ADMIN: &str = "postgres://postgres@127.0.0.1:5432";
 
 /// The batch states from which nothing moves any more.
 pub const FINAL_STATES: &[&str] = &["completed", "failed", "cancelled"];
 /// The five lifecycle actions.
 pub const ACTIONS: &[&str] = &["start", "pause", "resume", "cancel", "retry"];
-
-/// Which store a test runs against.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Backend {
-    /// A SQLite file in a fresh temporary folder.
-    Sqlite,
-    /// A fresh database on the local PostgreSQL server.
-    Postgres,
-}
-
-/// A database that exists for one test and is removed when dropped.
-pub struct TestDb {
-    backend: Backend,
-    url: String,
-    sqlite_dir: Option<PathBuf>,
-    /// (admin URL without database, database name)
-    pg: Option<(String, String)>,
-}
-
-impl TestDb {
-    /// Creates an empty database (the server creates its tables when it starts).
-    pub fn new(backend: Backend) -> Self {
-        let id = Uuid::now_v7().simple().to_string();
-        match backend {
-            Backend::Sqlite => {
-                let dir = std::env::temp_dir().join(format!("smsbatch-test-{id}"));
-                std::fs::create_dir_all(&dir).expect("create the test's temporary folder");
-                let file = dir.join(format!("{id}.db"));
-                let url = format!("sqlite://{}", file.display());
-                Self {
-                    backend,
-                    url,
-                    sqlite_dir: Some(dir),
-                    pg: None,
-                }
-            }
-            Backend::Postgres => {
-                let admin = std::env::var("SMSBATCH_TEST_POSTGRES_URL")
-                    .unwrap_or_else(|_| DEFAULT_PG_ADMIN.to_owned())
-                    .trim_end_matches('/')
-                    .to_owned();
-                let name = format!("smsbatch_t_{id}");
-                let maintenance = format!("{admin}/postgres");
-                // Concurrent CREATE DATABASE can collide on template1; a retry settles it.
-                let mut attempt = 0;
-                loop {
-                    attempt += 1;
-                    match pg_exec(&maintenance, &format!("CREATE DATABASE \"{name}\"")) {
-                        Ok(()) => break,
-                        Err(e) if attempt < 5 => {
-                            eprintln!("CREATE DATABASE {name} failed (attempt {attempt}): {e:#}");
-                            thread::sleep(Duration::from_millis(300 * attempt));
-                        }
-                        Err(e) => panic!(
-                            "cannot create test database {name} via {maintenance}: {e:#} \
-                             (is PostgreSQL running? set SMSBATCH_TEST_POSTGRES_URL to override)"
-                        ),
-                    }
-                }
-                Self {
-                    backend,
-                    url: format!("{admin}/{name}"),
-                    sqlite_dir: None,
-                    pg: Some((admin, name)),
-                }
-            }
-        }
-    }
-
-    /// The value for `SMSBATCH__DATABASE__URL`.
-    pub fn url(&self) -> &str {
-        &self.url
-    }
-
-    /// The store this database lives in.
-    pub fn backend(&self) -> Backend {
-        self.backend
-    }
-
-    /// Runs SQL straight on the database, behind the server's back: how a test injects a fault
-    /// (a corrupt row) that no API request can cause.
-    pub fn execute(&self, sql: &str) {
-        match self.backend {
-            Backend::Postgres => pg_exec(&self.url, sql).expect("run SQL on the test database"),
-            Backend::Sqlite => {
-                use diesel::Connection as _;
-                use diesel::connection::SimpleConnection as _;
-                let path = self.url.trim_start_matches("sqlite://");
-                let mut conn =
-                    diesel::SqliteConnection::establish(path).expect("open the SQLite file");
-                conn.batch_execute(&format!("PRAGMA busy_timeout=10000; {sql}"))
-                    .expect("run SQL on the test database");
-            }
-        }
-    }
-}
-
-impl Drop for TestDb {
-    fn drop(&mut self) {
-        if let Some(dir) = &self.sqlite_dir {
-            let _ = std::fs::remove_dir_all(dir);
-        }
-        if let Some((admin, name)) = &self.pg {
-            let sql = format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)");
-            if let Err(e) = pg_exec(&format!("{admin}/postgres"), &sql) {
-                eprintln!("warning: could not drop test database {name}: {e:#}");
-            }
-        }
-    }
-}
-
-/// Runs SQL on a PostgreSQL database through a short-lived current-thread runtime.
-fn pg_exec(url: &str, sql: &str) -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    rt.block_on(async {
-        let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
-        let driver = tokio::spawn(connection);
-        let result = client.batch_execute(sql).await;
-        drop(client);
-        let _ = driver.await;
-        result?;
-        Ok(())
-    })
-}
 
 /// The last lines the server wrote (stderr, and stdout lines other than the listening line).
 type Tail = Arc<Mutex<VecDeque<String>>>;
