@@ -120,6 +120,11 @@ pub struct TransportSettings {
     pub amqp_url: Secret,
     /// The durable queue delivery tasks go through.
     pub queue: String,
+    /// Tasks published and not yet confirmed by the broker, at most.
+    pub publish_window: usize,
+    /// When above 0, the broker deletes the queue after it has had no consumer for this many
+    /// milliseconds (`x-expires`; for tests and short-lived set-ups).
+    pub queue_expires_ms: u64,
 }
 
 impl fmt::Debug for TransportSettings {
@@ -128,6 +133,8 @@ impl fmt::Debug for TransportSettings {
             .field("kind", &self.kind)
             .field("amqp_url", &redact_url(self.amqp_url.expose()))
             .field("queue", &self.queue)
+            .field("publish_window", &self.publish_window)
+            .field("queue_expires_ms", &self.queue_expires_ms)
             .finish()
     }
 }
@@ -138,6 +145,8 @@ impl Default for TransportSettings {
             kind: TransportKind::InProcess,
             amqp_url: Secret::new("amqp://guest:guest@127.0.0.1:5672/%2f"),
             queue: "smsbatch.delivery".into(),
+            publish_window: 64,
+            queue_expires_ms: 0,
         }
     }
 }
@@ -185,6 +194,15 @@ pub struct BatchSettings {
     pub timeout_ms: u64,
     /// Capacity of each partition worker's mailbox (tasks).
     pub worker_mailbox: usize,
+    /// How long an instance holds a batch's lease without renewing it (ms): another instance
+    /// takes over the batches of an instance that stopped renewing after this long.
+    pub lease_ms: u64,
+    /// How often a supervisor looks at its batch's row for actions taken through another
+    /// instance (ms).
+    pub poll_ms: u64,
+    /// With a broker, re-plan a batch's pending messages when its delivery made no progress for
+    /// this long (milliseconds): a task lost outside the broker's guarantees is sent again.
+    pub replan_after_ms: u64,
     /// Capacity of each supervisor's and of the registry's mailbox.
     pub supervisor_mailbox: usize,
     /// `at_most_once` or `at_least_once`.
@@ -206,6 +224,9 @@ impl Default for BatchSettings {
             retry_backoff_ms: 1000,
             timeout_ms: 10_000,
             worker_mailbox: 4,
+            replan_after_ms: 30_000,
+            lease_ms: 15_000,
+            poll_ms: 250,
             supervisor_mailbox: 64,
             redelivery: Redelivery::AtMostOnce,
             default_region: "CN".into(),
@@ -389,6 +410,18 @@ impl Settings {
             });
         }
         positive("database.pool_size", self.database.pool_size as u64)?;
+        positive(
+            "transport.publish_window",
+            self.transport.publish_window as u64,
+        )?;
+        positive("smsbatch.replan_after_ms", self.smsbatch.replan_after_ms)?;
+        positive("smsbatch.poll_ms", self.smsbatch.poll_ms)?;
+        if self.smsbatch.lease_ms < 1000 {
+            return Err(ConfigError::Invalid {
+                key: "smsbatch.lease_ms",
+                reason: "must be at least 1000".into(),
+            });
+        }
         if self.transport.queue.is_empty() {
             return Err(ConfigError::Invalid {
                 key: "transport.queue",

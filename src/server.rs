@@ -17,7 +17,8 @@ use crate::http::{AppState, routes};
 use crate::provider::Providers;
 use crate::store::Store;
 use crate::telemetry::Metrics;
-use crate::transport::InProcess;
+use crate::transport::rabbitmq::{BrokerLink, LinkActor, RabbitTransport};
+use crate::transport::{InProcess, Transport};
 
 /// How long shutdown waits for work in flight.
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(20);
@@ -25,11 +26,7 @@ const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(20);
 /// Runs the service inside the current actix `System` until a stop signal.
 pub async fn serve(settings: Settings) -> anyhow::Result<()> {
     let settings = Arc::new(settings);
-    if settings.transport.kind != TransportKind::InProcess {
-        anyhow::bail!(
-            "configuration key `transport.kind`: `rabbitmq` is not available in this build yet; use `in_process`"
-        );
-    }
+    let instance = uuid::Uuid::now_v7().to_string();
     let store = Store::connect(
         settings.database.url.expose(),
         settings.database.pool_size,
@@ -45,15 +42,32 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
         settings: settings.clone(),
         gates: Gates::default(),
         region: settings.region()?,
+        instance: instance.clone(),
     };
     let workers = (0..settings.smsbatch.worker_count)
         .map(|_| PartitionWorker::new(core.clone()).start())
         .collect();
-    let transport = Arc::new(InProcess::new(
+    let pool = Arc::new(InProcess::new(
         workers,
         settings.smsbatch.worker_mailbox,
         metrics.clone(),
     ));
+    let (transport, broker): (Arc<dyn Transport>, Option<Arc<BrokerLink>>) =
+        match settings.transport.kind {
+            TransportKind::InProcess => (pool, None),
+            TransportKind::Rabbitmq => {
+                // The prefetch equals the pool's capacity: the broker never hands this instance
+                // more tasks than its workers can hold.
+                let link = BrokerLink::new(
+                    &settings.transport,
+                    pool.capacity(),
+                    &instance,
+                    metrics.clone(),
+                );
+                LinkActor::new(link.clone(), pool).start();
+                (Arc::new(RabbitTransport(link.clone())), Some(link))
+            }
+        };
     let registry = BatchRegistry::new(Deps { core, transport }).start();
     let resumed = registry
         .send(Recover)
@@ -62,11 +76,15 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
         .context("recovering batches")?;
     tracing::info!(
         database = %redact_url(settings.database.url.expose()),
+        transport = ?settings.transport.kind,
+        instance = %instance,
         resumed,
         "Store ready."
     );
 
+    let store_for_shutdown = store.clone();
     let state = AppState {
+        broker: broker.clone(),
         store,
         registry: registry.clone(),
         metrics,
@@ -97,6 +115,18 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
     wait_for_signal().await;
     tracing::info!("Stopping: no new work; draining what is in flight.");
     registry.send(Shutdown(SHUTDOWN_TIMEOUT)).await.ok();
+    if let Some(broker) = &broker
+        && tokio::time::timeout(SHUTDOWN_TIMEOUT, broker.shut_down())
+            .await
+            .is_err()
+    {
+        tracing::warn!("Broker link did not settle its tasks in time.");
+    }
+    // Give the leases back at once, so another instance takes the batches over without waiting
+    // for them to expire.
+    if let Err(e) = store_for_shutdown.forget_instance(&instance).await {
+        tracing::warn!(error = %e, "Leases not released; they expire on their own.");
+    }
     handle.stop(true).await;
     serving.await.ok();
     tracing::info!("Stopped.");

@@ -55,6 +55,11 @@ pub struct Metrics {
     pub tasks: IntCounter,
     /// `smsbatch_step_restarts_total{step}`: steps restarted after a crash or error.
     pub step_restarts: IntCounterVec,
+    /// `smsbatch_amqp_tasks_total{event}`: tasks published, confirmed, nacked, consumed, acked,
+    /// redelivered.
+    pub amqp_tasks: IntCounterVec,
+    /// `smsbatch_amqp_prefetch_in_flight`: consumed tasks not yet acked.
+    pub amqp_prefetch_in_flight: IntGauge,
 }
 
 impl Metrics {
@@ -112,6 +117,19 @@ impl Metrics {
             ),
             &["step"],
         )?;
+        let amqp_tasks = IntCounterVec::new(
+            Opts::new(
+                "smsbatch_amqp_tasks_total",
+                "Delivery tasks through the broker, by event.",
+            ),
+            &["event"],
+        )?;
+        let amqp_prefetch_in_flight = IntGauge::new(
+            "smsbatch_amqp_prefetch_in_flight",
+            "Tasks consumed from the broker and not yet acked.",
+        )?;
+        registry.register(Box::new(amqp_tasks.clone()))?;
+        registry.register(Box::new(amqp_prefetch_in_flight.clone()))?;
         registry.register(Box::new(batches.clone()))?;
         registry.register(Box::new(messages.clone()))?;
         registry.register(Box::new(provider_seconds.clone()))?;
@@ -137,6 +155,8 @@ impl Metrics {
             tasks_in_flight,
             tasks,
             step_restarts,
+            amqp_tasks,
+            amqp_prefetch_in_flight,
         })
     }
 

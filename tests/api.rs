@@ -31,7 +31,8 @@ const LONG: Duration = Duration::from_secs(600);
 const CONTENT: &str = "Hi {{name}}, 30% off today: {{url}}";
 const URL: &str = "https://shop.example/bf";
 
-/// Runs one scenario as two tests, one per backend.
+/// Runs one scenario as two tests, one per store (in-process transport), or as three with the
+/// production stack (PostgreSQL and RabbitMQ) as well.
 macro_rules! on_both_backends {
     ($scenario:ident => $sqlite:ident, $postgres:ident) => {
         #[test]
@@ -44,36 +45,54 @@ macro_rules! on_both_backends {
             $scenario(Backend::Postgres);
         }
     };
+    ($scenario:ident => $sqlite:ident, $postgres:ident, $rabbitmq:ident) => {
+        on_both_backends!($scenario => $sqlite, $postgres);
+
+        #[test]
+        fn $rabbitmq() {
+            $scenario(Backend::PostgresRabbitmq);
+        }
+    };
 }
 
 on_both_backends!(completes_inline_batch_with_exact_counts
     => completes_inline_batch_with_exact_counts_sqlite,
-       completes_inline_batch_with_exact_counts_postgres);
+       completes_inline_batch_with_exact_counts_postgres,
+       completes_inline_batch_with_exact_counts_rabbitmq);
 on_both_backends!(csv_upload_pause_resume_completes_exactly_once
     => csv_upload_pause_resume_completes_exactly_once_sqlite,
-       csv_upload_pause_resume_completes_exactly_once_postgres);
+       csv_upload_pause_resume_completes_exactly_once_postgres,
+       csv_upload_pause_resume_completes_exactly_once_rabbitmq);
 on_both_backends!(cancel_mid_delivery_cancels_the_rest
     => cancel_mid_delivery_cancels_the_rest_sqlite,
-       cancel_mid_delivery_cancels_the_rest_postgres);
+       cancel_mid_delivery_cancels_the_rest_postgres,
+       cancel_mid_delivery_cancels_the_rest_rabbitmq);
 on_both_backends!(failing_step_fails_the_batch_and_retry_resumes_it
     => failing_step_fails_the_batch_and_retry_resumes_it_sqlite,
        failing_step_fails_the_batch_and_retry_resumes_it_postgres);
 on_both_backends!(sigterm_drains_and_restart_finishes_exactly
     => sigterm_drains_and_restart_finishes_exactly_sqlite,
-       sigterm_drains_and_restart_finishes_exactly_postgres);
+       sigterm_drains_and_restart_finishes_exactly_postgres,
+       sigterm_drains_and_restart_finishes_exactly_rabbitmq);
 on_both_backends!(illegal_transitions_and_unknown_ids
     => illegal_transitions_and_unknown_ids_sqlite,
-       illegal_transitions_and_unknown_ids_postgres);
+       illegal_transitions_and_unknown_ids_postgres,
+       illegal_transitions_and_unknown_ids_rabbitmq);
 on_both_backends!(csv_without_phone_column_stores_nothing
     => csv_without_phone_column_stores_nothing_sqlite,
        csv_without_phone_column_stores_nothing_postgres);
 on_both_backends!(restart_mid_delivery_finishes_with_exact_counts
     => restart_mid_delivery_finishes_with_exact_counts_sqlite,
-       restart_mid_delivery_finishes_with_exact_counts_postgres);
+       restart_mid_delivery_finishes_with_exact_counts_postgres,
+       restart_mid_delivery_finishes_with_exact_counts_rabbitmq);
 on_both_backends!(scheduled_batch_starts_when_due
     => scheduled_batch_starts_when_due_sqlite,
-       scheduled_batch_starts_when_due_postgres);
-on_both_backends!(probes_and_metrics => probes_and_metrics_sqlite, probes_and_metrics_postgres);
+       scheduled_batch_starts_when_due_postgres,
+       scheduled_batch_starts_when_due_rabbitmq);
+on_both_backends!(probes_and_metrics
+    => probes_and_metrics_sqlite,
+       probes_and_metrics_postgres,
+       probes_and_metrics_rabbitmq);
 
 // ---------------------------------------------------------------------------------------------
 // Recipient lists and the counts they must produce
@@ -1068,14 +1087,15 @@ fn probes_and_metrics(backend: Backend) {
         "{health:#}"
     );
 
-    let (status, ready) = server.get_json("/readyz");
-    assert_eq!(status, 200, "{ready:#}");
+    // Ready once every dependency answers (the broker connects in the background).
+    let ready = eventually("ready", SHORT, || match server.get_json("/readyz") {
+        (200, body) => Ok(body),
+        (status, body) => Err(format!("{status}: {body:#}")),
+    });
     assert_eq!(ready["status"], "healthy", "{ready:#}");
-    assert_eq!(
-        ready.pointer("/checks/database"),
-        Some(&json!("ok")),
-        "{ready:#}"
-    );
+    for check in ["/checks/database", "/checks/queue"] {
+        assert_eq!(ready.pointer(check), Some(&json!("ok")), "{ready:#}");
+    }
 
     let mut body = small_batch("metrics", 4);
     body["recipients"]
@@ -1243,4 +1263,160 @@ fn bad_configuration_stops_startup_naming_the_key() {
             String::from_utf8_lossy(&out.stdout)
         );
     }
+}
+
+/// The broker connection drops mid-delivery (a proxy between the service and RabbitMQ cuts it):
+/// `/readyz` reports the queue check failing, the batch is not failed and waits, and once the
+/// connection is back it completes with exact counts and nothing sent twice or lost.
+#[test]
+fn broker_outage_mid_delivery_ends_exact() {
+    let db = TestDb::new(Backend::PostgresRabbitmq);
+    let proxy = common::TcpProxy::start("127.0.0.1:5672");
+    let amqp = format!("amqp://guest:guest@127.0.0.1:{}/%2f", proxy.port());
+    let server = TestServer::start(
+        &db,
+        &[
+            ("SMSBATCH__TRANSPORT__AMQP_URL", amqp.as_str()),
+            ("SMSBATCH__PROVIDERS__SIMULATOR__LATENCY_MS", "1"),
+            ("SMSBATCH__SMSBATCH__WORKER_COUNT", "2"),
+            ("SMSBATCH__SMSBATCH__SEND_CONCURRENCY", "4"),
+        ],
+    );
+    let phones = csv_phones(10_000);
+    let expected = Expected::of(&phones);
+    let id = server.create_batch(&json!({"name": "outage", "content": CONTENT, "url": URL}));
+    upload_ok(&server, &id, csv_body(&phones), 10_000, 10_000);
+    server.action_ok(&id, "start", "preparing");
+    server.wait_until(&id, "sending (results.sent > 0)", LONG, has_sent);
+
+    proxy.cut();
+    let unready = eventually("unready", SHORT, || match server.get_json("/readyz") {
+        (503, body) => Ok(body),
+        (status, body) => Err(format!("{status}: {body:#}")),
+    });
+    assert_eq!(unready["status"], "unhealthy", "{unready:#}");
+    assert_eq!(unready.pointer("/checks/database"), Some(&json!("ok")));
+    assert_ne!(unready.pointer("/checks/queue"), Some(&json!("ok")));
+    thread::sleep(Duration::from_secs(2));
+    let waiting = server.batch(&id);
+    assert!(
+        ["preparing", "delivering"].contains(&text(&waiting, "/state")),
+        "the batch waits for the broker instead of failing: {waiting:#}"
+    );
+
+    proxy.restore();
+    let batch = server.wait_for_state(&id, &["completed"], LONG);
+    assert_completed_counts(&batch, &expected);
+    let failed = server.all_messages(&id, Some("failed"));
+    assert!(
+        failed.iter().all(|m| m["error"] != "unknown_outcome"),
+        "a broker outage leaves no unknown outcome"
+    );
+    let (status, _) = server.get_json("/readyz");
+    assert_eq!(status, 200, "ready again once the broker is back");
+}
+
+/// Messages a server's own workers handed to a provider and that the provider took, from its
+/// `/metrics`.
+fn sent_by(server: &TestServer) -> u64 {
+    let metrics = server.get("/metrics").body;
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("smsbatch_messages_total{") && l.contains("outcome=\"sent\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .map(|v| v as u64)
+        .sum()
+}
+
+/// Two instances on one PostgreSQL and one RabbitMQ share a 100,000-recipient batch: both
+/// instances' workers send (their metrics say so), a pause and a resume through the instance
+/// that does not supervise the batch take effect, and the counts are exact with every message
+/// sent once (the instances' sent counters add up to the batch's).
+#[test]
+fn two_instances_share_one_batch() {
+    let db = TestDb::new(Backend::PostgresRabbitmq);
+    let env = [
+        ("SMSBATCH__PROVIDERS__SIMULATOR__LATENCY_MS", "1"),
+        ("SMSBATCH__SMSBATCH__WORKER_COUNT", "2"),
+    ];
+    let a = TestServer::start(&db, &env);
+    let b = TestServer::start(&db, &env);
+    let phones = csv_phones(100_000);
+    let expected = Expected::of(&phones);
+    let id = a.create_batch(&json!({"name": "shared", "content": CONTENT, "url": URL}));
+    upload_ok(&a, &id, csv_body(&phones), 100_000, 100_000);
+    a.action_ok(&id, "start", "preparing");
+    a.wait_until(&id, "both instances sending", LONG, |_| {
+        sent_by(&a) > 0 && sent_by(&b) > 0
+    });
+
+    // The batch is supervised by `a`; `b` pauses it.
+    b.action_ok(&id, "pause", "paused");
+    thread::sleep(Duration::from_secs(2));
+    let before = sent(&a.batch(&id));
+    thread::sleep(Duration::from_secs(1));
+    let after = sent(&a.batch(&id));
+    assert_eq!(
+        before, after,
+        "no message is sent while the batch is paused"
+    );
+    b.action_ok(&id, "resume", "delivering");
+
+    let batch = a.wait_for_state(&id, &["completed"], LONG);
+    assert_completed_counts(&batch, &expected);
+    let (by_a, by_b) = (sent_by(&a), sent_by(&b));
+    eprintln!("sent by a: {by_a}, by b: {by_b}");
+    assert!(by_a > 0 && by_b > 0, "both instances sent: {by_a} / {by_b}");
+    assert_eq!(
+        by_a + by_b,
+        sent(&batch),
+        "every message was handed to the provider by exactly one instance"
+    );
+}
+
+/// SIGKILL of the instance that supervises a batch mid-delivery: the other instance takes the
+/// batch over once the lease expires and finishes it with exact counts.
+#[test]
+fn killing_the_supervising_instance_lets_the_other_finish() {
+    let db = TestDb::new(Backend::PostgresRabbitmq);
+    let env = [
+        ("SMSBATCH__PROVIDERS__SIMULATOR__LATENCY_MS", "1"),
+        ("SMSBATCH__SMSBATCH__WORKER_COUNT", "2"),
+        ("SMSBATCH__SMSBATCH__SEND_CONCURRENCY", "4"),
+    ];
+    let mut a = TestServer::start(&db, &env);
+    let b = TestServer::start(&db, &env);
+    let phones = csv_phones(20_000);
+    let expected = Expected::of(&phones);
+    let id = a.create_batch(&json!({"name": "orphaned", "content": CONTENT, "url": URL}));
+    upload_ok(&a, &id, csv_body(&phones), 20_000, 20_000);
+    a.action_ok(&id, "start", "preparing");
+    a.wait_until(&id, "sending (results.sent > 0)", LONG, has_sent);
+    a.kill();
+
+    let batch = b.wait_for_state(&id, &["completed"], LONG);
+    assert_prepared_counts(&batch, &expected);
+    assert_outcome_rule(&batch);
+    let messages = message_statuses(&b, &id);
+    assert_one_message_per_valid_recipient(&messages, &expected);
+    let mut failed_for_a_reason = BTreeSet::new();
+    let mut unknown = 0;
+    for (phone, status, error) in &messages {
+        assert!(
+            status == "sent" || status == "failed",
+            "{phone} ended {status}"
+        );
+        if status == "failed" {
+            if error.contains("unknown_outcome") {
+                unknown += 1;
+            } else {
+                failed_for_a_reason.insert(phone.clone());
+            }
+        }
+    }
+    eprintln!("after SIGKILL of the supervising instance: {unknown} unknown outcomes");
+    assert!(
+        failed_for_a_reason.is_subset(&expected.permanent),
+        "only 0001 numbers fail for a provider reason"
+    );
 }

@@ -6,6 +6,7 @@
 mod store_support;
 
 use std::collections::BTreeSet;
+use std::time::Duration;
 
 use chrono::{Duration as ChronoDuration, NaiveDateTime, Timelike, Utc};
 use smsbatch::domain::batch::MessageStatus;
@@ -78,6 +79,11 @@ on_both_backends!(recover_sending_for_resend
     => recover_sending_for_resend_sqlite, recover_sending_for_resend_postgres);
 on_both_backends!(list_messages_pages_and_filters
     => list_messages_pages_and_filters_sqlite, list_messages_pages_and_filters_postgres);
+on_both_backends!(leases_go_to_one_instance_at_a_time
+    => leases_go_to_one_instance_at_a_time_sqlite, leases_go_to_one_instance_at_a_time_postgres);
+on_both_backends!(only_dead_instances_claims_are_settled
+    => only_dead_instances_claims_are_settled_sqlite,
+       only_dead_instances_claims_are_settled_postgres);
 on_both_backends!(count_by_state_and_ping
     => count_by_state_and_ping_sqlite, count_by_state_and_ping_postgres);
 
@@ -1141,7 +1147,7 @@ async fn prepared_chunks_drop_duplicates_and_opt_outs(store: Store) {
     );
     assert_eq!(
         store
-            .next_task_ids(batch.id, 0, 0, 10)
+            .next_task_ids(batch.id, 0, 0, 10, false)
             .await
             .expect("p0")
             .len(),
@@ -1149,7 +1155,7 @@ async fn prepared_chunks_drop_duplicates_and_opt_outs(store: Store) {
     );
     assert_eq!(
         store
-            .next_task_ids(batch.id, 1, 0, 10)
+            .next_task_ids(batch.id, 1, 0, 10, false)
             .await
             .expect("p1")
             .len(),
@@ -1270,7 +1276,7 @@ async fn claims_slice_a_range_in_id_order(store: Store) {
     let mut from = first;
     loop {
         let claimed = store
-            .claim(batch.id, 0, from, last, 3)
+            .claim(batch.id, 0, from, last, 3, "test-instance")
             .await
             .expect("claim slice");
         let Some(end) = claimed.last().map(|m| m.id) else {
@@ -1285,7 +1291,7 @@ async fn claims_slice_a_range_in_id_order(store: Store) {
     );
     assert!(
         store
-            .claim(batch.id, 0, first, last, 3)
+            .claim(batch.id, 0, first, last, 3, "test-instance")
             .await
             .expect("again")
             .is_empty(),
@@ -1319,30 +1325,33 @@ async fn claim_moves_pending_to_sending_once(store: Store) {
 
     // next_task_ids pages each partition in id order.
     let task1 = store
-        .next_task_ids(batch.id, 0, 0, 4)
+        .next_task_ids(batch.id, 0, 0, 4, false)
         .await
         .expect("task 1");
     assert_eq!(task1, p0[0..4]);
     let task2 = store
-        .next_task_ids(batch.id, 0, task1[3], 4)
+        .next_task_ids(batch.id, 0, task1[3], 4, false)
         .await
         .expect("task 2");
     assert_eq!(task2, p0[4..6]);
     assert!(
         store
-            .next_task_ids(batch.id, 0, p0[5], 4)
+            .next_task_ids(batch.id, 0, p0[5], 4, false)
             .await
             .expect("end")
             .is_empty()
     );
     assert_eq!(
-        store.next_task_ids(batch.id, 1, 0, 10).await.expect("p1"),
+        store
+            .next_task_ids(batch.id, 1, 0, 10, false)
+            .await
+            .expect("p1"),
         p1
     );
     let other = create(&store, "other", 2).await;
     assert!(
         store
-            .next_task_ids(other.id, 0, 0, 10)
+            .next_task_ids(other.id, 0, 0, 10, false)
             .await
             .expect("other")
             .is_empty()
@@ -1350,7 +1359,7 @@ async fn claim_moves_pending_to_sending_once(store: Store) {
 
     // Claim task 1: its range also covers p1 ids, which stay untouched.
     let mut claimed = store
-        .claim(batch.id, 0, task1[0], task1[3], i64::MAX)
+        .claim(batch.id, 0, task1[0], task1[3], i64::MAX, "test-instance")
         .await
         .expect("claim");
     claimed.sort_by_key(|m| m.id);
@@ -1377,7 +1386,7 @@ async fn claim_moves_pending_to_sending_once(store: Store) {
     // The same task delivered again claims nothing.
     assert!(
         store
-            .claim(batch.id, 0, task1[0], task1[3], i64::MAX)
+            .claim(batch.id, 0, task1[0], task1[3], i64::MAX, "test-instance")
             .await
             .expect("claim again")
             .is_empty(),
@@ -1385,33 +1394,36 @@ async fn claim_moves_pending_to_sending_once(store: Store) {
     );
     // Claimed messages are no longer offered to new tasks.
     assert_eq!(
-        store.next_task_ids(batch.id, 0, 0, 10).await.expect("p0"),
+        store
+            .next_task_ids(batch.id, 0, 0, 10, false)
+            .await
+            .expect("p0"),
         p0[4..6]
     );
 
     // The id range bounds the claim (inclusive on both ends).
     let one = store
-        .claim(batch.id, 0, p0[4], p0[4], i64::MAX)
+        .claim(batch.id, 0, p0[4], p0[4], i64::MAX, "test-instance")
         .await
         .expect("claim one");
     assert_eq!(one.iter().map(|m| m.id).collect::<Vec<_>>(), vec![p0[4]]);
     // Another batch or another partition claims nothing of these.
     assert!(
         store
-            .claim(other.id, 0, 0, i64::MAX, i64::MAX)
+            .claim(other.id, 0, 0, i64::MAX, i64::MAX, "test-instance")
             .await
             .expect("other")
             .is_empty()
     );
     assert!(
         store
-            .claim(batch.id, 1, p0[5], p0[5], i64::MAX)
+            .claim(batch.id, 1, p0[5], p0[5], i64::MAX, "test-instance")
             .await
             .expect("wrong partition")
             .is_empty()
     );
     let mut rest1 = store
-        .claim(batch.id, 1, 0, i64::MAX, i64::MAX)
+        .claim(batch.id, 1, 0, i64::MAX, i64::MAX, "test-instance")
         .await
         .expect("p1");
     rest1.sort_by_key(|m| m.id);
@@ -1447,7 +1459,7 @@ async fn concurrent_claims_hand_out_each_message_once(store: Store) {
         };
         handles.push(tokio::spawn(async move {
             store
-                .claim(batch.id, 0, lo, hi, i64::MAX)
+                .claim(batch.id, 0, lo, hi, i64::MAX, "test-instance")
                 .await
                 .expect("claim")
         }));
@@ -1485,7 +1497,7 @@ async fn record_outcomes_moves_messages_and_counters(store: Store) {
     let m = seed(&store, batch.id, &spec).await;
     // Claim m0..m5; m6 stays pending.
     let claimed = store
-        .claim(batch.id, 0, m[0], m[5], i64::MAX)
+        .claim(batch.id, 0, m[0], m[5], i64::MAX, "test-instance")
         .await
         .expect("claim");
     assert_eq!(claimed.len(), 6);
@@ -1553,7 +1565,7 @@ async fn record_outcomes_moves_messages_and_counters(store: Store) {
     // The retry waits: not offered, not claimable, and reported by earliest_retry.
     assert_eq!(
         store
-            .next_task_ids(batch.id, 0, 0, 100)
+            .next_task_ids(batch.id, 0, 0, 100, false)
             .await
             .expect("next"),
         vec![m[4], m[6]]
@@ -1563,7 +1575,7 @@ async fn record_outcomes_moves_messages_and_counters(store: Store) {
         Some(due)
     );
     let mut again = store
-        .claim(batch.id, 0, m[0], m[6], i64::MAX)
+        .claim(batch.id, 0, m[0], m[6], i64::MAX, "test-instance")
         .await
         .expect("claim");
     again.sort_by_key(|c| c.id);
@@ -1615,7 +1627,7 @@ async fn record_outcomes_moves_messages_and_counters(store: Store) {
 
     // The partition argument picks the counters: partition 1's message m7.
     let c7 = store
-        .claim(batch.id, 1, m[7], m[7], i64::MAX)
+        .claim(batch.id, 1, m[7], m[7], i64::MAX, "test-instance")
         .await
         .expect("claim m7");
     assert_eq!(c7.len(), 1);
@@ -1672,7 +1684,7 @@ async fn retries_wait_until_due(store: Store) {
     );
 
     let claimed = store
-        .claim(batch.id, 0, m[0], m[3], i64::MAX)
+        .claim(batch.id, 0, m[0], m[3], i64::MAX, "test-instance")
         .await
         .expect("claim");
     assert_eq!(claimed.len(), 4);
@@ -1702,11 +1714,14 @@ async fn retries_wait_until_due(store: Store) {
     );
     // Only the retry whose time has come is offered and claimable.
     assert_eq!(
-        store.next_task_ids(batch.id, 0, 0, 10).await.expect("due"),
+        store
+            .next_task_ids(batch.id, 0, 0, 10, false)
+            .await
+            .expect("due"),
         vec![m[2]]
     );
     let c = store
-        .claim(batch.id, 0, m[0], m[3], i64::MAX)
+        .claim(batch.id, 0, m[0], m[3], i64::MAX, "test-instance")
         .await
         .expect("claim due");
     assert_eq!(
@@ -1738,7 +1753,7 @@ async fn retries_wait_until_due(store: Store) {
     );
     assert!(
         store
-            .next_task_ids(batch.id, 0, 0, 10)
+            .next_task_ids(batch.id, 0, 0, 10, false)
             .await
             .expect("none due")
             .is_empty()
@@ -1753,7 +1768,7 @@ async fn retries_wait_until_due(store: Store) {
     )
     .await;
     store
-        .claim(batch.id, 0, extra[0], extra[1], i64::MAX)
+        .claim(batch.id, 0, extra[0], extra[1], i64::MAX, "test-instance")
         .await
         .expect("claim extra");
     let micros = |t: NaiveDateTime| {
@@ -1782,12 +1797,15 @@ async fn retries_wait_until_due(store: Store) {
         "microseconds survive the round trip"
     );
     assert_eq!(
-        store.next_task_ids(batch.id, 0, 0, 10).await.expect("due"),
+        store
+            .next_task_ids(batch.id, 0, 0, 10, false)
+            .await
+            .expect("due"),
         vec![extra[0]]
     );
     assert!(
         store
-            .claim(batch.id, 0, extra[1], extra[1], i64::MAX)
+            .claim(batch.id, 0, extra[1], extra[1], i64::MAX, "test-instance")
             .await
             .expect("not yet")
             .is_empty()
@@ -1796,13 +1814,13 @@ async fn retries_wait_until_due(store: Store) {
     tokio::time::sleep(wait).await;
     assert_eq!(
         store
-            .next_task_ids(batch.id, 0, 0, 10)
+            .next_task_ids(batch.id, 0, 0, 10, false)
             .await
             .expect("both due"),
         vec![extra[0], extra[1]]
     );
     let c = store
-        .claim(batch.id, 0, extra[0], extra[1], i64::MAX)
+        .claim(batch.id, 0, extra[0], extra[1], i64::MAX, "test-instance")
         .await
         .expect("claim");
     assert_eq!(c.len(), 2);
@@ -1833,7 +1851,7 @@ async fn cancel_pending_and_recover_sending(store: Store) {
     // p0: m0, m1 sending; m2 sent; m3 waiting for a retry; m4 pending. p1: m5 sending.
     assert_eq!(
         store
-            .claim(batch.id, 0, m[0], m[3], i64::MAX)
+            .claim(batch.id, 0, m[0], m[3], i64::MAX, "test-instance")
             .await
             .expect("claim")
             .len(),
@@ -1841,7 +1859,7 @@ async fn cancel_pending_and_recover_sending(store: Store) {
     );
     assert_eq!(
         store
-            .claim(batch.id, 1, m[5], m[5], i64::MAX)
+            .claim(batch.id, 1, m[5], m[5], i64::MAX, "test-instance")
             .await
             .expect("claim")
             .len(),
@@ -1898,7 +1916,7 @@ async fn cancel_pending_and_recover_sending(store: Store) {
 
     // At most once: sending messages fail with unknown_outcome.
     let recovered = store
-        .recover_sending(batch.id, 2, false)
+        .settle_orphaned_claims(batch.id, 2, false, &[])
         .await
         .expect("recover_sending");
     assert_eq!(recovered, 3);
@@ -1914,14 +1932,14 @@ async fn cancel_pending_and_recover_sending(store: Store) {
     );
     assert_eq!(
         store
-            .recover_sending(batch.id, 2, false)
+            .settle_orphaned_claims(batch.id, 2, false, &[])
             .await
             .expect("again"),
         0
     );
     assert_eq!(
         store
-            .recover_sending(batch.id, 2, true)
+            .settle_orphaned_claims(batch.id, 2, true, &[])
             .await
             .expect("again"),
         0
@@ -1960,7 +1978,7 @@ async fn recover_sending_for_resend(store: Store) {
     .await;
     assert_eq!(
         store
-            .claim(batch.id, 0, m[0], m[1], i64::MAX)
+            .claim(batch.id, 0, m[0], m[1], i64::MAX, "test-instance")
             .await
             .expect("claim")
             .len(),
@@ -1968,7 +1986,7 @@ async fn recover_sending_for_resend(store: Store) {
     );
     assert_eq!(
         store
-            .claim(batch.id, 1, m[2], m[2], i64::MAX)
+            .claim(batch.id, 1, m[2], m[2], i64::MAX, "test-instance")
             .await
             .expect("claim")
             .len(),
@@ -1976,7 +1994,7 @@ async fn recover_sending_for_resend(store: Store) {
     );
 
     let recovered = store
-        .recover_sending(batch.id, 2, true)
+        .settle_orphaned_claims(batch.id, 2, true, &[])
         .await
         .expect("recover_sending");
     assert_eq!(recovered, 3);
@@ -1996,11 +2014,14 @@ async fn recover_sending_for_resend(store: Store) {
     );
     // They are offered and claimed again; the attempt count keeps the lost attempt.
     assert_eq!(
-        store.next_task_ids(batch.id, 0, 0, 10).await.expect("p0"),
+        store
+            .next_task_ids(batch.id, 0, 0, 10, false)
+            .await
+            .expect("p0"),
         vec![m[0], m[1]]
     );
     let mut c = store
-        .claim(batch.id, 0, m[0], m[1], i64::MAX)
+        .claim(batch.id, 0, m[0], m[1], i64::MAX, "test-instance")
         .await
         .expect("claim again");
     c.sort_by_key(|c| c.id);
@@ -2031,7 +2052,7 @@ async fn list_messages_pages_and_filters(store: Store) {
 
     // m0, m2, m4 sent; m5 failed; m6 sending; m1, m3 pending.
     store
-        .claim(batch.id, 0, m[0], m[6], i64::MAX)
+        .claim(batch.id, 0, m[0], m[6], i64::MAX, "test-instance")
         .await
         .expect("claim");
     store
@@ -2156,4 +2177,154 @@ async fn count_by_state_and_ping(store: Store) {
     let states: BTreeSet<String> = counts.into_iter().map(|(s, _)| s).collect();
     assert_eq!(states.len(), 3, "one row per state");
     store.ping().await.expect("ping");
+}
+
+// 11. Several instances: leases, heartbeats, claims of dead instances.
+
+/// A lease goes to one instance at a time; its holder renews it; an expired one can be taken
+/// over; a released one is free; unsupervised active batches are the ones without a live lease.
+async fn leases_go_to_one_instance_at_a_time(store: Store) {
+    let batch = create(&store, "leased", 1).await;
+    let lease = Duration::from_secs(60);
+    // Only active batches need a supervisor.
+    assert!(store.unsupervised_batches().await.expect("none").is_empty());
+    let mut update = LifecycleUpdate::from(&batch);
+    update.state = "delivering".into();
+    let batch = store
+        .save_lifecycle(batch.id, batch.version, &update)
+        .await
+        .expect("delivering");
+    let ids = |batches: Vec<Batch>| batches.iter().map(|b| b.id).collect::<Vec<_>>();
+    assert_eq!(
+        ids(store.unsupervised_batches().await.expect("one")),
+        vec![batch.id]
+    );
+
+    assert!(
+        store
+            .acquire_lease(batch.id, "a", lease)
+            .await
+            .expect("a takes it")
+    );
+    assert!(
+        !store
+            .acquire_lease(batch.id, "b", lease)
+            .await
+            .expect("b cannot")
+    );
+    assert!(
+        store
+            .acquire_lease(batch.id, "a", lease)
+            .await
+            .expect("a keeps it")
+    );
+    assert_eq!(
+        store.lease_owner(batch.id).await.expect("owner").as_deref(),
+        Some("a")
+    );
+    assert!(store.unsupervised_batches().await.expect("held").is_empty());
+    assert_eq!(
+        store.renew_leases("a", lease).await.expect("renew"),
+        vec![batch.id]
+    );
+    assert!(
+        store
+            .renew_leases("b", lease)
+            .await
+            .expect("renew")
+            .is_empty()
+    );
+
+    // A lease that ran out is free for the taking.
+    assert!(
+        store
+            .acquire_lease(batch.id, "a", Duration::ZERO)
+            .await
+            .expect("shorten")
+    );
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(store.lease_owner(batch.id).await.expect("expired"), None);
+    assert_eq!(
+        ids(store.unsupervised_batches().await.expect("expired")),
+        vec![batch.id]
+    );
+    assert!(
+        store
+            .acquire_lease(batch.id, "b", lease)
+            .await
+            .expect("b takes over")
+    );
+    assert!(
+        store
+            .renew_leases("a", lease)
+            .await
+            .expect("a renews")
+            .is_empty(),
+        "a learns it lost the batch"
+    );
+
+    // Released or forgotten, it is free again.
+    store
+        .release_lease(batch.id, "a")
+        .await
+        .expect("not a's: no-op");
+    assert_eq!(
+        store
+            .lease_owner(batch.id)
+            .await
+            .expect("still b")
+            .as_deref(),
+        Some("b")
+    );
+    store.heartbeat("b").await.expect("heartbeat");
+    store.forget_instance("b").await.expect("forget");
+    assert_eq!(store.lease_owner(batch.id).await.expect("free"), None);
+    assert!(store.live_instances(lease).await.expect("live").is_empty());
+}
+
+/// Only the claims of instances without a recent heartbeat are settled; a live instance's claims
+/// are its own to finish.
+async fn only_dead_instances_claims_are_settled(store: Store) {
+    let batch = create(&store, "orphans", 1).await;
+    let phones: Vec<String> = (0..4).map(|i| format!("+861350000{i:04}")).collect();
+    let spec: Vec<(i32, &str)> = phones.iter().map(|p| (0, p.as_str())).collect();
+    let m = seed(&store, batch.id, &spec).await;
+    store.heartbeat("alive").await.expect("heartbeat");
+    store
+        .claim(batch.id, 0, m[0], m[1], i64::MAX, "alive")
+        .await
+        .expect("claim");
+    store
+        .claim(batch.id, 0, m[2], m[3], i64::MAX, "dead")
+        .await
+        .expect("claim");
+    let live = store
+        .live_instances(Duration::from_secs(60))
+        .await
+        .expect("live");
+    assert_eq!(live, vec!["alive".to_string()]);
+    let settled = store
+        .settle_orphaned_claims(batch.id, 1, false, &live)
+        .await
+        .expect("settle");
+    assert_eq!(settled, 2);
+    assert_eq!(
+        statuses(&store, batch.id).await,
+        vec![
+            (m[0], SENDING),
+            (m[1], SENDING),
+            (m[2], FAILED),
+            (m[3], FAILED)
+        ]
+    );
+    let failed = store
+        .list_messages(batch.id, Some(MessageStatus::Failed), 0, 10)
+        .await
+        .expect("failed");
+    assert!(
+        failed
+            .iter()
+            .all(|f| f.error.as_deref() == Some(UNKNOWN_OUTCOME))
+    );
+    assert_eq!(counters(&store, batch.id).await[0].3, 2, "failed counter");
 }

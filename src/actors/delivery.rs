@@ -3,8 +3,9 @@
 //! transport's capacity in flight. It re-plans until every message is in a final status, so
 //! retries and messages released by a pause are picked up again.
 
+use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
@@ -30,12 +31,25 @@ pub enum DeliveryError {
 }
 
 /// Runs (or continues) delivery of a batch until every message is final or the gate closes.
+///
+/// The first round plans every due pending message. Later rounds plan only messages waiting for
+/// a retry: with a broker, tasks already published are in the queue, and planning them again
+/// would only double the queue's work. If the batch makes no progress for `replan_after`, a full
+/// round runs again, so a task lost outside the broker's guarantees is not lost for good.
 #[tracing::instrument(skip_all, fields(batch_id = %batch.public_id, step = "delivery"), err)]
 pub async fn run(deps: Deps, batch: Batch, gate: Arc<Gate>) -> Result<StepEnd, DeliveryError> {
     let store = &deps.core.store;
-    let task_size = deps.core.settings.smsbatch.task_size as i64;
+    let settings = &deps.core.settings.smsbatch;
+    let task_size = settings.task_size as i64;
+    let replan_after = Duration::from_millis(settings.replan_after_ms);
     let max_in_flight = deps.transport.capacity().max(1);
     let partitions = batch.partition_count.max(1);
+    let mut full_round = true;
+    let mut last_done = -1i64;
+    let mut last_progress = Instant::now();
+    // Retries already handed out, so that a retry waiting in a broker queue is not published
+    // again each round (bounded: only messages that failed transiently, kept `replan_after`).
+    let mut retries_planned: HashMap<i64, Instant> = HashMap::new();
     loop {
         if !gate.is_open() {
             return Ok(StepEnd::Stopped);
@@ -45,6 +59,23 @@ pub async fn run(deps: Deps, batch: Batch, gate: Arc<Gate>) -> Result<StepEnd, D
             tracing::info!(batch_id = %batch.public_id, "Delivery finished.");
             return Ok(StepEnd::Finished);
         }
+        let done: i64 = counters.iter().map(|p| p.done()).sum();
+        if done != last_done {
+            last_done = done;
+            last_progress = Instant::now();
+        } else if last_progress.elapsed() >= replan_after {
+            tracing::warn!(batch_id = %batch.public_id, "No progress; settling dead instances' claims and planning every pending message again.");
+            let lease = Duration::from_millis(settings.lease_ms);
+            let live = store.live_instances(lease).await?;
+            let resend = settings.redelivery == crate::config::Redelivery::AtLeastOnce;
+            store
+                .settle_orphaned_claims(batch.id, batch.partition_count, resend, &live)
+                .await?;
+            full_round = true;
+            last_progress = Instant::now();
+        }
+        let retries_only = !std::mem::take(&mut full_round);
+        retries_planned.retain(|_, at| at.elapsed() < replan_after);
         // One planning round: walk every partition's due pending messages once.
         let mut cursors = vec![0i64; partitions as usize];
         let mut exhausted = vec![false; partitions as usize];
@@ -60,17 +91,30 @@ pub async fn run(deps: Deps, batch: Batch, gate: Arc<Gate>) -> Result<StepEnd, D
                 if !gate.is_open() {
                     break 'round;
                 }
-                let ids = store
-                    .next_task_ids(batch.id, p, cursors[slot], task_size)
+                let mut ids = store
+                    .next_task_ids(batch.id, p, cursors[slot], task_size, retries_only)
                     .await?;
-                let (Some(&first_id), Some(&last_id)) = (ids.first(), ids.last()) else {
+                let Some(&page_end) = ids.last() else {
                     exhausted[slot] = true;
                     continue;
                 };
-                cursors[slot] = last_id;
+                cursors[slot] = page_end;
+                if retries_only {
+                    ids.retain(|id| !retries_planned.contains_key(id));
+                    let now = Instant::now();
+                    retries_planned.extend(ids.iter().map(|id| (*id, now)));
+                }
+                let (Some(&first_id), Some(&last_id)) = (ids.first(), ids.last()) else {
+                    planned = true;
+                    continue;
+                };
                 while in_flight.len() >= max_in_flight {
-                    if let Some(result) = in_flight.next().await {
-                        result?;
+                    tokio::select! {
+                        Some(result) = in_flight.next() => { result?; }
+                        () = gate.closed() => {
+                            settle_in_flight(&mut in_flight, deps.core.settings.smsbatch.timeout_ms).await;
+                            return Ok(StepEnd::Stopped);
+                        }
                     }
                 }
                 in_flight.push(deps.transport.dispatch(DeliveryTask {
@@ -87,8 +131,17 @@ pub async fn run(deps: Deps, batch: Batch, gate: Arc<Gate>) -> Result<StepEnd, D
             }
         }
         // Let what was handed over finish (or be skipped, if the gate closed) before looking again.
-        while let Some(result) = in_flight.next().await {
-            result?;
+        loop {
+            tokio::select! {
+                next = in_flight.next() => match next {
+                    Some(result) => { result?; }
+                    None => break,
+                },
+                () = gate.closed() => {
+                    settle_in_flight(&mut in_flight, deps.core.settings.smsbatch.timeout_ms).await;
+                    return Ok(StepEnd::Stopped);
+                }
+            }
         }
         if dispatched == 0 {
             let wait = match store.earliest_retry(batch.id).await? {
@@ -98,7 +151,28 @@ pub async fn run(deps: Deps, batch: Batch, gate: Arc<Gate>) -> Result<StepEnd, D
                     .min(IDLE_POLL),
                 None => IDLE_POLL,
             };
-            tokio::time::sleep(wait.max(Duration::from_millis(5))).await;
+            tokio::select! {
+                () = tokio::time::sleep(wait.max(Duration::from_millis(5))) => {}
+                () = gate.closed() => return Ok(StepEnd::Stopped),
+            }
         }
+    }
+}
+
+/// Paused or stopping: gives the tasks in flight the time of one provider call (plus a margin)
+/// to end — in-process workers release what they claimed and answer at once — so that nothing is
+/// left `sending` by a graceful stop. A dispatch still waiting for an absent broker is dropped;
+/// its messages stay pending and are planned again on resume.
+async fn settle_in_flight<F>(in_flight: &mut FuturesUnordered<F>, timeout_ms: u64)
+where
+    F: std::future::Future,
+{
+    let limit = Duration::from_millis(timeout_ms) + Duration::from_secs(5);
+    let drained = async { while in_flight.next().await.is_some() {} };
+    if tokio::time::timeout(limit, drained).await.is_err() {
+        tracing::warn!(
+            left = in_flight.len(),
+            "Tasks still in flight after the gate closed."
+        );
     }
 }

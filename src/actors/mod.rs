@@ -35,6 +35,8 @@ pub struct Core {
     pub gates: Gates,
     /// The region of numbers written without `+`.
     pub region: Region,
+    /// This process's id among the instances sharing the database (new at every start).
+    pub instance: String,
 }
 
 /// `Core` plus the transport, for the supervisors and their children.

@@ -1,6 +1,13 @@
 //! The BatchRegistry: one per process. It finds or spawns the supervisor of a batch, forwards the
 //! operator's actions to it, recovers the batches a previous run left active, and drains them on
 //! shutdown.
+//!
+//! Several instances share one database: each active batch's supervisor runs in the instance that
+//! holds its lease. Every `lease_ms / 3` the registry sends its heartbeat, renews its leases
+//! (stopping the supervisors of leases it lost), and takes over active batches whose lease
+//! expired — the batches of an instance that died — after settling that instance's claims. An
+//! action on a batch another live instance supervises is saved in the database directly (with the
+//! same state machine and version check); the owner's supervisor picks it up within `poll_ms`.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -8,11 +15,11 @@ use std::time::Duration;
 use actix::prelude::*;
 
 use super::Deps;
-use super::supervisor::{Act, ActError, Action, BatchSupervisor, Drain};
+use super::supervisor::{Act, ActError, Action, BatchSupervisor, Drain, project};
 use crate::config::Redelivery;
 use crate::domain::state::{BatchState, Lifecycle, transition};
-use crate::store::StoreError;
-use crate::store::models::Batch;
+use crate::store::models::{Batch, LifecycleUpdate};
+use crate::store::{Store, StoreError};
 
 /// Applies an operator's action to a batch (by public id); answers the batch as saved.
 #[derive(Debug, Message)]
@@ -49,8 +56,9 @@ pub struct Shutdown(pub Duration);
 /// Finds, spawns and recovers supervisors.
 pub struct BatchRegistry {
     deps: Deps,
-    supervisors: HashMap<i64, (u64, Addr<BatchSupervisor>)>,
+    supervisors: HashMap<i64, (u64, Addr<BatchSupervisor>, std::time::Instant)>,
     generation: u64,
+    ticking: bool,
 }
 
 impl BatchRegistry {
@@ -60,14 +68,15 @@ impl BatchRegistry {
             deps,
             supervisors: HashMap::new(),
             generation: 0,
+            ticking: false,
         }
     }
 
     fn supervisor(&mut self, batch: Batch, ctx: &mut Context<Self>) -> Addr<BatchSupervisor> {
-        if let Some((_, addr)) = self
+        if let Some((_, addr, _)) = self
             .supervisors
             .get(&batch.id)
-            .filter(|(_, a)| a.connected())
+            .filter(|(_, a, _)| a.connected())
         {
             return addr.clone();
         }
@@ -80,9 +89,106 @@ impl BatchRegistry {
             self.generation,
         )
         .start();
-        self.supervisors.insert(id, (self.generation, addr.clone()));
+        self.supervisors.insert(
+            id,
+            (self.generation, addr.clone(), std::time::Instant::now()),
+        );
         addr
     }
+}
+
+impl BatchRegistry {
+    fn lease(&self) -> Duration {
+        Duration::from_millis(self.deps.core.settings.smsbatch.lease_ms)
+    }
+
+    /// Heartbeat, lease renewal, take-over of unsupervised batches. One at a time; it never
+    /// blocks the registry's mailbox.
+    fn tick(&mut self, ctx: &mut Context<Self>) {
+        if std::mem::replace(&mut self.ticking, true) {
+            return;
+        }
+        let store = self.deps.core.store.clone();
+        let instance = self.deps.core.instance.clone();
+        let lease = self.lease();
+        let resend = self.deps.core.settings.smsbatch.redelivery == Redelivery::AtLeastOnce;
+        let started = std::time::Instant::now();
+        ctx.spawn(
+            async move {
+                store.heartbeat(&instance).await?;
+                let held = store.renew_leases(&instance, lease).await?;
+                let taken = take_over(&store, &instance, lease, resend).await?;
+                Ok::<_, StoreError>((held, taken))
+            }
+            .into_actor(self)
+            .map(move |result, act, ctx| {
+                act.ticking = false;
+                match result {
+                    Ok((held, taken)) => {
+                        // Supervisors of leases this instance lost (it was too slow to renew
+                        // them, and another took over) stop: one supervisor per batch.
+                        // (A supervisor started after this round began holds a lease the
+                        // renewal did not see yet.)
+                        let lost: Vec<i64> = act
+                            .supervisors
+                            .iter()
+                            .filter(|(id, (_, _, since))| !held.contains(id) && *since < started)
+                            .map(|(id, _)| *id)
+                            .collect();
+                        for id in lost {
+                            if let Some((_, addr, _)) = act.supervisors.remove(&id) {
+                                tracing::warn!(batch = id, "Lease lost; stopping its supervisor here.");
+                                if addr.try_send(super::supervisor::Stop).is_err() {
+                                    tracing::warn!(batch = id, "Supervisor did not take the stop.");
+                                }
+                            }
+                        }
+                        for batch in taken {
+                            tracing::info!(batch_id = %batch.public_id, state = %batch.state, "Taking over batch.");
+                            act.supervisor(batch, ctx);
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "Lease upkeep failed; retrying."),
+                }
+            }),
+        );
+    }
+}
+
+/// Takes the lease of every active batch nobody supervises, settles the claims its dead
+/// instances left, and returns the batches now this instance's to supervise.
+async fn take_over(
+    store: &Store,
+    instance: &str,
+    lease: Duration,
+    resend: bool,
+) -> Result<Vec<Batch>, StoreError> {
+    let mut taken = Vec::new();
+    for batch in store.unsupervised_batches().await? {
+        if !store.acquire_lease(batch.id, instance, lease).await? {
+            continue;
+        }
+        settle_orphans(store, &batch, lease, resend).await?;
+        taken.push(batch);
+    }
+    Ok(taken)
+}
+
+/// Settles the messages of a batch that dead instances left `sending`.
+async fn settle_orphans(
+    store: &Store,
+    batch: &Batch,
+    lease: Duration,
+    resend: bool,
+) -> Result<(), StoreError> {
+    let live = store.live_instances(lease).await?;
+    let settled = store
+        .settle_orphaned_claims(batch.id, batch.partition_count, resend, &live)
+        .await?;
+    if settled > 0 {
+        tracing::warn!(batch_id = %batch.public_id, messages = settled, resend, "Settled messages left sending by an instance that died.");
+    }
+    Ok(())
 }
 
 impl Actor for BatchRegistry {
@@ -90,7 +196,19 @@ impl Actor for BatchRegistry {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.set_mailbox_capacity(self.deps.core.settings.smsbatch.supervisor_mailbox);
+        let every = Duration::from_millis(self.deps.core.settings.smsbatch.lease_ms / 3);
+        ctx.run_interval(every, |act, ctx| act.tick(ctx));
     }
+}
+
+/// Where a command goes.
+enum Route {
+    /// To this instance's supervisor of the batch.
+    Local(Addr<BatchSupervisor>),
+    /// This instance now holds the lease: start a supervisor here.
+    Spawn(Batch),
+    /// Another live instance supervises the batch: the action was saved in the database.
+    Saved(Batch),
 }
 
 impl Handler<Command> for BatchRegistry {
@@ -98,6 +216,10 @@ impl Handler<Command> for BatchRegistry {
 
     fn handle(&mut self, msg: Command, _ctx: &mut Self::Context) -> Self::Result {
         let store = self.deps.core.store.clone();
+        let instance = self.deps.core.instance.clone();
+        let lease = self.lease();
+        let resend_messages =
+            self.deps.core.settings.smsbatch.redelivery == Redelivery::AtLeastOnce;
         let Command {
             public_id,
             action,
@@ -107,19 +229,50 @@ impl Handler<Command> for BatchRegistry {
         Box::pin(
             async move { load(&store, &public_id).await }
                 .into_actor(self)
-                .map(move |loaded, act, ctx| {
-                    let batch = loaded?;
-                    // Refuse what the state machine refuses without waking a supervisor for it.
-                    if !act.supervisors.contains_key(&batch.id) {
+                .then(move |loaded, act, _ctx| {
+                    let local = loaded.as_ref().ok().and_then(|b| {
+                        act.supervisors
+                            .get(&b.id)
+                            .filter(|(_, a, _)| a.connected())
+                            .map(|(_, a, _)| a.clone())
+                    });
+                    let store = act.deps.core.store.clone();
+                    async move {
+                        let batch = loaded?;
+                        if let Some(addr) = local {
+                            return Ok(Route::Local(addr));
+                        }
+                        // Refuse what the state machine refuses without waking a supervisor.
                         check(&batch, action)?;
+                        let owner = store.lease_owner(batch.id).await?;
+                        if owner.is_none_or(|o| o == instance)
+                            && store.acquire_lease(batch.id, &instance, lease).await?
+                        {
+                            settle_orphans(&store, &batch, lease, resend_messages).await?;
+                            return Ok(Route::Spawn(batch));
+                        }
+                        Ok(Route::Saved(apply_remotely(&store, batch, action).await?))
                     }
-                    Ok(act.supervisor(batch, ctx))
+                    .into_actor(act)
+                })
+                .map(|route: Result<Route, ActError>, act, ctx| {
+                    Ok(match route? {
+                        Route::Local(addr) => Ok(addr),
+                        Route::Spawn(batch) => Ok(act.supervisor(batch, ctx)),
+                        Route::Saved(batch) => Err(batch),
+                    })
                 })
                 .then(
-                    move |addr: Result<Addr<BatchSupervisor>, ActError>, act, ctx| {
+                    move |addr: Result<Result<Addr<BatchSupervisor>, Batch>, ActError>,
+                          act,
+                          ctx| {
                         let registry = ctx.address();
                         async move {
-                            match addr?.send(Act(action)).await {
+                            let addr = match addr? {
+                                Ok(addr) => addr,
+                                Err(saved) => return Ok(saved),
+                            };
+                            match addr.send(Act(action)).await {
                                 Ok(answer) => answer,
                                 // The supervisor stopped between the lookup and the send (its batch
                                 // had just reached a final state): go through the registry once more,
@@ -140,6 +293,26 @@ impl Handler<Command> for BatchRegistry {
                 ),
         )
     }
+}
+
+/// Saves an action on a batch that another instance supervises: the same state machine and
+/// version check as a supervisor's; the owner acts on the new state when it next looks.
+async fn apply_remotely(
+    store: &Store,
+    mut batch: Batch,
+    action: Action,
+) -> Result<Batch, ActError> {
+    for _ in 0..5 {
+        let next = project(&batch, action.event(&batch), None, 0)?;
+        let mut update = LifecycleUpdate::from(&next);
+        update.restarts = batch.restarts;
+        match store.save_lifecycle(batch.id, batch.version, &update).await {
+            Ok(saved) => return Ok(saved),
+            Err(StoreError::Conflict(_)) => batch = store.batch(batch.id).await?,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(StoreError::Conflict(batch.public_id).into())
 }
 
 async fn load(store: &crate::store::Store, public_id: &str) -> Result<Batch, ActError> {
@@ -163,13 +336,24 @@ fn check(batch: &Batch, action: Action) -> Result<(), ActError> {
 impl Handler<SupervisorStopped> for BatchRegistry {
     type Result = ();
 
-    fn handle(&mut self, msg: SupervisorStopped, _ctx: &mut Self::Context) {
+    fn handle(&mut self, msg: SupervisorStopped, ctx: &mut Self::Context) {
         if self
             .supervisors
             .get(&msg.batch_id)
-            .is_some_and(|(generation, _)| *generation == msg.generation)
+            .is_some_and(|(generation, _, _)| *generation == msg.generation)
         {
             self.supervisors.remove(&msg.batch_id);
+            // Nothing left to supervise here (a final state, or a pause): the lease goes back.
+            let store = self.deps.core.store.clone();
+            let instance = self.deps.core.instance.clone();
+            ctx.spawn(
+                async move {
+                    if let Err(e) = store.release_lease(msg.batch_id, &instance).await {
+                        tracing::warn!(batch = msg.batch_id, error = %e, "Lease not released; it expires on its own.");
+                    }
+                }
+                .into_actor(self),
+            );
         }
     }
 }
@@ -179,38 +363,34 @@ impl Handler<Recover> for BatchRegistry {
 
     fn handle(&mut self, _msg: Recover, _ctx: &mut Self::Context) -> Self::Result {
         let store = self.deps.core.store.clone();
+        let instance = self.deps.core.instance.clone();
+        let lease = self.lease();
         let resend = self.deps.core.settings.smsbatch.redelivery == Redelivery::AtLeastOnce;
         AtomicResponse::new(Box::pin(
             async move {
-                // Messages a dead process left `sending` have an unknown outcome; settle them
-                // before anything plans delivery again.
+                store.heartbeat(&instance).await?;
+                // Batches that need no supervisor may still hold claims of a dead process:
+                // settle them (the claims of live instances are theirs to finish).
                 for batch in store
-                    .batches_in_states(&["delivering", "paused", "cancelled", "failed"])
+                    .batches_in_states(&["paused", "cancelled", "failed"])
                     .await?
                 {
                     let parts = store.partitions(batch.id).await?;
                     if parts.iter().all(|p| p.done() >= p.total) {
                         continue;
                     }
-                    let settled = store
-                        .recover_sending(batch.id, batch.partition_count, resend)
-                        .await?;
-                    if settled > 0 {
-                        tracing::warn!(batch_id = %batch.public_id, messages = settled, resend, "Settled messages left sending by a previous run.");
-                    }
+                    settle_orphans(&store, &batch, lease, resend).await?;
                     if batch.state == "cancelled" {
                         store.cancel_pending(batch.id, batch.partition_count).await?;
                     }
                 }
-                store
-                    .batches_in_states(&["scheduled", "preparing", "delivering"])
-                    .await
+                take_over(&store, &instance, lease, resend).await
             }
             .into_actor(self)
-            .map(|active, act, ctx| {
-                let active = active?;
-                let n = active.len();
-                for batch in active {
+            .map(|taken, act, ctx| {
+                let taken = taken?;
+                let n = taken.len();
+                for batch in taken {
                     tracing::info!(batch_id = %batch.public_id, state = %batch.state, "Resuming batch.");
                     act.supervisor(batch, ctx);
                 }
@@ -224,11 +404,11 @@ impl Handler<Shutdown> for BatchRegistry {
     type Result = ResponseFuture<()>;
 
     fn handle(&mut self, msg: Shutdown, _ctx: &mut Self::Context) -> Self::Result {
-        self.deps.core.gates.hold_all();
+        self.deps.core.gates.begin_shutdown();
         let drains: Vec<_> = self
             .supervisors
             .values()
-            .map(|(_, a)| a.send(Drain))
+            .map(|(_, a, _)| a.send(Drain))
             .collect();
         Box::pin(async move {
             let all = futures_util::future::join_all(drains);

@@ -88,6 +88,11 @@ struct ChildExited {
 #[rtype(result = "()")]
 pub struct Drain;
 
+/// Stop supervising here: another instance holds the batch's lease now.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct Stop;
+
 /// A condition of the batch, as API.md shows it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Condition {
@@ -197,6 +202,29 @@ impl BatchSupervisor {
                 result
             }),
         )
+    }
+
+    /// Adopts the row if it changed behind this supervisor's back (an action saved by another
+    /// instance), and acts on its state.
+    fn poll(&mut self, ctx: &mut Context<Self>) {
+        let store = self.deps.core.store.clone();
+        let id = self.batch.id;
+        ctx.wait(
+            async move { store.batch(id).await }
+                .into_actor(self)
+                .map(|row, act, ctx| match row {
+                    Ok(row) if row.version > act.batch.version => {
+                        tracing::info!(batch_id = %row.public_id, state = %row.state, "Batch changed through another instance.");
+                        let state_changed = row.state != act.batch.state;
+                        act.batch = row;
+                        if state_changed {
+                            act.enter_state(ctx);
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::debug!(error = %e, "Polling the batch failed."),
+                }),
+        );
     }
 
     /// Does what the (just saved or just loaded) state asks for.
@@ -407,6 +435,9 @@ impl Actor for BatchSupervisor {
         if !matches!(self.state(), BatchState::Failed | BatchState::Completed) {
             self.enter_state(ctx);
         }
+        // Actions taken through other instances land in the database: pick them up.
+        let every = Duration::from_millis(self.deps.core.settings.smsbatch.poll_ms);
+        ctx.run_interval(every, |act, ctx| act.poll(ctx));
     }
 
     fn stopped(&mut self, _ctx: &mut Self::Context) {
@@ -432,6 +463,14 @@ impl Handler<Act> for BatchSupervisor {
             self.restarts = 0;
         }
         AtomicResponse::new(self.apply(event, None))
+    }
+}
+
+impl Handler<Stop> for BatchSupervisor {
+    type Result = ();
+
+    fn handle(&mut self, _msg: Stop, ctx: &mut Self::Context) {
+        ctx.stop();
     }
 }
 

@@ -76,11 +76,16 @@ async fn gate_for(core: &Core, batch_id: i64) -> Result<Arc<Gate>, TransportErro
 /// most one slice per worker with an unknown outcome.
 #[tracing::instrument(skip_all, fields(batch_id = task.batch_id, partition = task.partition))]
 pub async fn process_task(core: &Core, task: DeliveryTask) -> Result<TaskReport, TransportError> {
-    let gate = gate_for(core, task.batch_id).await?;
     let claim_size = core.settings.smsbatch.claim_size as i64;
     let mut report = TaskReport::default();
     let mut from = task.first_id;
-    while gate.is_open() && from <= task.last_id {
+    while from <= task.last_id && !core.gates.stopping() {
+        // Looked up for every slice: a batch supervised by another instance is paused through
+        // the database, and this is how its tasks here see it.
+        let gate = gate_for(core, task.batch_id).await?;
+        if !gate.is_open() {
+            break;
+        }
         let claimed = core
             .store
             .claim(
@@ -89,6 +94,7 @@ pub async fn process_task(core: &Core, task: DeliveryTask) -> Result<TaskReport,
                 from,
                 task.last_id,
                 claim_size,
+                &core.instance,
             )
             .await
             .map_err(|e| TransportError::Task(e.to_string()))?;
@@ -119,7 +125,12 @@ async fn send_slice(core: &Core, gate: &Gate, claimed: Vec<ClaimedMessage>) -> O
         .map(|m| {
             let provider = provider.clone();
             async move {
-                let result = match gate.state() {
+                let state = if core.gates.stopping() {
+                    GateState::Held
+                } else {
+                    gate.state()
+                };
+                let result = match state {
                     GateState::Held => SendResult::Released,
                     GateState::Cancelled => SendResult::Cancelled,
                     GateState::Open => match provider {
@@ -130,7 +141,7 @@ async fn send_slice(core: &Core, gate: &Gate, claimed: Vec<ClaimedMessage>) -> O
                         Some(provider) => {
                             provider.limiter.acquire().await;
                             // The limiter may have waited: look at the gate again.
-                            if !gate.is_open() {
+                            if !gate.is_open() || core.gates.stopping() {
                                 SendResult::Released
                             } else {
                                 let sms = OutgoingSms {

@@ -36,6 +36,8 @@ use views::{BatchPage, BatchView, MessagePage, MessageView};
 /// What every handler shares.
 #[derive(Clone)]
 pub struct AppState {
+    /// The broker link, with the `rabbitmq` transport.
+    pub broker: Option<Arc<crate::transport::rabbitmq::BrokerLink>>,
     /// The database.
     pub store: Store,
     /// The batch registry.
@@ -138,7 +140,13 @@ async fn readyz(state: web::Data<AppState>) -> HttpResponse {
         Ok(Err(e)) => e.to_string(),
         Err(_) => "timeout".to_string(),
     };
-    let queue = "ok".to_string();
+    let queue = match &state.broker {
+        None => "ok".to_string(),
+        Some(link) => match link.check() {
+            Ok(()) => "ok".to_string(),
+            Err(e) => e,
+        },
+    };
     let healthy = database == "ok" && queue == "ok";
     let body = json!({
         "status": if healthy { "healthy" } else { "unhealthy" },

@@ -4,6 +4,7 @@
 //! functions.
 
 mod bulk;
+mod cluster;
 pub mod models;
 mod queries;
 pub mod schema;
@@ -21,6 +22,7 @@ use diesel_async::{AsyncConnection, SimpleAsyncConnection};
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
 use futures_util::FutureExt;
 
+pub use cluster::ACTIVE_STATES;
 pub use queries::*;
 
 const PG_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/postgres");

@@ -487,17 +487,18 @@ impl Store {
     }
 
     /// The ids of the next due pending messages of a partition after `after`, at most `limit`:
-    /// one delivery task's worth.
+    /// one delivery task's worth. With `retries_only`, only messages waiting for a retry.
     pub async fn next_task_ids(
         &self,
         batch_id: i64,
         partition: i32,
         after: i64,
         limit: i64,
+        retries_only: bool,
     ) -> Result<Vec<i64>, StoreError> {
         let at = now();
         with_conn!(self, |conn| {
-            Ok(messages::table
+            let mut query = messages::table
                 .filter(messages::batch_id.eq(batch_id))
                 .filter(messages::status.eq(PENDING))
                 .filter(messages::partition.eq(partition))
@@ -507,11 +508,12 @@ impl Store {
                         .is_null()
                         .or(messages::next_attempt_at.le(at)),
                 )
-                .order(messages::id)
-                .limit(limit)
                 .select(messages::id)
-                .load(conn)
-                .await?)
+                .into_boxed();
+            if retries_only {
+                query = query.filter(messages::next_attempt_at.is_not_null());
+            }
+            Ok(query.order(messages::id).limit(limit).load(conn).await?)
         })
     }
 
@@ -537,6 +539,7 @@ impl Store {
         first_id: i64,
         last_id: i64,
         limit: i64,
+        claimer: &str,
     ) -> Result<Vec<ClaimedMessage>, StoreError> {
         let at = now();
         with_tx!(self, |conn| {
@@ -566,6 +569,7 @@ impl Store {
             .set((
                 messages::status.eq(SENDING),
                 messages::attempts.eq(messages::attempts + 1),
+                messages::claimed_by.eq(claimer),
                 messages::updated_at.eq(at),
             ))
             .returning((
@@ -731,29 +735,8 @@ impl Store {
         let mut total = 0;
         for partition in 0..partition_count {
             total += self
-                .move_partition(batch_id, partition, PENDING, CANCELLED, None)
+                .move_partition(batch_id, partition, PENDING, CANCELLED)
                 .await?;
-        }
-        Ok(total)
-    }
-
-    /// Settles the messages of a batch left `sending` by a process that died: `failed` with
-    /// `unknown_outcome` (at most once) or back to `pending` (at least once). Returns how many.
-    pub async fn recover_sending(
-        &self,
-        batch_id: i64,
-        partition_count: i32,
-        resend: bool,
-    ) -> Result<i64, StoreError> {
-        let mut total = 0;
-        for partition in 0..partition_count {
-            total += if resend {
-                self.move_partition(batch_id, partition, SENDING, PENDING, None)
-                    .await?
-            } else {
-                self.move_partition(batch_id, partition, SENDING, FAILED, Some(UNKNOWN_OUTCOME))
-                    .await?
-            };
         }
         Ok(total)
     }
@@ -765,7 +748,6 @@ impl Store {
         partition: i32,
         from: i16,
         to: i16,
-        error: Option<&'static str>,
     ) -> Result<i64, StoreError> {
         let at = now();
         with_tx!(self, |conn| {
@@ -773,24 +755,10 @@ impl Store {
                 .filter(messages::batch_id.eq(batch_id))
                 .filter(messages::partition.eq(partition))
                 .filter(messages::status.eq(from));
-            let moved = match error {
-                Some(err) => {
-                    diesel::update(target)
-                        .set((
-                            messages::status.eq(to),
-                            messages::error.eq(err),
-                            messages::updated_at.eq(at),
-                        ))
-                        .execute(conn)
-                        .await?
-                }
-                None => {
-                    diesel::update(target)
-                        .set((messages::status.eq(to), messages::updated_at.eq(at)))
-                        .execute(conn)
-                        .await?
-                }
-            } as i64;
+            let moved = diesel::update(target)
+                .set((messages::status.eq(to), messages::updated_at.eq(at)))
+                .execute(conn)
+                .await? as i64;
             if moved > 0 {
                 let row = partitions::table.find((batch_id, partition));
                 match to {

@@ -60,6 +60,7 @@ diesel::table! {
         provider_message_id -> Nullable<Text>,
         error -> Nullable<Text>,
         updated_at -> Timestamp,
+        claimed_by -> Nullable<Text>,
     }
 }
 
@@ -91,6 +92,22 @@ diesel::table! {
     }
 }
 
+diesel::table! {
+    instances (id) {
+        id -> Text,
+        heartbeat_at -> Timestamp,
+    }
+}
+
+diesel::table! {
+    leases (batch_id) {
+        batch_id -> BigInt,
+        owner -> Text,
+        expires_at -> Timestamp,
+    }
+}
+
+diesel::joinable!(leases -> batches (batch_id));
 diesel::joinable!(recipients -> batches (batch_id));
 diesel::joinable!(messages -> batches (batch_id));
 diesel::joinable!(partitions -> batches (batch_id));
@@ -103,4 +120,6 @@ diesel::allow_tables_to_appear_in_same_query!(
     partitions,
     checkpoints,
     opt_outs,
+    instances,
+    leases,
 );

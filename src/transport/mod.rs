@@ -2,6 +2,7 @@
 //! range of message ids — never data: the worker claims what is still `pending` in that range.
 
 mod in_process;
+pub mod rabbitmq;
 
 use futures_util::future::BoxFuture;
 use serde::{Deserialize, Serialize};

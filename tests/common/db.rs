@@ -20,6 +20,9 @@ pub enum Backend {
     Sqlite,
     /// A fresh database on the local PostgreSQL server.
     Postgres,
+    /// The production stack: a fresh PostgreSQL database, and the `rabbitmq` transport on the
+    /// local RabbitMQ with a queue of the test's own (see `TestDb::server_env`).
+    PostgresRabbitmq,
 }
 
 /// A database that exists for one test and is removed when dropped.
@@ -48,7 +51,7 @@ impl TestDb {
                     pg: None,
                 }
             }
-            Backend::Postgres => {
+            Backend::Postgres | Backend::PostgresRabbitmq => {
                 let admin = std::env::var("SMSBATCH_TEST_POSTGRES_URL")
                     .unwrap_or_else(|_| DEFAULT_PG_ADMIN.to_owned())
                     .trim_end_matches('/')
@@ -81,6 +84,25 @@ impl TestDb {
         }
     }
 
+    /// Environment for a server on this test's stack: with RabbitMQ, the transport and a queue
+    /// named after the database, which the broker deletes a while after its last consumer left.
+    pub fn server_env(&self) -> Vec<(String, String)> {
+        match (&self.backend, &self.pg) {
+            (Backend::PostgresRabbitmq, Some((_, name))) => vec![
+                ("SMSBATCH__TRANSPORT__KIND".into(), "rabbitmq".into()),
+                (
+                    "SMSBATCH__TRANSPORT__QUEUE".into(),
+                    format!("{name}.delivery"),
+                ),
+                (
+                    "SMSBATCH__TRANSPORT__QUEUE_EXPIRES_MS".into(),
+                    "60000".into(),
+                ),
+            ],
+            _ => Vec::new(),
+        }
+    }
+
     /// The value for `SMSBATCH__DATABASE__URL`.
     pub fn url(&self) -> &str {
         &self.url
@@ -95,7 +117,9 @@ impl TestDb {
     /// (a corrupt row) that no API request can cause.
     pub fn execute(&self, sql: &str) {
         match self.backend {
-            Backend::Postgres => pg_exec(&self.url, sql).expect("run SQL on the test database"),
+            Backend::Postgres | Backend::PostgresRabbitmq => {
+                pg_exec(&self.url, sql).expect("run SQL on the test database")
+            }
             Backend::Sqlite => {
                 use diesel::Connection as _;
                 use diesel::connection::SimpleConnection as _;

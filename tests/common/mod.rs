@@ -109,7 +109,10 @@ impl TestServer {
         let mut env: Vec<(String, String)> = vec![
             ("SMSBATCH__SMSBATCH__RETRY_BACKOFF_MS".into(), "50".into()),
             ("SMSBATCH__LOG__LEVEL".into(), "warn".into()),
+            // A killed server's batches are taken over once its leases expire: keep that short.
+            ("SMSBATCH__SMSBATCH__LEASE_MS".into(), "3000".into()),
         ];
+        env.extend(db.server_env());
         env.extend(
             extra_env
                 .iter()
@@ -610,5 +613,75 @@ pub fn eventually<T>(
             }
             Err(_) => thread::sleep(POLL_EVERY),
         }
+    }
+}
+
+/// A TCP forwarder between the server and a real dependency (RabbitMQ), so that a test can cut
+/// the connection and restore it without touching the shared broker other tests use.
+pub struct TcpProxy {
+    port: u16,
+    state: Arc<Mutex<ProxyState>>,
+}
+
+struct ProxyState {
+    open: bool,
+    conns: Vec<std::net::TcpStream>,
+}
+
+impl TcpProxy {
+    /// Starts forwarding a free local port to `upstream` (`host:port`).
+    pub fn start(upstream: &str) -> Self {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind the proxy");
+        let port = listener.local_addr().expect("proxy address").port();
+        let state = Arc::new(Mutex::new(ProxyState {
+            open: true,
+            conns: Vec::new(),
+        }));
+        let shared = Arc::clone(&state);
+        let upstream = upstream.to_owned();
+        thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                let mut state = shared.lock().unwrap_or_else(|p| p.into_inner());
+                if !state.open {
+                    continue; // dropped: the dependency looks down
+                }
+                let Ok(server) = std::net::TcpStream::connect(&upstream) else {
+                    continue;
+                };
+                for stream in [&client, &server] {
+                    if let Ok(clone) = stream.try_clone() {
+                        state.conns.push(clone);
+                    }
+                }
+                for (from, to) in [(&client, &server), (&server, &client)] {
+                    if let (Ok(mut from), Ok(mut to)) = (from.try_clone(), to.try_clone()) {
+                        thread::spawn(move || {
+                            let _ = std::io::copy(&mut from, &mut to);
+                            let _ = to.shutdown(std::net::Shutdown::Both);
+                        });
+                    }
+                }
+            }
+        });
+        Self { port, state }
+    }
+
+    /// The local port to connect to instead of the upstream one.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Closes every forwarded connection and refuses new ones until `restore`.
+    pub fn cut(&self) {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        state.open = false;
+        for conn in state.conns.drain(..) {
+            let _ = conn.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    /// Forwards new connections again.
+    pub fn restore(&self) {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).open = true;
     }
 }

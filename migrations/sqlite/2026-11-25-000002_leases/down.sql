@@ -1,0 +1,3 @@
+ALTER TABLE messages DROP COLUMN claimed_by;
+DROP TABLE leases;
+DROP TABLE instances;

@@ -1,0 +1,226 @@
+//! Several instances on one database: heartbeats, batch leases, and settling the claims of
+//! instances that died.
+
+use std::time::Duration;
+
+use chrono::NaiveDateTime;
+use diesel::prelude::*;
+use diesel::upsert::excluded;
+use diesel_async::RunQueryDsl;
+
+use super::models::Batch;
+use super::schema::{batches, instances, leases, messages, partitions};
+use super::{Store, StoreError, UNKNOWN_OUTCOME, with_conn, with_tx};
+
+const PENDING: i16 = 0;
+const SENDING: i16 = 1;
+const FAILED: i16 = 4;
+
+/// The states in which a batch needs a supervisor.
+pub const ACTIVE_STATES: [&str; 3] = ["scheduled", "preparing", "delivering"];
+
+fn now() -> NaiveDateTime {
+    chrono::Utc::now().naive_utc()
+}
+
+fn after(d: Duration) -> NaiveDateTime {
+    now() + chrono::Duration::from_std(d).unwrap_or_else(|_| chrono::Duration::seconds(15))
+}
+
+fn before(d: Duration) -> NaiveDateTime {
+    now() - chrono::Duration::from_std(d).unwrap_or_else(|_| chrono::Duration::seconds(15))
+}
+
+impl Store {
+    /// Records that this instance is alive.
+    pub async fn heartbeat(&self, instance: &str) -> Result<(), StoreError> {
+        let at = now();
+        with_conn!(self, |conn| {
+            diesel::insert_into(instances::table)
+                .values((instances::id.eq(instance), instances::heartbeat_at.eq(at)))
+                .on_conflict(instances::id)
+                .do_update()
+                .set(instances::heartbeat_at.eq(excluded(instances::heartbeat_at)))
+                .execute(conn)
+                .await?;
+            Ok(())
+        })
+    }
+
+    /// Removes this instance and its leases (graceful shutdown): its batches can be taken over at
+    /// once instead of after the lease period.
+    pub async fn forget_instance(&self, instance: &str) -> Result<(), StoreError> {
+        with_tx!(self, |conn| {
+            diesel::delete(leases::table.filter(leases::owner.eq(instance)))
+                .execute(conn)
+                .await?;
+            diesel::delete(instances::table.filter(instances::id.eq(instance)))
+                .execute(conn)
+                .await?;
+            Ok(())
+        })
+    }
+
+    /// Takes (or keeps) the lease of a batch if it is free, expired or already ours.
+    pub async fn acquire_lease(
+        &self,
+        batch_id: i64,
+        instance: &str,
+        lease: Duration,
+    ) -> Result<bool, StoreError> {
+        let (at, until) = (now(), after(lease));
+        with_conn!(self, |conn| {
+            // Expired or ours: take it over (one conditional statement, so two instances racing
+            // for it cannot both win).
+            let updated = diesel::update(
+                leases::table
+                    .filter(leases::batch_id.eq(batch_id))
+                    .filter(leases::expires_at.lt(at).or(leases::owner.eq(instance))),
+            )
+            .set((leases::owner.eq(instance), leases::expires_at.eq(until)))
+            .execute(conn)
+            .await?;
+            if updated == 1 {
+                return Ok(true);
+            }
+            // None yet: the first insert wins.
+            let inserted = diesel::insert_into(leases::table)
+                .values((
+                    leases::batch_id.eq(batch_id),
+                    leases::owner.eq(instance),
+                    leases::expires_at.eq(until),
+                ))
+                .on_conflict_do_nothing()
+                .execute(conn)
+                .await?;
+            Ok(inserted == 1)
+        })
+    }
+
+    /// Extends every lease this instance holds; returns the batches it still holds.
+    pub async fn renew_leases(
+        &self,
+        instance: &str,
+        lease: Duration,
+    ) -> Result<Vec<i64>, StoreError> {
+        let until = after(lease);
+        with_conn!(self, |conn| {
+            Ok(
+                diesel::update(leases::table.filter(leases::owner.eq(instance)))
+                    .set(leases::expires_at.eq(until))
+                    .returning(leases::batch_id)
+                    .get_results(conn)
+                    .await?,
+            )
+        })
+    }
+
+    /// Gives up a batch's lease (its supervisor stopped).
+    pub async fn release_lease(&self, batch_id: i64, instance: &str) -> Result<(), StoreError> {
+        with_conn!(self, |conn| {
+            diesel::delete(
+                leases::table
+                    .filter(leases::batch_id.eq(batch_id))
+                    .filter(leases::owner.eq(instance)),
+            )
+            .execute(conn)
+            .await?;
+            Ok(())
+        })
+    }
+
+    /// The live holder of a batch's lease, if any.
+    pub async fn lease_owner(&self, batch_id: i64) -> Result<Option<String>, StoreError> {
+        let at = now();
+        with_conn!(self, |conn| {
+            Ok(leases::table
+                .filter(leases::batch_id.eq(batch_id))
+                .filter(leases::expires_at.ge(at))
+                .select(leases::owner)
+                .first(conn)
+                .await
+                .optional()?)
+        })
+    }
+
+    /// Active batches whose lease is missing or expired: nobody supervises them.
+    pub async fn unsupervised_batches(&self) -> Result<Vec<Batch>, StoreError> {
+        let at = now();
+        with_conn!(self, |conn| {
+            Ok(batches::table
+                .left_join(leases::table)
+                .filter(batches::state.eq_any(ACTIVE_STATES))
+                .filter(leases::expires_at.is_null().or(leases::expires_at.lt(at)))
+                .order(batches::id)
+                .select(Batch::as_select())
+                .load(conn)
+                .await?)
+        })
+    }
+
+    /// Instances whose heartbeat is younger than `lease`.
+    pub async fn live_instances(&self, lease: Duration) -> Result<Vec<String>, StoreError> {
+        let since = before(lease);
+        with_conn!(self, |conn| {
+            Ok(instances::table
+                .filter(instances::heartbeat_at.ge(since))
+                .select(instances::id)
+                .load(conn)
+                .await?)
+        })
+    }
+
+    /// Settles the messages of a batch left `sending` by instances that are no longer alive:
+    /// `failed` with `unknown_outcome` (at most once) or back to `pending` (at least once).
+    /// Claims of live instances are left to them. Returns how many were settled.
+    pub async fn settle_orphaned_claims(
+        &self,
+        batch_id: i64,
+        partition_count: i32,
+        resend: bool,
+        live: &[String],
+    ) -> Result<i64, StoreError> {
+        let mut total = 0;
+        for partition in 0..partition_count {
+            let at = now();
+            total += with_tx!(self, |conn| {
+                let orphans = messages::table
+                    .filter(messages::batch_id.eq(batch_id))
+                    .filter(messages::partition.eq(partition))
+                    .filter(messages::status.eq(SENDING))
+                    .filter(
+                        messages::claimed_by
+                            .is_null()
+                            .or(messages::claimed_by.ne_all(live)),
+                    );
+                let moved = if resend {
+                    diesel::update(orphans)
+                        .set((
+                            messages::status.eq(PENDING),
+                            messages::claimed_by.eq(None::<String>),
+                            messages::updated_at.eq(at),
+                        ))
+                        .execute(conn)
+                        .await? as i64
+                } else {
+                    diesel::update(orphans)
+                        .set((
+                            messages::status.eq(FAILED),
+                            messages::error.eq(UNKNOWN_OUTCOME),
+                            messages::updated_at.eq(at),
+                        ))
+                        .execute(conn)
+                        .await? as i64
+                };
+                if moved > 0 && !resend {
+                    diesel::update(partitions::table.find((batch_id, partition)))
+                        .set(partitions::failed.eq(partitions::failed + moved))
+                        .execute(conn)
+                        .await?;
+                }
+                Ok(moved)
+            })?;
+        }
+        Ok(total)
+    }
+}

@@ -1,0 +1,361 @@
+//! The production transport: delivery tasks are published, persistent, on a confirm-mode
+//! channel to a durable queue; every instance consumes with manual acks and a prefetch equal to
+//! its worker pool's capacity, hands each task to its pool with `send().await`, and acks only
+//! after the task's outcomes are committed. A redelivered task sends nothing twice: the worker's
+//! claim is conditional.
+//!
+//! One link actor per process owns the connection: it connects with backoff, declares the
+//! queue, publishes the publisher channel to the dispatchers through a `watch`, runs the
+//! consumer, and starts over when the connection drops. No batch fails because the broker is
+//! away: dispatch waits for the link to come back.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use actix::prelude::*;
+use futures_util::StreamExt;
+use futures_util::future::BoxFuture;
+use futures_util::stream::FuturesUnordered;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
+use tokio::sync::watch;
+
+use super::{DeliveryTask, InProcess, TaskReport, Transport, TransportError};
+use crate::config::{TransportSettings, redact_url};
+use crate::telemetry::Metrics;
+
+/// Longest wait between two connection attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// The state of the broker link, shared by the link actor, the dispatchers and `/readyz`.
+pub struct BrokerLink {
+    url: String,
+    queue: String,
+    queue_expires_ms: u64,
+    publish_window: usize,
+    prefetch: u16,
+    instance: String,
+    channel: watch::Sender<Option<Channel>>,
+    up: AtomicBool,
+    last_error: Mutex<String>,
+    metrics: Metrics,
+    /// Set at shutdown: stop consuming, finish what is in flight, do not reconnect.
+    stop: watch::Sender<bool>,
+}
+
+impl BrokerLink {
+    /// A link (not yet connected) for this instance, consuming with `prefetch` tasks in flight.
+    pub fn new(
+        settings: &TransportSettings,
+        prefetch: usize,
+        instance: &str,
+        metrics: Metrics,
+    ) -> Arc<Self> {
+        Arc::new(BrokerLink {
+            url: settings.amqp_url.expose().to_string(),
+            queue: settings.queue.clone(),
+            queue_expires_ms: settings.queue_expires_ms,
+            publish_window: settings.publish_window,
+            prefetch: u16::try_from(prefetch).unwrap_or(u16::MAX),
+            instance: instance.to_string(),
+            channel: watch::channel(None).0,
+            up: AtomicBool::new(false),
+            last_error: Mutex::new("not connected yet".into()),
+            metrics,
+            stop: watch::Sender::new(false),
+        })
+    }
+
+    /// `Ok` while connected, else the last connection error (for `/readyz`).
+    pub fn check(&self) -> Result<(), String> {
+        if self.up.load(Ordering::Acquire) {
+            Ok(())
+        } else {
+            Err(self
+                .last_error
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone())
+        }
+    }
+
+    /// Stops consuming: tasks in flight finish and are settled, then the link closes. Resolves
+    /// when it has.
+    pub async fn shut_down(&self) {
+        let mut stopped = self.stop.subscribe();
+        self.stop.send_replace(true);
+        // The link loop marks itself down once it has settled its tasks and left.
+        while self.up.load(Ordering::Acquire) {
+            if stopped.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    fn stopping(&self) -> bool {
+        *self.stop.borrow()
+    }
+
+    fn set_down(&self, error: String) {
+        self.up.store(false, Ordering::Release);
+        self.channel.send_replace(None);
+        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = error;
+    }
+
+    fn queue_arguments(&self) -> FieldTable {
+        let mut args = FieldTable::default();
+        if self.queue_expires_ms > 0 {
+            // The broker deletes the queue once it has had no consumer for this long.
+            args.insert(
+                "x-expires".into(),
+                AMQPValue::LongLongInt(i64::try_from(self.queue_expires_ms).unwrap_or(i64::MAX)),
+            );
+        }
+        args
+    }
+
+    /// Connects, declares the queue, opens the confirm-mode publisher channel and the consumer.
+    async fn connect(&self) -> Result<(Connection, lapin::Consumer), lapin::Error> {
+        let props = ConnectionProperties::default()
+            .with_connection_name(format!("smsbatch-{}", self.instance).into());
+        let conn = Connection::connect(&self.url, props).await?;
+        let publisher = conn.create_channel().await?;
+        publisher
+            .queue_declare(
+                self.queue.as_str().into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..QueueDeclareOptions::default()
+                },
+                self.queue_arguments(),
+            )
+            .await?;
+        publisher
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        let consumer_channel = conn.create_channel().await?;
+        consumer_channel
+            .basic_qos(self.prefetch, BasicQosOptions::default())
+            .await?;
+        let consumer = consumer_channel
+            .basic_consume(
+                self.queue.as_str().into(),
+                format!("smsbatch-{}", self.instance).into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        self.channel.send_replace(Some(publisher));
+        self.up.store(true, Ordering::Release);
+        Ok((conn, consumer))
+    }
+
+    /// Publishes one task and waits for the broker's confirmation, retrying (with backoff, across
+    /// reconnections) until the broker has it.
+    async fn publish(&self, task: DeliveryTask) -> Result<TaskReport, TransportError> {
+        let payload = serde_json::to_vec(&task).map_err(|e| TransportError::Task(e.to_string()))?;
+        let events = &self.metrics.amqp_tasks;
+        let mut backoff = Duration::from_millis(50);
+        let mut rx = self.channel.subscribe();
+        loop {
+            let channel = match rx.wait_for(|c| c.is_some()).await {
+                Ok(c) => c.clone(),
+                Err(_) => return Err(TransportError::Closed("broker link stopped".into())),
+            };
+            let Some(channel) = channel else { continue };
+            let confirmed = async {
+                channel
+                    .basic_publish(
+                        "".into(),
+                        self.queue.as_str().into(),
+                        BasicPublishOptions::default(),
+                        &payload,
+                        BasicProperties::default()
+                            .with_delivery_mode(2)
+                            .with_content_type("application/json".into()),
+                    )
+                    .await?
+                    .await
+            }
+            .await;
+            events.with_label_values(&["published"]).inc();
+            match confirmed {
+                Ok(Confirmation::Ack(_)) => {
+                    events.with_label_values(&["confirmed"]).inc();
+                    return Ok(TaskReport::default());
+                }
+                Ok(other) => {
+                    events.with_label_values(&["nacked"]).inc();
+                    tracing::warn!(batch_id = task.batch_id, confirmation = ?other, "Broker did not confirm a task; publishing it again.");
+                }
+                Err(e) => {
+                    tracing::warn!(batch_id = task.batch_id, error = %e, "Publishing a task failed; publishing it again.");
+                }
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+    }
+}
+
+/// The `Transport` face of the link: what the Delivery step publishes through.
+pub struct RabbitTransport(pub Arc<BrokerLink>);
+
+impl Transport for RabbitTransport {
+    fn dispatch(
+        &self,
+        task: DeliveryTask,
+    ) -> BoxFuture<'static, Result<TaskReport, TransportError>> {
+        let link = self.0.clone();
+        Box::pin(async move { link.publish(task).await })
+    }
+
+    fn capacity(&self) -> usize {
+        self.0.publish_window
+    }
+}
+
+/// Owns the broker connection and this instance's consumer; restarts both when the connection
+/// drops.
+pub struct LinkActor {
+    link: Arc<BrokerLink>,
+    pool: Arc<InProcess>,
+}
+
+impl LinkActor {
+    /// A link actor handing consumed tasks to `pool`.
+    pub fn new(link: Arc<BrokerLink>, pool: Arc<InProcess>) -> Self {
+        LinkActor { link, pool }
+    }
+}
+
+impl Actor for LinkActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        // The loop is owned by this actor: it stops with it.
+        ctx.spawn(run_link(self.link.clone(), self.pool.clone()).into_actor(self));
+    }
+}
+
+async fn run_link(link: Arc<BrokerLink>, pool: Arc<InProcess>) {
+    let mut backoff = Duration::from_millis(100);
+    while !link.stopping() {
+        match link.connect().await {
+            Ok((conn, consumer)) => {
+                tracing::info!(broker = %redact_url(&link.url), queue = %link.queue, "Broker connected.");
+                backoff = Duration::from_millis(100);
+                let reason = consume(&link, &pool, consumer).await;
+                if link.stopping() {
+                    let _ = conn.close(200, "shutting down".into()).await;
+                    link.set_down("shut down".into());
+                    link.stop.send_modify(|_| {});
+                    tracing::info!("Broker link closed.");
+                    return;
+                }
+                link.set_down(reason.clone());
+                tracing::warn!(error = %reason, "Broker connection lost; reconnecting.");
+                drop(conn);
+            }
+            Err(e) => {
+                link.set_down(e.to_string());
+                tracing::warn!(broker = %redact_url(&link.url), error = %e, ?backoff, "Broker unavailable; retrying.");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+        }
+    }
+}
+
+/// Consumes until the consumer ends; returns why. Tasks run concurrently (the prefetch bounds
+/// them); each is acked after the worker recorded its outcomes, or nacked back to the queue if
+/// the worker could not carry it out.
+async fn consume(link: &BrokerLink, pool: &InProcess, mut consumer: lapin::Consumer) -> String {
+    let events = &link.metrics.amqp_tasks;
+    let in_flight_gauge = &link.metrics.amqp_prefetch_in_flight;
+    let mut in_flight = FuturesUnordered::new();
+    let mut stop = link.stop.subscribe();
+    let reason = loop {
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => break "shutting down".to_string(),
+            delivery = consumer.next() => {
+                let delivery = match delivery {
+                    Some(Ok(d)) => d,
+                    Some(Err(e)) => break e.to_string(),
+                    None => break "consumer cancelled".to_string(),
+                };
+                events.with_label_values(&["consumed"]).inc();
+                if delivery.redelivered {
+                    events.with_label_values(&["redelivered"]).inc();
+                }
+                let task: DeliveryTask = match serde_json::from_slice(&delivery.data) {
+                    Ok(task) => task,
+                    Err(e) => {
+                        tracing::error!(error = %e, "Dropping an unreadable task.");
+                        let _ = delivery.acker.ack(BasicAckOptions::default()).await;
+                        continue;
+                    }
+                };
+                in_flight_gauge.inc();
+                in_flight.push(async move {
+                    let result = pool.dispatch(task).await;
+                    (delivery, task, result)
+                });
+            }
+            Some((delivery, task, result)) = in_flight.next(), if !in_flight.is_empty() => {
+                in_flight_gauge.dec();
+                settle(events, delivery, task, result).await;
+            }
+        }
+    };
+    // The channel is gone: what is still running finishes (its acks fail, and the broker hands
+    // those tasks out again; their claims make the second run a no-op for what was done).
+    while let Some((delivery, task, result)) = in_flight.next().await {
+        in_flight_gauge.dec();
+        settle(events, delivery, task, result).await;
+    }
+    reason
+}
+
+async fn settle(
+    events: &prometheus::IntCounterVec,
+    delivery: lapin::message::Delivery,
+    task: DeliveryTask,
+    result: Result<TaskReport, TransportError>,
+) {
+    match result {
+        Ok(report) if report.released > 0 => {
+            // The worker stopped mid-task (shutdown, or a pause): the rest of the task goes back
+            // to the queue for whoever runs next; its claims skip what was done.
+            let _ = delivery
+                .acker
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    ..BasicNackOptions::default()
+                })
+                .await;
+        }
+        Ok(_) => {
+            if delivery.acker.ack(BasicAckOptions::default()).await.is_ok() {
+                events.with_label_values(&["acked"]).inc();
+            }
+        }
+        Err(e) => {
+            tracing::warn!(batch_id = task.batch_id, error = %e, "Task failed; returning it to the queue.");
+            // A short pause, so that a database outage does not spin the task around the queue.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let _ = delivery
+                .acker
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    ..BasicNackOptions::default()
+                })
+                .await;
+        }
+    }
+}
