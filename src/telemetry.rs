@@ -145,6 +145,16 @@ impl Metrics {
         for outcome in ["valid", "invalid", "duplicate", "opted_out"] {
             preparation_rows.with_label_values(&[outcome]);
         }
+        for event in [
+            "published",
+            "confirmed",
+            "nacked",
+            "consumed",
+            "acked",
+            "redelivered",
+        ] {
+            amqp_tasks.with_label_values(&[event]);
+        }
         Ok(Metrics {
             registry,
             batches,
