@@ -1,0 +1,470 @@
+//! The end-to-end benchmark: generates a realistic CSV, starts the real server as its own
+//! process, uploads, starts, pauses and resumes, waits for `completed`, and prints one line per
+//! figure — next to the ceiling of this machine measured in the same run (raw `COPY` of as many
+//! message rows, and raw `UPDATE` passes over them in chunks of the task size).
+//!
+//! ```sh
+//! cargo run --release --bin bench -- --recipients 1000000 --store postgres --transport rabbitmq
+//! ```
+
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use serde_json::{Value, json};
+
+#[derive(Debug, Parser)]
+#[command(about = "smsbatch end-to-end benchmark")]
+struct Args {
+    /// Recipients in the generated CSV.
+    #[arg(long, default_value_t = 100_000)]
+    recipients: usize,
+    /// `sqlite` or `postgres`.
+    #[arg(long, default_value = "postgres")]
+    store: String,
+    /// `in_process` or `rabbitmq`.
+    #[arg(long, default_value = "in_process")]
+    transport: String,
+    /// PostgreSQL server (without database) where the benchmark creates its database.
+    #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432")]
+    pg: String,
+    /// Simulated provider latency per message, in milliseconds.
+    #[arg(long, default_value_t = 0)]
+    latency_ms: u64,
+    /// Pause/resume cycles during delivery (each gives one pause-latency sample).
+    #[arg(long, default_value_t = 5)]
+    pauses: usize,
+    /// Skip measuring the machine's ceiling.
+    #[arg(long)]
+    no_ceiling: bool,
+    /// Internal: run the server in this process (the benchmark starts itself this way).
+    #[arg(long, hide = true)]
+    serve: bool,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    if args.serve {
+        let settings = smsbatch::config::Settings::load()?;
+        smsbatch::telemetry::init_tracing(&settings.log);
+        smsbatch::store::migrate(settings.database.url.expose())?;
+        return actix::System::new().block_on(smsbatch::server::serve(settings));
+    }
+    run(args)
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    let tag = uuid::Uuid::now_v7().simple().to_string();
+    let work = std::env::temp_dir().join(format!("smsbatch-bench-{tag}"));
+    std::fs::create_dir_all(&work)?;
+    let (db_url, pg_db) = match args.store.as_str() {
+        "sqlite" => (
+            format!("sqlite://{}", work.join("bench.db").display()),
+            None,
+        ),
+        "postgres" => {
+            let name = format!("smsbatch_bench_{tag}");
+            pg_execute(
+                &format!("{}/postgres", args.pg),
+                &format!("CREATE DATABASE {name}"),
+            )?;
+            (format!("{}/{name}", args.pg), Some(name))
+        }
+        other => bail!("--store must be sqlite or postgres, not {other}"),
+    };
+    let result = bench(&args, &work, &db_url, &tag);
+    if let Some(name) = pg_db {
+        let _ = pg_execute(
+            &format!("{}/postgres", args.pg),
+            &format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
+        );
+    }
+    let _ = std::fs::remove_dir_all(&work);
+    result
+}
+
+fn bench(args: &Args, work: &std::path::Path, db_url: &str, tag: &str) -> anyhow::Result<()> {
+    let n = args.recipients;
+    let csv = work.join("recipients.csv");
+    let generated = generate_csv(&csv, n)?;
+    println!(
+        "machine: {} cores, store {}, transport {}",
+        num_cpus(),
+        args.store,
+        args.transport
+    );
+    println!(
+        "recipients: {n} ({} invalid, {} duplicates, {} UCS-2)",
+        generated.invalid, generated.duplicates, generated.ucs2
+    );
+
+    let mut server = Server::start(args, db_url, tag)?;
+    let idle_rss = server.rss_kb("VmRSS:");
+    let http = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(3600)))
+        .build()
+        .new_agent();
+    let base = server.base.clone();
+
+    let body = json!({
+        "name": "bench",
+        "content": "Hi {{name}}, your order from {{city}} ships today: {{url}}",
+        "url": "https://shop.example/o",
+        "message_type": "marketing",
+    });
+    let created: Value = http
+        .post(&format!("{base}/v1/batches"))
+        .send_json(&body)?
+        .body_mut()
+        .read_json()?;
+    let id = created["id"].as_str().context("batch id")?.to_string();
+
+    let t0 = Instant::now();
+    let upload = http
+        .post(&format!("{base}/v1/batches/{id}/recipients"))
+        .header("Content-Type", "text/csv")
+        .send(File::open(&csv)?)?;
+    if upload.status() != 200 {
+        bail!("upload answered {}", upload.status());
+    }
+    let upload_s = t0.elapsed().as_secs_f64();
+
+    let t_start = Instant::now();
+    post(&http, &format!("{base}/v1/batches/{id}/start"))?;
+    let mut get_ms: Vec<f64> = Vec::new();
+    let mut pause_ms: Vec<f64> = Vec::new();
+    let mut paused_for = Duration::ZERO;
+    let mut peak_rss = 0;
+    let mut prepared_at = None;
+    let mut pauses_left = args.pauses;
+    let batch = loop {
+        let t = Instant::now();
+        let batch: Value = http
+            .get(&format!("{base}/v1/batches/{id}"))
+            .call()?
+            .body_mut()
+            .read_json()?;
+        get_ms.push(t.elapsed().as_secs_f64() * 1000.0);
+        peak_rss = peak_rss.max(server.rss_kb("VmRSS:"));
+        let state = batch["state"].as_str().unwrap_or("");
+        if prepared_at.is_none() && state == "delivering" {
+            prepared_at = Some(t_start.elapsed().as_secs_f64());
+        }
+        if matches!(state, "completed" | "failed" | "cancelled") {
+            break batch;
+        }
+        let valid = batch["results"]["valid"].as_f64().unwrap_or(0.0);
+        let sent = batch["results"]["sent"].as_f64().unwrap_or(0.0);
+        // Pause at evenly spread points of the delivery, measure, resume.
+        if state == "delivering"
+            && pauses_left > 0
+            && sent > valid * (args.pauses + 1 - pauses_left) as f64 / (args.pauses + 2) as f64
+        {
+            pauses_left -= 1;
+            let paused = Instant::now();
+            pause_ms.push(measure_pause(&http, &base, &id)?);
+            post(&http, &format!("{base}/v1/batches/{id}/resume"))?;
+            paused_for += paused.elapsed();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let end_to_end = t0.elapsed().as_secs_f64();
+    let total = t_start.elapsed().as_secs_f64();
+    peak_rss = peak_rss.max(server.rss_kb("VmHWM:"));
+    server.stop();
+
+    let results = &batch["results"];
+    let valid = results["valid"].as_f64().unwrap_or(0.0);
+    let prep_s = prepared_at.unwrap_or(total);
+    // Delivery time excludes the pauses the benchmark itself made.
+    let paused_s = paused_for.as_secs_f64();
+    let delivery_s = (total - prep_s - paused_s).max(f64::EPSILON);
+    println!("state: {} results: {}", batch["state"], results);
+    println!("upload_seconds: {upload_s:.2}");
+    println!("preparation_rows_per_second: {:.0}", n as f64 / prep_s);
+    println!("delivery_messages_per_second: {:.0}", valid / delivery_s);
+    println!(
+        "end_to_end_seconds: {end_to_end:.2} (of which {paused_s:.1} s paused by the benchmark)"
+    );
+    println!("server_idle_rss_mb: {:.1}", idle_rss as f64 / 1024.0);
+    println!("server_peak_rss_mb: {:.1}", peak_rss as f64 / 1024.0);
+    println!(
+        "get_batch_ms: p50 {:.1} p99 {:.1} max {:.1} ({} samples)",
+        percentile(&mut get_ms, 50.0),
+        percentile(&mut get_ms, 99.0),
+        percentile(&mut get_ms, 100.0),
+        get_ms.len()
+    );
+    if !pause_ms.is_empty() {
+        println!(
+            "pause_to_last_send_ms: p50 {:.0} p99 {:.0} ({} pauses)",
+            percentile(&mut pause_ms, 50.0),
+            percentile(&mut pause_ms, 99.0),
+            pause_ms.len()
+        );
+    }
+    if !args.no_ceiling && args.store == "postgres" {
+        let ceiling = measure_ceiling(db_url, n, 500)?;
+        println!(
+            "ceiling_copy_rows_per_second: {:.0} (raw COPY of {n} message rows)",
+            ceiling.copy_rows_per_s
+        );
+        println!(
+            "ceiling_update_rows_per_second: {:.0} (raw UPDATE passes in chunks of 500)",
+            ceiling.update_rows_per_s
+        );
+        println!(
+            "ratio_preparation_to_copy: {:.2}",
+            (n as f64 / prep_s) / ceiling.copy_rows_per_s
+        );
+        println!(
+            "ratio_delivery_to_update: {:.2}",
+            (valid / delivery_s) / ceiling.update_rows_per_s
+        );
+    }
+    Ok(())
+}
+
+/// Pauses, then watches the sent count: the time from the pause answer until it last moved is
+/// the time until the last provider call of the batch (give or take one poll).
+fn measure_pause(http: &ureq::Agent, base: &str, id: &str) -> anyhow::Result<f64> {
+    post(http, &format!("{base}/v1/batches/{id}/pause"))?;
+    let answered = Instant::now();
+    let mut last = sent_of(http, base, id)?;
+    let mut last_change = answered;
+    while last_change.elapsed() < Duration::from_secs(1) {
+        std::thread::sleep(Duration::from_millis(5));
+        let now = sent_of(http, base, id)?;
+        if now != last {
+            last = now;
+            last_change = Instant::now();
+        }
+    }
+    Ok((last_change - answered).as_secs_f64() * 1000.0)
+}
+
+fn sent_of(http: &ureq::Agent, base: &str, id: &str) -> anyhow::Result<f64> {
+    let batch: Value = http
+        .get(&format!("{base}/v1/batches/{id}"))
+        .call()?
+        .body_mut()
+        .read_json()?;
+    let r = &batch["results"];
+    Ok(r["sent"].as_f64().unwrap_or(0.0) + r["failed"].as_f64().unwrap_or(0.0))
+}
+
+fn post(http: &ureq::Agent, url: &str) -> anyhow::Result<()> {
+    let answer = http.post(url).send_empty()?;
+    if answer.status().as_u16() >= 300 {
+        bail!("POST {url} answered {}", answer.status());
+    }
+    Ok(())
+}
+
+fn percentile(samples: &mut [f64], p: f64) -> f64 {
+    if samples.is_empty() {
+        return 0.0;
+    }
+    samples.sort_by(|a, b| a.total_cmp(b));
+    let rank = ((p / 100.0) * (samples.len() - 1) as f64).round() as usize;
+    samples[rank.min(samples.len() - 1)]
+}
+
+fn num_cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+struct Generated {
+    invalid: usize,
+    duplicates: usize,
+    ucs2: usize,
+}
+
+/// 1% invalid numbers, 1% duplicates, half the names in Chinese (their messages are UCS-2).
+fn generate_csv(path: &PathBuf, n: usize) -> anyhow::Result<Generated> {
+    let mut out = BufWriter::new(File::create(path)?);
+    writeln!(out, "phone,name,city")?;
+    let cities = ["Shanghai", "Beijing", "Shenzhen", "Chengdu"];
+    let names_zh = ["王芳", "李娜", "张伟", "刘洋"];
+    let names_en = ["Ann", "Bo", "Cy", "Di"];
+    let mut g = Generated {
+        invalid: 0,
+        duplicates: 0,
+        ucs2: 0,
+    };
+    for i in 0..n {
+        let phone = if i % 100 == 50 {
+            g.invalid += 1;
+            format!("12{i}")
+        } else if i % 100 == 99 {
+            g.duplicates += 1;
+            format!("+86138{:08}", 10_000_000 + i - 1)
+        } else {
+            format!("+86138{:08}", 10_000_000 + i)
+        };
+        let name = if i % 2 == 0 {
+            g.ucs2 += 1;
+            names_zh[i % 4]
+        } else {
+            names_en[i % 4]
+        };
+        writeln!(out, "{phone},{name},{}", cities[i % 4])?;
+    }
+    out.flush()?;
+    Ok(g)
+}
+
+struct Server {
+    child: Child,
+    base: String,
+}
+
+impl Server {
+    fn start(args: &Args, db_url: &str, tag: &str) -> anyhow::Result<Self> {
+        let mut child = Command::new(std::env::current_exe()?)
+            .arg("--serve")
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .env("SMSBATCH__HTTP__BIND", "127.0.0.1:0")
+            .env("SMSBATCH__DATABASE__URL", db_url)
+            .env("SMSBATCH__TRANSPORT__KIND", &args.transport)
+            .env(
+                "SMSBATCH__TRANSPORT__QUEUE",
+                format!("smsbatch.bench.{tag}"),
+            )
+            .env("SMSBATCH__TRANSPORT__QUEUE_EXPIRES_MS", "60000")
+            .env(
+                "SMSBATCH__PROVIDERS__SIMULATOR__LATENCY_MS",
+                args.latency_ms.to_string(),
+            )
+            .env("SMSBATCH__LOG__LEVEL", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        let stdout = child.stdout.take().context("server stdout")?;
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line)?;
+        let base = line
+            .trim()
+            .strip_prefix("smsbatch listening on ")
+            .with_context(|| format!("server did not start: {line}"))?
+            .to_string();
+        Ok(Server { child, base })
+    }
+
+    fn rss_kb(&self, key: &str) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with(key))
+                    .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+            })
+            .unwrap_or(0)
+    }
+
+    fn stop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Ceiling {
+    copy_rows_per_s: f64,
+    update_rows_per_s: f64,
+}
+
+fn pg_execute(url: &str, sql: &str) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+        let driver = tokio::spawn(conn);
+        client.batch_execute(sql).await?;
+        drop(client);
+        let _ = driver.await;
+        Ok(())
+    })
+}
+
+/// What PostgreSQL does on this machine with no service in between: `COPY` of `n` rows shaped
+/// like messages into a copy of the messages table, then `UPDATE` passes marking them sent in
+/// chunks of `chunk` ids (one statement per chunk, as a worker records a task).
+fn measure_ceiling(db_url: &str, n: usize, chunk: usize) -> anyhow::Result<Ceiling> {
+    use futures_util::SinkExt;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let (client, conn) = tokio_postgres::connect(db_url, tokio_postgres::NoTls).await?;
+        let driver = tokio::spawn(conn);
+        client
+            .batch_execute(
+                "DROP TABLE IF EXISTS ceiling_messages;
+                 CREATE TABLE ceiling_messages (LIKE messages INCLUDING ALL);",
+            )
+            .await?;
+        let t = Instant::now();
+        let sink = client
+            .copy_in(
+                "COPY ceiling_messages (batch_id, partition, recipient_id, phone, body, encoding, \
+                 segments, updated_at) FROM STDIN",
+            )
+            .await?;
+        let mut sink = std::pin::pin!(sink);
+        let mut buf = Vec::with_capacity(1 << 20);
+        for i in 0..n {
+            writeln!(
+                buf,
+                "1\t{}\t{i}\t+86138{:08}\tHi Ann, your order from Shanghai ships today: https://shop.example/o\tgsm7\t1\t2026-01-01 00:00:00",
+                i % 4,
+                10_000_000 + i
+            )?;
+            if buf.len() > (1 << 20) {
+                sink.send(bytes::Bytes::from(std::mem::take(&mut buf))).await?;
+            }
+        }
+        sink.send(bytes::Bytes::from(buf)).await?;
+        sink.as_mut().finish().await?;
+        let copy_s = t.elapsed().as_secs_f64();
+
+        let ids: Vec<i64> = client
+            .query("SELECT id FROM ceiling_messages ORDER BY id", &[])
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let t = Instant::now();
+        for ids in ids.chunks(chunk) {
+            client
+                .execute(
+                    "UPDATE ceiling_messages SET status = 2, updated_at = now() \
+                     WHERE id = ANY($1) AND status = 0",
+                    &[&ids],
+                )
+                .await?;
+        }
+        let update_s = t.elapsed().as_secs_f64();
+        client.batch_execute("DROP TABLE ceiling_messages").await?;
+        drop(client);
+        let _ = driver.await;
+        Ok(Ceiling {
+            copy_rows_per_s: n as f64 / copy_s,
+            update_rows_per_s: n as f64 / update_s,
+        })
+    })
+}
