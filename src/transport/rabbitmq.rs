@@ -332,13 +332,7 @@ async fn settle(
         Ok(report) if report.released > 0 => {
             // The worker stopped mid-task (shutdown, or a pause): the rest of the task goes back
             // to the queue for whoever runs next; its claims skip what was done.
-            let _ = delivery
-                .acker
-                .nack(BasicNackOptions {
-                    requeue: true,
-                    ..BasicNackOptions::default()
-                })
-                .await;
+            requeue(&delivery).await;
         }
         Ok(_) => {
             if delivery.acker.ack(BasicAckOptions::default()).await.is_ok() {
@@ -349,13 +343,18 @@ async fn settle(
             tracing::warn!(batch_id = task.batch_id, error = %e, "Task failed; returning it to the queue.");
             // A short pause, so that a database outage does not spin the task around the queue.
             tokio::time::sleep(Duration::from_millis(500)).await;
-            let _ = delivery
-                .acker
-                .nack(BasicNackOptions {
-                    requeue: true,
-                    ..BasicNackOptions::default()
-                })
-                .await;
+            requeue(&delivery).await;
         }
     }
+}
+
+/// Hands a task back to the queue (if the channel is gone, the broker does so by itself).
+async fn requeue(delivery: &lapin::message::Delivery) {
+    let _ = delivery
+        .acker
+        .nack(BasicNackOptions {
+            requeue: true,
+            ..BasicNackOptions::default()
+        })
+        .await;
 }
