@@ -133,6 +133,8 @@ fn bench(args: &Args, work: &std::path::Path, db_url: &str, tag: &str) -> anyhow
         bail!("upload answered {}", upload.status());
     }
     let upload_s = t0.elapsed().as_secs_f64();
+    // Each figure is printed as soon as it is known, so that a run cut short still reports.
+    println!("upload_seconds: {upload_s:.2}");
 
     let t_start = Instant::now();
     post(&http, &format!("{base}/v1/batches/{id}/start"))?;
@@ -153,7 +155,9 @@ fn bench(args: &Args, work: &std::path::Path, db_url: &str, tag: &str) -> anyhow
         peak_rss = peak_rss.max(server.rss_kb("VmRSS:"));
         let state = batch["state"].as_str().unwrap_or("");
         if prepared_at.is_none() && state == "delivering" {
-            prepared_at = Some(t_start.elapsed().as_secs_f64());
+            let prep_s = t_start.elapsed().as_secs_f64();
+            println!("preparation_rows_per_second: {:.0}", n as f64 / prep_s);
+            prepared_at = Some(prep_s);
         }
         if matches!(state, "completed" | "failed" | "cancelled") {
             break batch;
@@ -185,8 +189,6 @@ fn bench(args: &Args, work: &std::path::Path, db_url: &str, tag: &str) -> anyhow
     let paused_s = paused_for.as_secs_f64();
     let delivery_s = (total - prep_s - paused_s).max(f64::EPSILON);
     println!("state: {} results: {}", batch["state"], results);
-    println!("upload_seconds: {upload_s:.2}");
-    println!("preparation_rows_per_second: {:.0}", n as f64 / prep_s);
     println!("delivery_messages_per_second: {:.0}", valid / delivery_s);
     println!(
         "end_to_end_seconds: {end_to_end:.2} (of which {paused_s:.1} s paused by the benchmark)"
