@@ -66,11 +66,8 @@ pub async fn run(deps: Deps, batch: Batch, gate: Arc<Gate>) -> Result<StepEnd, D
         } else if last_progress.elapsed() >= replan_after {
             tracing::warn!(batch_id = %batch.public_id, "No progress; settling dead instances' claims and planning every pending message again.");
             let lease = Duration::from_millis(settings.lease_ms);
-            let live = store.live_instances(lease).await?;
             let resend = settings.redelivery == crate::config::Redelivery::AtLeastOnce;
-            store
-                .settle_orphaned_claims(batch.id, batch.partition_count, resend, &live)
-                .await?;
+            super::registry::settle_orphans(store, &batch, lease, resend).await?;
             full_round = true;
             last_progress = Instant::now();
         }

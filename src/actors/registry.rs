@@ -17,7 +17,6 @@ use actix::prelude::*;
 use super::Deps;
 use super::supervisor::{Act, ActError, Action, BatchSupervisor, Drain, project};
 use crate::config::Redelivery;
-use crate::domain::state::{BatchState, Lifecycle, transition};
 use crate::store::models::{Batch, LifecycleUpdate};
 use crate::store::{Store, StoreError};
 
@@ -175,7 +174,7 @@ async fn take_over(
 }
 
 /// Settles the messages of a batch that dead instances left `sending`.
-async fn settle_orphans(
+pub(super) async fn settle_orphans(
     store: &Store,
     batch: &Batch,
     lease: Duration,
@@ -323,13 +322,10 @@ async fn load(store: &crate::store::Store, public_id: &str) -> Result<Batch, Act
         .ok_or_else(|| ActError::NotFound(public_id.to_string()))
 }
 
-/// Checks an action against the state machine for a batch as stored.
+/// Checks an action against the state machine for a batch as stored (the same check a
+/// supervisor makes before it saves a transition).
 fn check(batch: &Batch, action: Action) -> Result<(), ActError> {
-    let lifecycle = Lifecycle {
-        state: batch.state.parse().unwrap_or(BatchState::Initial),
-        resume_to: batch.resume_to.as_deref().and_then(|s| s.parse().ok()),
-    };
-    transition(lifecycle, action.event(batch))?;
+    project(batch, action.event(batch), None, 0)?;
     Ok(())
 }
 

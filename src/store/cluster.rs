@@ -9,19 +9,12 @@ use diesel::upsert::excluded;
 use diesel_async::RunQueryDsl;
 
 use super::models::Batch;
+use super::queries::{FAILED, PENDING, SENDING, now};
 use super::schema::{batches, instances, leases, messages, partitions};
 use super::{Store, StoreError, UNKNOWN_OUTCOME, with_conn, with_tx};
 
-const PENDING: i16 = 0;
-const SENDING: i16 = 1;
-const FAILED: i16 = 4;
-
 /// The states in which a batch needs a supervisor.
 pub const ACTIVE_STATES: [&str; 3] = ["scheduled", "preparing", "delivering"];
-
-fn now() -> NaiveDateTime {
-    chrono::Utc::now().naive_utc()
-}
 
 fn after(d: Duration) -> NaiveDateTime {
     now() + chrono::Duration::from_std(d).unwrap_or_else(|_| chrono::Duration::seconds(15))

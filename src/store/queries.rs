@@ -13,11 +13,11 @@ use super::schema::{batches, checkpoints, messages, opt_outs, partitions, recipi
 use super::{Store, StoreError, with_conn, with_tx};
 use crate::domain::batch::MessageStatus;
 
-const PENDING: i16 = 0;
-const SENDING: i16 = 1;
-const SENT: i16 = 2;
-const FAILED: i16 = 4;
-const CANCELLED: i16 = 5;
+pub(super) const PENDING: i16 = 0;
+pub(super) const SENDING: i16 = 1;
+pub(super) const SENT: i16 = 2;
+pub(super) const FAILED: i16 = 4;
+pub(super) const CANCELLED: i16 = 5;
 
 /// Rows per multi-row INSERT: keeps every statement under SQLite's and PostgreSQL's bind limits.
 const INSERT_CHUNK: usize = 1000;
@@ -123,7 +123,7 @@ pub struct BatchRecord {
     pub partitions: Vec<Partition>,
 }
 
-fn now() -> NaiveDateTime {
+pub(super) fn now() -> NaiveDateTime {
     chrono::Utc::now().naive_utc()
 }
 
