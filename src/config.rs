@@ -2,6 +2,7 @@
 //! `SMSBATCH__SECTION__KEY` environment variables. Every key has a default that serves the
 //! embedded case, so an empty or missing `default.yaml` still starts the service.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
@@ -9,6 +10,7 @@ use serde::Deserialize;
 
 use crate::domain::batch::PartitionCount;
 use crate::domain::phone::Region;
+use crate::provider::http::IDEMPOTENCY_KEY;
 
 /// Why the configuration could not be loaded; the message always names the key.
 #[derive(Debug, thiserror::Error)]
@@ -18,7 +20,7 @@ pub enum ConfigError {
     Load(#[from] config::ConfigError),
     /// A value has the right type but is out of range.
     #[error("configuration key `{key}`: {reason}")]
-    Invalid { key: &'static str, reason: String },
+    Invalid { key: String, reason: String },
 }
 
 /// The whole configuration tree.
@@ -55,6 +57,10 @@ pub struct HttpSettings {
     pub max_inline_recipients: usize,
     /// HTTP worker threads; 0 means one per core.
     pub workers: usize,
+    /// Most SMS segments a batch's content may take (422 above). Checked when the batch is
+    /// created, on the template's static text: what each recipient's vars add is only known
+    /// at preparation.
+    pub max_segments: u32,
 }
 
 impl Default for HttpSettings {
@@ -65,6 +71,7 @@ impl Default for HttpSettings {
             max_csv_bytes: 2 * 1024 * 1024 * 1024,
             max_inline_recipients: 100_000,
             workers: 0,
+            max_segments: 10,
         }
     }
 }
@@ -242,6 +249,9 @@ pub struct ProviderSettings {
     pub default: String,
     /// The built-in simulator.
     pub simulator: SimulatorSettings,
+    /// JSON-over-HTTP gateways by name (`providers.http.<name>.*`); a batch selects one by its
+    /// name. Names are lower case, so that environment variables can reach them.
+    pub http: BTreeMap<String, HttpProviderSettings>,
 }
 
 impl Default for ProviderSettings {
@@ -249,7 +259,62 @@ impl Default for ProviderSettings {
         Self {
             default: "simulator".into(),
             simulator: SimulatorSettings::default(),
+            http: BTreeMap::new(),
         }
+    }
+}
+
+/// The name of the built-in simulator provider.
+pub const SIMULATOR: &str = "simulator";
+
+/// `providers.http.<name>.*`: one JSON-over-HTTP gateway (`src/provider/http.rs`).
+#[derive(Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpProviderSettings {
+    /// The `http://` or `https://` URL every message is POSTed to. A secret: gateways often
+    /// take a key in the query string.
+    pub url: Secret,
+    /// Headers sent with every request (e.g. `Authorization`); their values are secrets.
+    pub headers: BTreeMap<String, Secret>,
+    /// Timeout of one request, connection included, in milliseconds.
+    pub timeout_ms: u64,
+    /// Field of a 2xx JSON answer that holds the gateway's message id: a top-level field name,
+    /// or a JSON pointer such as `/data/message_id`.
+    pub id_field: String,
+    /// Messages per second (token bucket); 0 means unlimited.
+    pub rate_limit: u32,
+}
+
+impl Default for HttpProviderSettings {
+    fn default() -> Self {
+        Self {
+            url: Secret::default(),
+            headers: BTreeMap::new(),
+            timeout_ms: 5000,
+            id_field: "id".into(),
+            rate_limit: 0,
+        }
+    }
+}
+
+impl fmt::Debug for HttpProviderSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HttpProviderSettings")
+            .field("url", &redact_http_url(self.url.expose()))
+            .field("headers", &self.headers)
+            .field("timeout_ms", &self.timeout_ms)
+            .field("id_field", &self.id_field)
+            .field("rate_limit", &self.rate_limit)
+            .finish()
+    }
+}
+
+/// An HTTP URL safe to log: the password and the query string replaced by `***`.
+pub fn redact_http_url(url: &str) -> String {
+    let redacted = redact_url(url);
+    match redacted.split_once('?') {
+        Some((base, _)) => format!("{base}?***"),
+        None => redacted,
     }
 }
 
@@ -378,7 +443,7 @@ impl Settings {
         fn positive(key: &'static str, v: u64) -> Result<(), ConfigError> {
             if v == 0 {
                 return Err(ConfigError::Invalid {
-                    key,
+                    key: key.into(),
                     reason: "must be at least 1".into(),
                 });
             }
@@ -388,7 +453,7 @@ impl Settings {
             .bind
             .parse::<std::net::SocketAddr>()
             .map_err(|e| ConfigError::Invalid {
-                key: "http.bind",
+                key: "http.bind".into(),
                 reason: format!("`{}` is not an address:port ({e})", self.http.bind),
             })?;
         positive("http.max_json_bytes", self.http.max_json_bytes as u64)?;
@@ -396,13 +461,14 @@ impl Settings {
             "http.max_inline_recipients",
             self.http.max_inline_recipients as u64,
         )?;
+        positive("http.max_segments", u64::from(self.http.max_segments))?;
         let url = self.database.url.expose();
         if !(url.starts_with("sqlite://")
             || url.starts_with("postgres://")
             || url.starts_with("postgresql://"))
         {
             return Err(ConfigError::Invalid {
-                key: "database.url",
+                key: "database.url".into(),
                 reason: format!(
                     "`{}` must start with sqlite:// or postgres://",
                     redact_url(url)
@@ -418,18 +484,18 @@ impl Settings {
         positive("smsbatch.poll_ms", self.smsbatch.poll_ms)?;
         if self.smsbatch.lease_ms < 1000 {
             return Err(ConfigError::Invalid {
-                key: "smsbatch.lease_ms",
+                key: "smsbatch.lease_ms".into(),
                 reason: "must be at least 1000".into(),
             });
         }
         if self.transport.queue.is_empty() {
             return Err(ConfigError::Invalid {
-                key: "transport.queue",
+                key: "transport.queue".into(),
                 reason: "must not be empty".into(),
             });
         }
         PartitionCount::new(self.smsbatch.partition_count).map_err(|e| ConfigError::Invalid {
-            key: "smsbatch.partition_count",
+            key: "smsbatch.partition_count".into(),
             reason: e.to_string(),
         })?;
         positive("smsbatch.worker_count", self.smsbatch.worker_count as u64)?;
@@ -442,7 +508,7 @@ impl Settings {
         positive("smsbatch.claim_size", self.smsbatch.claim_size as u64)?;
         if self.smsbatch.claim_size > 10_000 {
             return Err(ConfigError::Invalid {
-                key: "smsbatch.claim_size",
+                key: "smsbatch.claim_size".into(),
                 reason: "must be at most 10000 (one statement binds every claimed id)".into(),
             });
         }
@@ -456,18 +522,82 @@ impl Settings {
             self.smsbatch.supervisor_mailbox as u64,
         )?;
         self.region()?;
-        if self.providers.default != "simulator" {
-            return Err(ConfigError::Invalid {
-                key: "providers.default",
-                reason: format!("unknown provider `{}`", self.providers.default),
-            });
-        }
+        self.validate_providers()?;
         tracing_subscriber::EnvFilter::try_new(&self.log.level).map_err(|e| {
             ConfigError::Invalid {
-                key: "log.level",
+                key: "log.level".into(),
                 reason: e.to_string(),
             }
         })?;
+        Ok(())
+    }
+
+    fn validate_providers(&self) -> Result<(), ConfigError> {
+        let providers = &self.providers;
+        for (name, http) in &providers.http {
+            let invalid = |field: &str, reason: String| ConfigError::Invalid {
+                key: format!("providers.http.{name}{field}"),
+                reason,
+            };
+            if name == SIMULATOR {
+                return Err(invalid("", "the name of the built-in simulator".into()));
+            }
+            if name.is_empty()
+                || !name
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+            {
+                return Err(invalid(
+                    "",
+                    "a provider name is lower-case letters, digits, `_` and `-`".into(),
+                ));
+            }
+            let url = http.url.expose();
+            if url.is_empty() {
+                return Err(invalid(".url", "must be set".into()));
+            }
+            match reqwest::Url::parse(url) {
+                Ok(parsed) if matches!(parsed.scheme(), "http" | "https") => {}
+                Ok(_) => {
+                    return Err(invalid(
+                        ".url",
+                        format!(
+                            "`{}` is not an http:// or https:// URL",
+                            redact_http_url(url)
+                        ),
+                    ));
+                }
+                Err(e) => {
+                    return Err(invalid(
+                        ".url",
+                        format!("`{}` is not a URL ({e})", redact_http_url(url)),
+                    ));
+                }
+            }
+            for (header, value) in &http.headers {
+                let key = format!(".headers.{header}");
+                let parsed = reqwest::header::HeaderName::from_bytes(header.as_bytes())
+                    .map_err(|_| invalid(&key, "not a valid header name".into()))?;
+                if parsed == IDEMPOTENCY_KEY {
+                    return Err(invalid(&key, "set by the provider for each message".into()));
+                }
+                // The value is a secret: the reason never quotes it.
+                reqwest::header::HeaderValue::from_str(value.expose())
+                    .map_err(|_| invalid(&key, "not a valid header value".into()))?;
+            }
+            if http.timeout_ms == 0 {
+                return Err(invalid(".timeout_ms", "must be at least 1".into()));
+            }
+            if http.id_field.is_empty() {
+                return Err(invalid(".id_field", "must not be empty".into()));
+            }
+        }
+        if providers.default != SIMULATOR && !providers.http.contains_key(&providers.default) {
+            return Err(ConfigError::Invalid {
+                key: "providers.default".into(),
+                reason: format!("unknown provider `{}`", providers.default),
+            });
+        }
         Ok(())
     }
 
@@ -478,7 +608,7 @@ impl Settings {
             .parse()
             .map_err(
                 |e: crate::domain::state::UnknownValue| ConfigError::Invalid {
-                    key: "smsbatch.default_region",
+                    key: "smsbatch.default_region".into(),
                     reason: e.to_string(),
                 },
             )
@@ -552,6 +682,7 @@ mod tests {
                 "smsbatch.worker_count",
             ),
             ("SMSBATCH__HTTP__BIND", "nowhere", "http.bind"),
+            ("SMSBATCH__HTTP__MAX_SEGMENTS", "0", "http.max_segments"),
             ("SMSBATCH__DATABASE__URL", "mysql://x", "database.url"),
             (
                 "SMSBATCH__SMSBATCH__PARTITION_COUNT",
@@ -579,6 +710,135 @@ mod tests {
                 "{var}={value}: `{err}` does not name {key}"
             );
         }
+    }
+
+    #[test]
+    fn http_providers_come_from_the_file_and_the_environment() {
+        let dir = empty_dir();
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        std::fs::write(
+            dir.join("default.yaml"),
+            "providers:\n  default: gw\n  http:\n    gw:\n      url: \"https://sms.example/send?key=k3y\"\n      headers: {Authorization: \"Bearer file\"}\n",
+        )
+        .expect("write");
+        let s = Settings::load_from(
+            &dir,
+            None,
+            Some(vars(&[
+                ("SMSBATCH__PROVIDERS__HTTP__GW__HEADERS__X_API_KEY", "12345"),
+                ("SMSBATCH__PROVIDERS__HTTP__GW__TIMEOUT_MS", "750"),
+                (
+                    "SMSBATCH__PROVIDERS__HTTP__SINK__URL",
+                    "http://127.0.0.1:9/sms",
+                ),
+                ("SMSBATCH__PROVIDERS__HTTP__SINK__ID_FIELD", "/data/id"),
+            ])),
+        )
+        .expect("loads");
+        std::fs::remove_dir_all(&dir).ok();
+        assert_eq!(s.providers.default, "gw");
+        let gw = &s.providers.http["gw"];
+        assert_eq!(gw.url.expose(), "https://sms.example/send?key=k3y");
+        assert_eq!(gw.timeout_ms, 750);
+        assert_eq!(gw.id_field, "id");
+        assert_eq!(gw.headers["Authorization"].expose(), "Bearer file");
+        // Environment variables are lower-cased (and `_` stays `_`) by the config crate.
+        assert_eq!(gw.headers["x_api_key"].expose(), "12345");
+        let sink = &s.providers.http["sink"];
+        assert_eq!(sink.timeout_ms, 5000);
+        assert_eq!(sink.id_field, "/data/id");
+        let printed = format!("{s:?}");
+        for secret in ["k3y", "Bearer file", "12345"] {
+            assert!(!printed.contains(secret), "{secret} printed: {printed}");
+        }
+    }
+
+    #[test]
+    fn bad_http_providers_name_their_key() {
+        let url = (
+            "SMSBATCH__PROVIDERS__HTTP__GW__URL",
+            "http://127.0.0.1:9/sms",
+        );
+        let cases: &[(&[(&str, &str)], &str)] = &[
+            (
+                &[("SMSBATCH__PROVIDERS__HTTP__GW__TIMEOUT_MS", "5")],
+                "providers.http.gw.url",
+            ),
+            (
+                &[("SMSBATCH__PROVIDERS__HTTP__GW__URL", "ftp://x/y")],
+                "providers.http.gw.url",
+            ),
+            (
+                &[("SMSBATCH__PROVIDERS__HTTP__GW__URL", "not a url")],
+                "providers.http.gw.url",
+            ),
+            (
+                &[url, ("SMSBATCH__PROVIDERS__HTTP__GW__TIMEOUT_MS", "0")],
+                "providers.http.gw.timeout_ms",
+            ),
+            (
+                &[url, ("SMSBATCH__PROVIDERS__HTTP__GW__ID_FIELD", "")],
+                "providers.http.gw.id_field",
+            ),
+            (
+                &[
+                    url,
+                    ("SMSBATCH__PROVIDERS__HTTP__GW__HEADERS__BAD HEADER", "x"),
+                ],
+                "providers.http.gw.headers.bad header",
+            ),
+            (
+                &[
+                    url,
+                    (
+                        "SMSBATCH__PROVIDERS__HTTP__GW__HEADERS__IDEMPOTENCY-KEY",
+                        "x",
+                    ),
+                ],
+                "providers.http.gw.headers.idempotency-key",
+            ),
+            (&[url, ("SMSBATCH__PROVIDERS__HTTP__GW__WAT", "1")], "wat"),
+            (
+                &[("SMSBATCH__PROVIDERS__HTTP__SIMULATOR__URL", "http://x/")],
+                "providers.http.simulator",
+            ),
+            (
+                &[url, ("SMSBATCH__PROVIDERS__DEFAULT", "other")],
+                "providers.default",
+            ),
+        ];
+        for (pairs, key) in cases {
+            let err = Settings::load_from(&empty_dir(), None, Some(vars(pairs)))
+                .expect_err(key)
+                .to_string();
+            assert!(err.contains(key), "{pairs:?}: `{err}` does not name {key}");
+        }
+        // A header value that is not valid is refused without being quoted.
+        let err = Settings::load_from(
+            &empty_dir(),
+            None,
+            Some(vars(&[
+                url,
+                (
+                    "SMSBATCH__PROVIDERS__HTTP__GW__HEADERS__AUTHORIZATION",
+                    "s3cret\n",
+                ),
+            ])),
+        )
+        .expect_err("bad value")
+        .to_string();
+        assert!(
+            err.contains("providers.http.gw.headers.authorization"),
+            "{err}"
+        );
+        assert!(!err.contains("s3cret"), "{err}");
+        // A default that names a configured gateway is fine.
+        Settings::load_from(
+            &empty_dir(),
+            None,
+            Some(vars(&[url, ("SMSBATCH__PROVIDERS__DEFAULT", "gw")])),
+        )
+        .expect("default names the http provider");
     }
 
     #[test]

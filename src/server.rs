@@ -34,7 +34,8 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
     )
     .context("opening the database pool")?;
     let metrics = Metrics::new().context("registering metrics")?;
-    let providers = Providers::from_settings(&settings.providers);
+    let providers =
+        Providers::from_settings(&settings.providers).context("building the providers")?;
     let core = Core {
         store: store.clone(),
         providers: providers.clone(),

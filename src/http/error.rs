@@ -2,10 +2,11 @@
 
 use actix_web::http::StatusCode;
 use actix_web::{HttpResponse, ResponseError};
-use serde_json::json;
 
 use crate::actors::supervisor::ActError;
 use crate::store::{ImportError, StoreError};
+
+use super::openapi::{ErrorBody, ErrorDetail};
 
 /// An error answer of the admin API.
 #[derive(Debug, thiserror::Error)]
@@ -22,6 +23,9 @@ pub enum ApiError {
     /// 404 `not_found`.
     #[error("{0}")]
     NotFound(String),
+    /// 405 `method_not_allowed`: the path exists, the method does not; holds the allowed ones.
+    #[error("method not allowed; allowed: {0}")]
+    MethodNotAllowed(&'static str),
     /// 409 `invalid_transition`.
     #[error("{0}")]
     InvalidTransition(String),
@@ -40,6 +44,20 @@ pub enum ApiError {
 }
 
 impl ApiError {
+    /// Every code an answer can carry (the OpenAPI document lists them).
+    pub const CODES: [&'static str; 10] = [
+        "bad_request",
+        "bad_csv",
+        "unauthorized",
+        "not_found",
+        "method_not_allowed",
+        "invalid_transition",
+        "too_large",
+        "invalid",
+        "unavailable",
+        "internal",
+    ];
+
     /// The machine-readable code of the body.
     pub fn code(&self) -> &'static str {
         match self {
@@ -47,6 +65,7 @@ impl ApiError {
             ApiError::BadCsv(_) => "bad_csv",
             ApiError::Unauthorized => "unauthorized",
             ApiError::NotFound(_) => "not_found",
+            ApiError::MethodNotAllowed(_) => "method_not_allowed",
             ApiError::InvalidTransition(_) => "invalid_transition",
             ApiError::TooLarge(_) => "too_large",
             ApiError::Invalid(_) => "invalid",
@@ -62,6 +81,7 @@ impl ResponseError for ApiError {
             ApiError::BadRequest(_) | ApiError::BadCsv(_) => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::InvalidTransition(_) => StatusCode::CONFLICT,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
@@ -72,10 +92,21 @@ impl ResponseError for ApiError {
 
     fn error_response(&self) -> HttpResponse {
         let mut response = HttpResponse::build(self.status_code());
-        if matches!(self, ApiError::Unauthorized) {
-            response.insert_header(("WWW-Authenticate", "Bearer"));
+        match self {
+            ApiError::Unauthorized => {
+                response.insert_header(("WWW-Authenticate", "Bearer"));
+            }
+            ApiError::MethodNotAllowed(allowed) => {
+                response.insert_header(("Allow", *allowed));
+            }
+            _ => {}
         }
-        response.json(json!({"error": {"code": self.code(), "message": self.to_string()}}))
+        response.json(ErrorBody {
+            error: ErrorDetail {
+                code: self.code(),
+                message: self.to_string(),
+            },
+        })
     }
 }
 
@@ -117,6 +148,31 @@ impl From<ImportError<ApiError>> for ApiError {
                 ApiError::InvalidTransition("recipients can be added only in state initial".into())
             }
             ImportError::Store(s) => s.into(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_code_is_listed() {
+        let all = [
+            ApiError::BadRequest(String::new()),
+            ApiError::BadCsv(String::new()),
+            ApiError::Unauthorized,
+            ApiError::NotFound(String::new()),
+            ApiError::MethodNotAllowed("GET"),
+            ApiError::InvalidTransition(String::new()),
+            ApiError::TooLarge(String::new()),
+            ApiError::Invalid(String::new()),
+            ApiError::Unavailable(String::new()),
+            ApiError::Internal(String::new()),
+        ];
+        assert_eq!(all.len(), ApiError::CODES.len());
+        for e in &all {
+            assert!(ApiError::CODES.contains(&e.code()), "{}", e.code());
         }
     }
 }

@@ -2,89 +2,152 @@
 
 use chrono::{DateTime, NaiveDateTime, Utc};
 use serde::Serialize;
+use utoipa::ToSchema;
 
 use crate::actors::supervisor::Condition;
-use crate::domain::batch::{MessageStatus, Progress};
-use crate::domain::state::BatchState;
+use crate::domain::batch::{MessageStatus, MessageType, Progress};
+use crate::domain::state::{BatchState, Step, StepStatus};
 use crate::domain::template::Template;
 use crate::store::BatchRecord;
 use crate::store::models::{Batch, MessageRow, Partition};
+
+use super::openapi::{ConditionDoc, PartitionStatus, ProgressDoc};
 
 fn utc(t: NaiveDateTime) -> DateTime<Utc> {
     t.and_utc()
 }
 
 /// A batch as `GET /v1/batches/{id}` shows it.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = Batch)]
 pub struct BatchView {
+    /// The batch's id (a UUID v7).
+    #[schema(format = Uuid)]
     pub id: String,
+    /// 1–200 characters.
     pub name: String,
+    /// The caller's campaign reference.
     pub campaign_id: Option<String>,
+    /// The message template: `{{var}}` placeholders, `{{url}}` for `url`.
     pub content: String,
+    /// What `{{url}}` is replaced with.
     pub url: Option<String>,
+    /// True when the content has `{{url}}` or a literal http(s) link.
     pub contains_url: bool,
+    /// The provider the messages are sent through.
     pub provider: String,
+    /// `transactional` or `marketing`.
+    #[schema(value_type = MessageType)]
     pub message_type: String,
+    /// When the batch starts preparing, if started before then.
     pub schedule_at: Option<DateTime<Utc>>,
+    /// Partitions the messages are spread over (1–256).
+    #[schema(minimum = 1, maximum = 256)]
     pub partition_count: i32,
+    /// The batch's state.
+    #[schema(value_type = BatchState)]
     pub state: String,
     /// For a paused batch the state resume returns to; for a failed one the state retry returns to.
+    #[schema(value_type = Option<BatchState>)]
     pub resume_to: Option<String>,
+    /// The step the batch is in, or last was in when paused or failed.
+    #[schema(value_type = Option<Step>)]
     pub current_step: Option<&'static str>,
+    /// Both steps' status and progress.
     pub steps: StepsView,
+    /// The counts (API.md "Counting rules").
     pub results: ResultsView,
+    /// Each partition's delivery counts.
     pub partitions: Vec<PartitionView>,
+    /// What happened to the batch, one condition per type.
+    #[schema(value_type = Vec<ConditionDoc>)]
     pub conditions: Vec<Condition>,
+    /// Why the batch failed.
     pub error: Option<String>,
+    /// When it was created.
     pub created_at: DateTime<Utc>,
+    /// When it last changed.
     pub updated_at: DateTime<Utc>,
+    /// When it was started.
     pub started_at: Option<DateTime<Utc>>,
+    /// When it reached a final state.
     pub finished_at: Option<DateTime<Utc>>,
 }
 
 /// Both steps.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = Steps)]
 pub struct StepsView {
+    /// Recipients → validated, rendered messages.
     pub preparation: StepView,
+    /// Messages → providers.
     pub delivery: StepView,
 }
 
 /// One step's status.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = StepState)]
 pub struct StepView {
+    /// The step's status.
+    #[schema(value_type = StepStatus)]
     pub status: String,
+    /// When it first started.
     pub started_at: Option<DateTime<Utc>>,
+    /// When it finished.
     pub finished_at: Option<DateTime<Utc>>,
+    /// Its progress.
+    #[schema(value_type = ProgressDoc)]
     pub progress: Progress,
+    /// Why it failed.
     pub error: Option<String>,
 }
 
 /// The batch's counts (API.md "Counting rules").
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = Results)]
 pub struct ResultsView {
+    /// Recipients added.
     pub recipients: i64,
+    /// Distinct valid numbers: one message each.
     pub valid: i64,
+    /// Numbers that are not valid phone numbers.
     pub invalid: i64,
+    /// Repeats of a valid number.
     pub duplicates: i64,
+    /// Numbers that opted out.
     pub opted_out: i64,
+    /// Messages the provider accepted.
     pub sent: i64,
+    /// Messages whose delivery receipt arrived (no longer counted in `sent`).
     pub delivered: i64,
+    /// Messages that failed.
     pub failed: i64,
+    /// Messages cancelled before they were sent.
     pub cancelled: i64,
     /// Valid messages not yet in a final status.
     pub pending: i64,
+    /// SMS segments of the prepared messages.
     pub segments: i64,
 }
 
 /// One partition's counts.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = PartitionCounts)]
 pub struct PartitionView {
+    /// 0-based.
     pub index: i32,
+    /// Its delivery status.
+    #[schema(value_type = PartitionStatus)]
     pub status: &'static str,
+    /// Messages in the partition.
     pub total: i64,
+    /// Sent.
     pub sent: i64,
+    /// Delivered.
     pub delivered: i64,
+    /// Failed.
     pub failed: i64,
+    /// Cancelled.
     pub cancelled: i64,
 }
 
@@ -194,23 +257,36 @@ impl BatchView {
     }
 }
 
-/// A page of batches.
-#[derive(Debug, Serialize)]
+/// A page of batches, newest first.
+#[derive(Debug, Serialize, ToSchema)]
 pub struct BatchPage {
+    /// The batches.
     pub items: Vec<BatchView>,
+    /// The `after` of the next page; null on the last one.
+    #[schema(format = Uuid)]
     pub next: Option<String>,
 }
 
 /// One message as the messages endpoint shows it.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = Message)]
 pub struct MessageView {
+    /// The message's id (also the idempotency key given to providers).
     pub id: String,
+    /// The recipient, in E.164.
     pub phone: String,
+    /// Its status.
+    #[schema(value_type = MessageStatus)]
     pub status: &'static str,
+    /// SMS segments of its text.
     pub segments: i32,
+    /// Provider calls made for it.
     pub attempts: i32,
+    /// The provider's id for it, once sent.
     pub provider_message_id: Option<String>,
+    /// Why it failed.
     pub error: Option<String>,
+    /// When it last changed.
     pub updated_at: DateTime<Utc>,
 }
 
@@ -231,9 +307,20 @@ impl From<MessageRow> for MessageView {
     }
 }
 
-/// A page of messages.
-#[derive(Debug, Serialize)]
+/// A page of messages, in id order.
+#[derive(Debug, Serialize, ToSchema)]
 pub struct MessagePage {
+    /// The messages.
     pub items: Vec<MessageView>,
+    /// The `after` of the next page; null on the last one.
     pub next: Option<String>,
+}
+
+/// The answer to a recipients upload.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct UploadResult {
+    /// Rows of this upload.
+    pub accepted: i64,
+    /// Recipients of the batch so far.
+    pub total: i64,
 }

@@ -1,6 +1,7 @@
-//! SMS providers: the `SmsProvider` trait, the rate limiter in front of each provider, and the
-//! built-in `simulator`.
+//! SMS providers: the `SmsProvider` trait, the rate limiter in front of each provider, the
+//! built-in `simulator`, and the generic JSON-over-HTTP `http` gateways.
 
+pub mod http;
 mod simulator;
 
 use std::collections::HashMap;
@@ -11,9 +12,10 @@ use tokio::time::Instant;
 
 use futures_util::future::BoxFuture;
 
+pub use http::HttpProvider;
 pub use simulator::Simulator;
 
-use crate::config::ProviderSettings;
+use crate::config::{ProviderSettings, SIMULATOR};
 
 /// One SMS to hand to a provider.
 #[derive(Debug, Clone)]
@@ -80,22 +82,32 @@ pub struct Providers {
 }
 
 impl Providers {
-    /// Builds the providers the configuration names.
-    pub fn from_settings(settings: &ProviderSettings) -> Self {
+    /// Builds the providers the configuration names: the simulator and each `http` gateway.
+    pub fn from_settings(settings: &ProviderSettings) -> Result<Self, http::BuildError> {
         let mut by_name = HashMap::new();
         let sim = &settings.simulator;
         by_name.insert(
-            "simulator".to_string(),
+            SIMULATOR.to_string(),
             Arc::new(Provider {
-                name: "simulator".into(),
+                name: SIMULATOR.into(),
                 gateway: Arc::new(Simulator::new(Duration::from_millis(sim.latency_ms))),
                 limiter: RateLimiter::new(sim.rate_limit),
             }),
         );
-        Providers {
+        for (name, gateway) in &settings.http {
+            by_name.insert(
+                name.clone(),
+                Arc::new(Provider {
+                    name: name.clone(),
+                    gateway: Arc::new(HttpProvider::new(name, gateway)?),
+                    limiter: RateLimiter::new(gateway.rate_limit),
+                }),
+            );
+        }
+        Ok(Providers {
             by_name: Arc::new(by_name),
             default: settings.default.clone(),
-        }
+        })
     }
 
     /// A provider by name.

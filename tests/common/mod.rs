@@ -20,6 +20,7 @@ use serde_json::Value;
 
 mod db;
 pub use db::{Backend, TestDb};
+pub mod sink;
 
 /// How long the server may take to print its listening line (migrations included).
 const STARTUP_DEADLINE: Duration = Duration::from_secs(90);

@@ -1,0 +1,395 @@
+//! The OpenAPI 3 document of the admin API, served at `GET /openapi.json`: generated from the
+//! handlers' `#[utoipa::path]` annotations and the views' `ToSchema` derives, so that it cannot
+//! drift from the code. API.md is the prose form of the same contract.
+//!
+//! The names of the domain's enums (states, statuses, message types) are listed from the enums'
+//! own `ALL`, so a new variant shows up in the document by itself. `domain` stays free of
+//! documentation concerns: the schema impls live here.
+
+use std::borrow::Cow;
+use std::sync::OnceLock;
+
+use actix_web::HttpResponse;
+use serde::Serialize;
+use utoipa::openapi::schema::{ObjectBuilder, Schema, Type};
+use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
+use utoipa::openapi::{InfoBuilder, OpenApi as Document, RefOr};
+use utoipa::{Modify, OpenApi, PartialSchema, ToSchema};
+
+use crate::domain::batch::{MessageStatus, MessageType};
+use crate::domain::state::{BatchState, Step, StepStatus};
+
+use super::error::ApiError;
+
+/// The name of the security scheme every `/v1/` operation requires when `admin.token` is set
+/// (the handlers' `security(("bearer" = []))` attributes take it only as a literal).
+pub const BEARER: &str = "bearer";
+
+/// Implements `ToSchema` for a domain enum as a string schema listing its API names.
+macro_rules! name_schema {
+    ($ty:ty, $name:literal, $description:literal) => {
+        impl PartialSchema for $ty {
+            fn schema() -> RefOr<Schema> {
+                ObjectBuilder::new()
+                    .schema_type(Type::String)
+                    .description(Some($description))
+                    .enum_values(Some(<$ty>::ALL.iter().map(|v| v.as_str())))
+                    .into()
+            }
+        }
+
+        impl ToSchema for $ty {
+            fn name() -> Cow<'static, str> {
+                Cow::Borrowed($name)
+            }
+        }
+    };
+}
+
+name_schema!(
+    BatchState,
+    "BatchState",
+    "A batch's state; `completed`, `failed` and `cancelled` are final."
+);
+name_schema!(
+    StepStatus,
+    "StepStatus",
+    "The status of one step of a batch."
+);
+name_schema!(Step, "Step", "A step of a batch.");
+name_schema!(
+    MessageStatus,
+    "MessageStatus",
+    "Where one message is on its way to the recipient."
+);
+name_schema!(
+    MessageType,
+    "MessageType",
+    "The kind of messages in a batch."
+);
+
+/// The statuses a partition is shown with.
+pub struct PartitionStatus;
+
+impl PartitionStatus {
+    /// Every status `views::PartitionView` can show.
+    pub const ALL: [&'static str; 4] = ["initial", "running", "paused", "completed"];
+}
+
+impl PartialSchema for PartitionStatus {
+    fn schema() -> RefOr<Schema> {
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .description(Some("The delivery status of one partition."))
+            .enum_values(Some(PartitionStatus::ALL))
+            .into()
+    }
+}
+
+impl ToSchema for PartitionStatus {}
+
+/// A step's progress (documents `domain::batch::Progress`, whose serialization the unit tests
+/// below compare with this).
+#[derive(Serialize, ToSchema)]
+#[schema(as = Progress)]
+pub struct ProgressDoc {
+    /// Items the step has to process.
+    pub total: i64,
+    /// Items processed so far, successfully or not.
+    pub processed: i64,
+    /// Processed items that succeeded.
+    pub success: i64,
+    /// Processed items that failed.
+    pub failed: i64,
+    /// `processed / total` in percent, one decimal.
+    #[schema(minimum = 0.0, maximum = 100.0)]
+    pub percentage: f64,
+}
+
+/// A condition of a batch, in the manner of Kubernetes conditions (documents
+/// `actors::supervisor::Condition`).
+#[derive(Serialize, ToSchema)]
+#[schema(as = Condition)]
+pub struct ConditionDoc {
+    /// `Prepared`, `Delivered`, `Paused`, `Cancelled`, `Failed`, `Restarted`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// `True` or `False`.
+    pub status: String,
+    /// A CamelCase reason.
+    pub reason: String,
+    /// A human sentence.
+    pub message: String,
+    /// When the status last changed.
+    pub last_transition_time: chrono::DateTime<chrono::Utc>,
+}
+
+/// The machine-readable code of an error answer.
+pub struct ErrorCode;
+
+impl PartialSchema for ErrorCode {
+    fn schema() -> RefOr<Schema> {
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .description(Some(
+                "What went wrong, for programs; the message says it for people.",
+            ))
+            .enum_values(Some(ApiError::CODES))
+            .into()
+    }
+}
+
+impl ToSchema for ErrorCode {}
+
+/// Every 4xx and 5xx answer (API.md "Errors"); `ApiError` renders itself as this.
+#[derive(Serialize, ToSchema)]
+pub struct ErrorBody {
+    /// The error.
+    pub error: ErrorDetail,
+}
+
+/// The error of an [`ErrorBody`].
+#[derive(Serialize, ToSchema)]
+pub struct ErrorDetail {
+    /// What went wrong, for programs.
+    #[schema(value_type = ErrorCode)]
+    pub code: &'static str,
+    /// What went wrong, for people.
+    pub message: String,
+}
+
+/// `GET /healthz`.
+#[derive(Serialize, ToSchema)]
+pub struct Health {
+    /// Always `ok`.
+    #[schema(value_type = String, pattern = "^ok$")]
+    pub status: &'static str,
+}
+
+/// `GET /readyz`.
+#[derive(Serialize, ToSchema)]
+pub struct Readiness {
+    /// `healthy` when every check is `ok`, else `unhealthy`.
+    #[schema(value_type = String, pattern = "^(healthy|unhealthy)$")]
+    pub status: &'static str,
+    /// When the checks ran.
+    pub timestamp: chrono::DateTime<chrono::Utc>,
+    /// Each dependency's check.
+    pub checks: ReadinessChecks,
+}
+
+/// The checks of [`Readiness`]: `ok`, or the failed check's error text.
+#[derive(Serialize, ToSchema)]
+pub struct ReadinessChecks {
+    /// The database.
+    pub database: String,
+    /// The broker (always `ok` with the in-process transport).
+    pub queue: String,
+}
+
+/// Adds the bearer-token security scheme and the document's title.
+struct Extras;
+
+impl Modify for Extras {
+    fn modify(&self, doc: &mut Document) {
+        doc.info = InfoBuilder::new()
+            .title("smsbatch admin API")
+            .version(env!("CARGO_PKG_VERSION"))
+            .description(Some(
+                "Batches of SMS: create, add recipients, start, pause, resume, cancel, retry, \
+                 and watch. With `admin.token` set, every `/v1/` operation needs \
+                 `Authorization: Bearer <token>`; the probes, `/metrics` and this document \
+                 never do. Every 4xx and 5xx answer has the `ErrorBody` body.",
+            ))
+            .build();
+        let components = doc.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            BEARER,
+            SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
+        );
+    }
+}
+
+/// The document: every route of `http::routes`.
+#[derive(OpenApi)]
+#[openapi(
+    paths(
+        super::create_batch,
+        super::list_batches,
+        super::get_batch,
+        super::upload_recipients,
+        super::list_messages,
+        super::start_batch,
+        super::pause_batch,
+        super::resume_batch,
+        super::cancel_batch,
+        super::retry_batch,
+        super::healthz,
+        super::readyz,
+        super::metrics,
+        openapi_json,
+    ),
+    components(schemas(ErrorBody, PartitionStatus, BatchState, StepStatus, MessageStatus)),
+    modifiers(&Extras),
+    tags(
+        (name = "batches", description = "Batches and their lifecycle (API.md)."),
+        (name = "operations", description = "Probes, metrics and this document."),
+    ),
+)]
+pub struct ApiDoc;
+
+/// The document as JSON, built once.
+pub fn document() -> &'static str {
+    static JSON: OnceLock<String> = OnceLock::new();
+    JSON.get_or_init(|| {
+        ApiDoc::openapi().to_json().unwrap_or_else(|e| {
+            // Serialising a tree of strings and maps cannot fail; answer a valid document if it
+            // ever does.
+            tracing::error!(error = %e, "OpenAPI document not serialisable.");
+            r#"{"openapi":"3.1.0","info":{"title":"smsbatch admin API","version":"0"},"paths":{}}"#
+                .to_string()
+        })
+    })
+}
+
+/// The OpenAPI document of this API.
+#[utoipa::path(
+    get,
+    path = "/openapi.json",
+    tag = "operations",
+    operation_id = "openapi",
+    responses((status = 200, description = "The OpenAPI 3 document", content_type = "application/json", body = Object)),
+)]
+pub async fn openapi_json() -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("application/json")
+        .body(document())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use serde_json::Value;
+
+    use super::*;
+    use crate::domain::batch::Progress;
+
+    fn doc() -> Value {
+        serde_json::from_str(document()).unwrap()
+    }
+
+    fn keys(v: &Value) -> BTreeSet<String> {
+        v.as_object().unwrap().keys().cloned().collect()
+    }
+
+    fn schema_properties(name: &str) -> BTreeSet<String> {
+        keys(&doc()["components"]["schemas"][name]["properties"])
+    }
+
+    #[test]
+    fn progress_schema_matches_its_serialisation() {
+        let real = serde_json::to_value(Progress::new(10, 4, 3, 1)).unwrap();
+        assert_eq!(keys(&real), schema_properties("Progress"));
+    }
+
+    #[test]
+    fn condition_schema_matches_its_serialisation() {
+        let real = serde_json::to_value(crate::actors::supervisor::Condition {
+            kind: "Prepared".into(),
+            status: "True".into(),
+            reason: "Completed".into(),
+            message: "m".into(),
+            last_transition_time: chrono::Utc::now(),
+        })
+        .unwrap();
+        assert_eq!(keys(&real), schema_properties("Condition"));
+    }
+
+    #[test]
+    fn enums_list_the_domain_names() {
+        let doc = doc();
+        let names = |schema: &str| -> Vec<String> {
+            doc["components"]["schemas"][schema]["enum"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_str().unwrap().to_string())
+                .collect()
+        };
+        assert_eq!(
+            names("BatchState"),
+            [
+                "initial",
+                "scheduled",
+                "preparing",
+                "delivering",
+                "paused",
+                "completed",
+                "failed",
+                "cancelled"
+            ]
+        );
+        assert_eq!(
+            names("MessageStatus"),
+            [
+                "pending",
+                "sending",
+                "sent",
+                "delivered",
+                "failed",
+                "cancelled"
+            ]
+        );
+        assert_eq!(
+            names("StepStatus"),
+            [
+                "initial",
+                "ready",
+                "running",
+                "paused",
+                "completed",
+                "failed"
+            ]
+        );
+        let codes = names("ErrorCode");
+        for code in [
+            "bad_request",
+            "bad_csv",
+            "unauthorized",
+            "not_found",
+            "invalid_transition",
+            "too_large",
+            "invalid",
+            "unavailable",
+        ] {
+            assert!(codes.iter().any(|c| c == code), "{code} in {codes:?}");
+        }
+    }
+
+    #[test]
+    fn every_v1_operation_requires_the_token_and_the_probes_do_not() {
+        let doc = doc();
+        for (path, item) in doc["paths"].as_object().unwrap() {
+            for (method, op) in item.as_object().unwrap() {
+                let secured = op.get("security").is_some_and(|s| {
+                    s.as_array()
+                        .is_some_and(|a| a.iter().any(|r| r.get(BEARER).is_some()))
+                });
+                assert_eq!(
+                    secured,
+                    path.starts_with("/v1/"),
+                    "{method} {path}: security {:?}",
+                    op.get("security")
+                );
+                if path.starts_with("/v1/") {
+                    assert!(
+                        op["responses"].get("401").is_some(),
+                        "{method} {path} documents 401"
+                    );
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,588 @@
+//! Access to the admin API against the real server: with `admin.token` set, every `/v1/` route
+//! needs `Authorization: Bearer <token>`, a missing or wrong one is 401 with API.md's error body
+//! and does nothing; the probes, `/metrics` and `/openapi.json` stay open, and the OpenAPI
+//! document lists what API.md promises. Secrets never reach the logs: neither the token
+//! (whatever the requests carry, at log level trace) nor the password of a database or broker
+//! URL (when it is reached, and when it is not).
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, mpsc};
+use std::thread;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use common::{Backend, TestDb, TestServer, assert_error, num};
+
+/// A deadline that only stops a stuck test.
+const DEADLINE: Duration = Duration::from_secs(120);
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(60)))
+        .build()
+        .into()
+}
+
+/// A request body: content type and text.
+type Body<'a> = Option<(&'a str, &'a str)>;
+
+/// One request with an optional `Authorization` value; returns the status, the
+/// `WWW-Authenticate` header and the body as JSON (Null when empty or not JSON).
+fn call(
+    base: &str,
+    method: &str,
+    path: &str,
+    authorization: Option<&str>,
+    body: Body<'_>,
+) -> (u16, String, Value) {
+    let url = format!("{base}{path}");
+    let agent = agent();
+    let result = match method {
+        "GET" => {
+            let mut req = agent.get(&url);
+            if let Some(a) = authorization {
+                req = req.header("Authorization", a);
+            }
+            req.call()
+        }
+        "POST" => {
+            let mut req = agent.post(&url);
+            if let Some(a) = authorization {
+                req = req.header("Authorization", a);
+            }
+            match body {
+                Some((content_type, body)) => req.content_type(content_type).send(body),
+                None => req.send_empty(),
+            }
+        }
+        other => panic!("no method {other} here"),
+    };
+    let mut response = result.unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+    let status = response.status().as_u16();
+    let challenge = response
+        .headers()
+        .get("www-authenticate")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    let text = response.body_mut().read_to_string().unwrap_or_default();
+    let json = serde_json::from_str(&text).unwrap_or(Value::Null);
+    (status, challenge, json)
+}
+
+#[test]
+fn the_token_guards_every_v1_route_and_nothing_else() {
+    let db = TestDb::new(Backend::Sqlite);
+    let token = format!("tok-{}", uuid::Uuid::now_v7().simple());
+    let server = TestServer::start(&db, &[("SMSBATCH__ADMIN__TOKEN", &token)]);
+    let base = server.base_url();
+    let right = format!("Bearer {token}");
+
+    // A batch made with the right token, to aim the refused requests at.
+    let create = json!({"name": "guarded", "content": "Hi {{name}}",
+                        "recipients": [{"phone": "+8613800001234", "vars": {"name": "Ann"}}]})
+    .to_string();
+    let (status, _, batch) = call(
+        base,
+        "POST",
+        "/v1/batches",
+        Some(&right),
+        Some(("application/json", &create)),
+    );
+    assert_eq!(status, 201, "{batch:#}");
+    let id = batch["id"].as_str().unwrap().to_owned();
+
+    let wrong_tokens = [
+        None,
+        Some(String::new()),
+        Some("Bearer".to_owned()),
+        Some("Bearer ".to_owned()),
+        Some("Bearer wrong".to_owned()),
+        Some(format!("Bearer {}", &token[..token.len() - 1])),
+        Some(format!("Bearer {token}x")),
+        Some(format!("Basic {token}")),
+        Some(token.clone()),
+    ];
+    let csv = "phone\n+8613800001235\n";
+    let routes: Vec<(&str, String, Body<'_>)> = vec![
+        ("GET", "/v1/batches".into(), None),
+        (
+            "POST",
+            "/v1/batches".into(),
+            Some(("application/json", create.as_str())),
+        ),
+        ("GET", format!("/v1/batches/{id}"), None),
+        (
+            "POST",
+            format!("/v1/batches/{id}/recipients"),
+            Some(("text/csv", csv)),
+        ),
+        ("GET", format!("/v1/batches/{id}/messages"), None),
+        ("POST", format!("/v1/batches/{id}/start"), None),
+        ("POST", format!("/v1/batches/{id}/pause"), None),
+        ("POST", format!("/v1/batches/{id}/resume"), None),
+        ("POST", format!("/v1/batches/{id}/cancel"), None),
+        ("POST", format!("/v1/batches/{id}/retry"), None),
+        // Unknown routes under /v1/ do not tell what exists.
+        ("GET", "/v1/secrets".into(), None),
+        ("GET", format!("/v1/batches/{}", uuid::Uuid::now_v7()), None),
+    ];
+    for (method, path, body) in &routes {
+        for auth in &wrong_tokens {
+            let context = format!("{method} {path} with Authorization {auth:?}");
+            let (status, challenge, reply) = call(base, method, path, auth.as_deref(), *body);
+            assert_error(&(status, reply), 401, "unauthorized", &context);
+            assert_eq!(challenge, "Bearer", "{context}: WWW-Authenticate");
+        }
+    }
+
+    // Nothing was done: one batch, still initial, with its one recipient.
+    let (status, _, page) = call(base, "GET", "/v1/batches", Some(&right), None);
+    assert_eq!(status, 200, "{page:#}");
+    let items = page["items"].as_array().unwrap();
+    assert_eq!(
+        items.len(),
+        1,
+        "refused creations created nothing: {page:#}"
+    );
+    assert_eq!(items[0]["state"], "initial", "refused actions did nothing");
+    assert_eq!(
+        num(&items[0], "/results/recipients"),
+        1,
+        "refused upload stored nothing"
+    );
+
+    // The probes, the metrics and the document never need the token.
+    for path in ["/healthz", "/readyz", "/metrics", "/openapi.json"] {
+        let (status, _, _) = call(base, "GET", path, None, None);
+        assert_eq!(status, 200, "GET {path} without a token");
+    }
+
+    // The right token works everywhere, whatever the letter case of the scheme.
+    let lower = format!("bearer {token}");
+    let (status, _, reply) = call(
+        base,
+        "POST",
+        &format!("/v1/batches/{id}/recipients"),
+        Some(&lower),
+        Some(("text/csv", csv)),
+    );
+    assert_eq!(status, 200, "{reply:#}");
+    assert_eq!(num(&reply, "/total"), 2);
+    let (status, _, reply) = call(
+        base,
+        "GET",
+        &format!("/v1/batches/{id}/messages"),
+        Some(&right),
+        None,
+    );
+    assert_eq!(status, 200, "{reply:#}");
+    let (status, _, reply) = call(
+        base,
+        "POST",
+        &format!("/v1/batches/{id}/start"),
+        Some(&right),
+        None,
+    );
+    assert_eq!(
+        (status, &reply["state"]),
+        (202, &json!("preparing")),
+        "{reply:#}"
+    );
+}
+
+/// The server as a child process with all of its output kept, for the log assertions.
+struct Logged {
+    child: Child,
+    output: Arc<Mutex<String>>,
+    base: Option<String>,
+}
+
+impl Logged {
+    fn start(env: &[(&str, &str)]) -> Self {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_smsbatch"));
+        cmd.arg("serve")
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .env_remove("RUST_LOG")
+            .env("SMSBATCH__HTTP__BIND", "127.0.0.1:0")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn smsbatch");
+        let output = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = mpsc::channel();
+        let stdout = child.stdout.take().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        for (reader, tx) in [
+            (
+                Box::new(stdout) as Box<dyn std::io::Read + Send>,
+                tx.clone(),
+            ),
+            (Box::new(stderr), tx),
+        ] {
+            let output = Arc::clone(&output);
+            thread::spawn(move || {
+                let mut reader = BufReader::new(reader);
+                let mut line = Vec::new();
+                while reader.read_until(b'\n', &mut line).is_ok_and(|n| n > 0) {
+                    let text = String::from_utf8_lossy(&line).into_owned();
+                    if let Some(rest) = text.split("smsbatch listening on ").nth(1) {
+                        let _ = tx.send(Some(rest.trim().to_owned()));
+                    }
+                    output.lock().unwrap().push_str(&text);
+                    line.clear();
+                }
+                let _ = tx.send(None);
+            });
+        }
+        // The listening line, or both streams closed (the process stopped).
+        let mut base = None;
+        let mut closed = 0;
+        while base.is_none() && closed < 2 {
+            match rx.recv_timeout(DEADLINE) {
+                Ok(Some(url)) => base = Some(url),
+                Ok(None) => closed += 1,
+                Err(_) => panic!("smsbatch neither listened nor stopped"),
+            }
+        }
+        Logged {
+            child,
+            output,
+            base,
+        }
+    }
+
+    fn base(&self) -> &str {
+        self.base
+            .as_deref()
+            .unwrap_or_else(|| panic!("not listening:\n{}", self.output()))
+    }
+
+    fn output(&self) -> String {
+        self.output.lock().unwrap().clone()
+    }
+
+    /// SIGTERM, then waits for the exit and for the last output lines.
+    fn stop(&mut self) -> String {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+        thread::sleep(Duration::from_millis(300));
+        self.output()
+    }
+}
+
+impl Drop for Logged {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Fails showing the lines that contain `secret`.
+fn assert_absent(output: &str, secret: &str, what: &str) {
+    let lines: Vec<&str> = output.lines().filter(|l| l.contains(secret)).collect();
+    assert!(
+        lines.is_empty(),
+        "{what} appears in the output:\n{}",
+        lines.join("\n")
+    );
+}
+
+#[test]
+fn secrets_never_reach_the_logs() {
+    let db = TestDb::new(Backend::Postgres);
+    let token = format!("tok-{}", uuid::Uuid::now_v7().simple());
+    let password = format!("pw-{}", uuid::Uuid::now_v7().simple());
+    // The local server trusts the connection, so the password is carried but never checked.
+    let url = db.url().replacen(
+        "postgres://postgres@",
+        &format!("postgres://postgres:{password}@"),
+        1,
+    );
+    assert_ne!(url, db.url(), "the test database URL names user postgres");
+    let mut server = Logged::start(&[
+        ("SMSBATCH__DATABASE__URL", &url),
+        ("SMSBATCH__ADMIN__TOKEN", &token),
+        ("SMSBATCH__LOG__LEVEL", "trace"),
+        ("SMSBATCH__LOG__FORMAT", "json"),
+    ]);
+    let base = server.base().to_owned();
+    let right = format!("Bearer {token}");
+
+    // Requests with the right token, and with wrong ones that contain it.
+    let create = json!({"name": "logs", "content": "Hi {{name}}",
+                        "recipients": [{"phone": "+8613800001234", "vars": {"name": "Ann"}},
+                                       {"phone": "+8613800000001", "vars": {"name": "Bo"}}]})
+    .to_string();
+    let (status, _, batch) = call(
+        &base,
+        "POST",
+        "/v1/batches",
+        Some(&right),
+        Some(("application/json", &create)),
+    );
+    assert_eq!(status, 201, "{batch:#}");
+    let id = batch["id"].as_str().unwrap().to_owned();
+    for wrong in [
+        format!("Bearer {token}x"),
+        format!("Basic {token}"),
+        token.clone(),
+    ] {
+        let (status, _, _) = call(&base, "GET", "/v1/batches", Some(&wrong), None);
+        assert_eq!(status, 401);
+    }
+    let (status, _, _) = call(
+        &base,
+        "POST",
+        &format!("/v1/batches/{id}/start"),
+        Some(&right),
+        None,
+    );
+    assert_eq!(status, 202);
+    common::eventually("completed", DEADLINE, || {
+        let (_, _, b) = call(
+            &base,
+            "GET",
+            &format!("/v1/batches/{id}"),
+            Some(&right),
+            None,
+        );
+        if b["state"] == "completed" {
+            Ok(())
+        } else {
+            Err(b.to_string())
+        }
+    });
+    let output = server.stop();
+
+    // The logs were written at trace level, and the database URL was logged redacted.
+    assert!(
+        output.contains("TRACE") || output.contains("\"level\":\"TRACE\""),
+        "trace-level output was captured:\n{output}"
+    );
+    assert!(
+        output.contains("postgres://postgres:***@"),
+        "the database URL is logged with its password replaced:\n{output}"
+    );
+    assert_absent(&output, &token, "the admin token");
+    assert_absent(&output, &password, "the database password");
+}
+
+#[test]
+fn an_unreachable_database_does_not_log_its_password() {
+    let password = format!("pw-{}", uuid::Uuid::now_v7().simple());
+    let mut server = Logged::start(&[
+        (
+            "SMSBATCH__DATABASE__URL",
+            &format!("postgres://app:{password}@127.0.0.1:1/smsbatch"),
+        ),
+        ("SMSBATCH__LOG__LEVEL", "trace"),
+    ]);
+    assert!(server.base.is_none(), "no database, no service");
+    let output = server.stop();
+    assert!(!output.trim().is_empty(), "it says why it stopped");
+    assert_absent(&output, &password, "the database password");
+}
+
+/// `(method, path)` of every operation API.md names (`` `GET /v1/batches?…` `` and the like),
+/// queries dropped; empty when API.md is not beside the repository.
+fn api_md_operations() -> Vec<(String, String)> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/API.md");
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Vec::new();
+    };
+    let mut ops = Vec::new();
+    for quoted in text.split('`').skip(1).step_by(2) {
+        let mut words = quoted.split_whitespace();
+        if let (Some(method @ ("GET" | "POST")), Some(target), None) =
+            (words.next(), words.next(), words.next())
+            && target.starts_with('/')
+        {
+            let path = target.split('?').next().unwrap_or(target);
+            ops.push((method.to_lowercase(), path.to_owned()));
+        }
+    }
+    ops.sort();
+    ops.dedup();
+    ops
+}
+
+/// The OpenAPI document is served open, is OpenAPI 3, and has every operation of API.md with
+/// its status codes, the states and the error body.
+#[test]
+fn the_openapi_document_matches_api_md() {
+    let db = TestDb::new(Backend::Sqlite);
+    let server = TestServer::start(&db, &[("SMSBATCH__ADMIN__TOKEN", "t")]);
+    let reply = server.get("/openapi.json");
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert!(reply.content_type.starts_with("application/json"));
+    let doc: Value = serde_json::from_str(&reply.body).expect("the document is JSON");
+    let version = doc["openapi"].as_str().unwrap_or("");
+    assert!(version.starts_with("3."), "OpenAPI 3.x, got {version:?}");
+
+    // API.md's operations (when it is beside the repository) and the fixed list below.
+    let mut expected: Vec<(String, String)> = [
+        ("post", "/v1/batches"),
+        ("get", "/v1/batches"),
+        ("get", "/v1/batches/{id}"),
+        ("post", "/v1/batches/{id}/recipients"),
+        ("get", "/v1/batches/{id}/messages"),
+        ("post", "/v1/batches/{id}/start"),
+        ("post", "/v1/batches/{id}/pause"),
+        ("post", "/v1/batches/{id}/resume"),
+        ("post", "/v1/batches/{id}/cancel"),
+        ("post", "/v1/batches/{id}/retry"),
+        ("get", "/healthz"),
+        ("get", "/readyz"),
+        ("get", "/metrics"),
+        ("get", "/openapi.json"),
+    ]
+    .iter()
+    .map(|(m, p)| ((*m).to_owned(), (*p).to_owned()))
+    .collect();
+    let from_api_md = api_md_operations();
+    if std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared/API.md")
+        .exists()
+    {
+        assert!(
+            from_api_md.len() >= 10,
+            "API.md names its operations: {from_api_md:?}"
+        );
+    }
+    expected.extend(from_api_md);
+    for (method, path) in &expected {
+        assert!(
+            doc["paths"][path][method].is_object(),
+            "the document has {method} {path}"
+        );
+    }
+
+    let statuses = |method: &str, path: &str| -> Vec<String> {
+        let mut codes: Vec<String> = doc["paths"][path][method]["responses"]
+            .as_object()
+            .unwrap_or_else(|| panic!("{method} {path} has responses"))
+            .keys()
+            .cloned()
+            .collect();
+        codes.sort();
+        codes
+    };
+    let has = |method: &str, path: &str, wanted: &[&str]| {
+        let codes = statuses(method, path);
+        for code in wanted {
+            assert!(
+                codes.iter().any(|c| c == code),
+                "{method} {path}: {code} in {codes:?}"
+            );
+        }
+    };
+    has("post", "/v1/batches", &["201", "400", "401", "413", "422"]);
+    has("get", "/v1/batches", &["200", "400", "401"]);
+    has("get", "/v1/batches/{id}", &["200", "401", "404"]);
+    has(
+        "post",
+        "/v1/batches/{id}/recipients",
+        &["200", "400", "401", "404", "409", "413"],
+    );
+    has(
+        "get",
+        "/v1/batches/{id}/messages",
+        &["200", "400", "401", "404"],
+    );
+    for action in ["start", "pause", "resume", "cancel", "retry"] {
+        has(
+            "post",
+            &format!("/v1/batches/{id}/{action}", id = "{id}"),
+            &["202", "401", "404", "409"],
+        );
+    }
+    has("get", "/readyz", &["200", "503"]);
+
+    let schemas = &doc["components"]["schemas"];
+    let states: Vec<&str> = schemas["BatchState"]["enum"]
+        .as_array()
+        .expect("BatchState lists the states")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert_eq!(
+        states,
+        [
+            "initial",
+            "scheduled",
+            "preparing",
+            "delivering",
+            "paused",
+            "completed",
+            "failed",
+            "cancelled"
+        ]
+    );
+    let error = &schemas["ErrorBody"];
+    assert_eq!(error["required"], json!(["error"]), "{error:#}");
+    let detail = schemas["ErrorDetail"]["required"]
+        .as_array()
+        .expect("ErrorDetail");
+    assert!(detail.contains(&json!("code")) && detail.contains(&json!("message")));
+    for field in [
+        "id",
+        "name",
+        "state",
+        "current_step",
+        "steps",
+        "results",
+        "partitions",
+        "conditions",
+    ] {
+        assert!(
+            schemas["Batch"]["properties"][field].is_object(),
+            "the batch schema has {field}"
+        );
+    }
+    assert!(doc["components"]["securitySchemes"]["bearer"].is_object());
+}
+
+/// A broker that refuses the login: the service keeps serving, `/readyz` (open to anyone) says
+/// why without the password, and the logs carry the URL redacted.
+#[test]
+fn a_refused_broker_login_does_not_log_its_password() {
+    let db = TestDb::new(Backend::Sqlite);
+    let password = format!("pw-{}", uuid::Uuid::now_v7().simple());
+    let queue = format!("smsbatch.test.{}", uuid::Uuid::now_v7().simple());
+    let mut server = Logged::start(&[
+        ("SMSBATCH__DATABASE__URL", db.url()),
+        ("SMSBATCH__TRANSPORT__KIND", "rabbitmq"),
+        (
+            "SMSBATCH__TRANSPORT__AMQP_URL",
+            &format!("amqp://guest:{password}@127.0.0.1:5672/%2f"),
+        ),
+        ("SMSBATCH__TRANSPORT__QUEUE", &queue),
+        ("SMSBATCH__LOG__LEVEL", "trace"),
+    ]);
+    let base = server.base().to_owned();
+    let checks = common::eventually("the queue check failing", DEADLINE, || {
+        match call(&base, "GET", "/readyz", None, None) {
+            (503, _, body) if body["checks"]["queue"] != "ok" => Ok(body),
+            (status, _, body) => Err(format!("{status}: {body}")),
+        }
+    });
+    assert_absent(&checks.to_string(), &password, "/readyz");
+    let output = server.stop();
+    assert!(
+        output.contains("amqp://guest:***@"),
+        "the broker URL is logged redacted:\n{output}"
+    );
+    assert_absent(&output, &password, "the broker password");
+}
