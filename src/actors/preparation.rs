@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Instant;
 
 use futures_util::{TryFutureExt, TryStreamExt};
 
@@ -71,11 +72,19 @@ pub async fn run(deps: Deps, batch: Batch, gate: Arc<Gate>) -> Result<StepEnd, P
     })
     .try_buffered(AHEAD);
     let mut chunks = std::pin::pin!(chunks);
+    let seconds = &core.metrics.preparation_seconds;
+    let (waiting, writing) = (
+        seconds.with_label_values(&["waiting"]),
+        seconds.with_label_values(&["writing"]),
+    );
     loop {
         if !gate.is_open() {
             return Ok(StepEnd::Stopped);
         }
-        let Some(chunk) = chunks.try_next().await? else {
+        let started = Instant::now();
+        let next = chunks.try_next().await?;
+        waiting.inc_by(started.elapsed().as_secs_f64());
+        let Some(chunk) = next else {
             core.store.analyze_messages().await?;
             tracing::info!(batch_id = %batch.public_id, "Preparation finished.");
             return Ok(StepEnd::Finished);
@@ -84,7 +93,9 @@ pub async fn run(deps: Deps, batch: Batch, gate: Arc<Gate>) -> Result<StepEnd, P
             return Ok(StepEnd::Stopped);
         }
         let invalid = chunk.invalid;
+        let started = Instant::now();
         let written = core.store.write_prepared_chunk(batch.id, chunk).await?;
+        writing.inc_by(started.elapsed().as_secs_f64());
         let rows = &core.metrics.preparation_rows;
         rows.with_label_values(&["valid"])
             .inc_by(written.inserted as u64);
