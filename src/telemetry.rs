@@ -2,7 +2,7 @@
 //! low-cardinality: never a batch id or a phone number.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    CounterVec, Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder,
 };
 use tracing_subscriber::EnvFilter;
@@ -47,6 +47,9 @@ pub struct Metrics {
     pub provider_seconds: HistogramVec,
     /// `smsbatch_preparation_rows_total{outcome}`: recipients prepared, by outcome.
     pub preparation_rows: IntCounterVec,
+    /// `smsbatch_preparation_seconds_total{phase}`: where preparation's writer spent its time,
+    /// `writing` chunks or `waiting` for the next one to be read and prepared.
+    pub preparation_seconds: CounterVec,
     /// `smsbatch_mailbox_depth{actor}`: messages waiting in actor mailboxes.
     pub mailbox_depth: IntGaugeVec,
     /// `smsbatch_tasks_in_flight`: delivery tasks dispatched and not yet finished.
@@ -95,6 +98,13 @@ impl Metrics {
             ),
             &["outcome"],
         )?;
+        let preparation_seconds = CounterVec::new(
+            Opts::new(
+                "smsbatch_preparation_seconds_total",
+                "Time preparation's writer spent writing chunks or waiting for the next one.",
+            ),
+            &["phase"],
+        )?;
         let mailbox_depth = IntGaugeVec::new(
             Opts::new(
                 "smsbatch_mailbox_depth",
@@ -134,6 +144,7 @@ impl Metrics {
         registry.register(Box::new(messages.clone()))?;
         registry.register(Box::new(provider_seconds.clone()))?;
         registry.register(Box::new(preparation_rows.clone()))?;
+        registry.register(Box::new(preparation_seconds.clone()))?;
         registry.register(Box::new(mailbox_depth.clone()))?;
         registry.register(Box::new(tasks_in_flight.clone()))?;
         registry.register(Box::new(tasks.clone()))?;
@@ -144,6 +155,9 @@ impl Metrics {
         }
         for outcome in ["valid", "invalid", "duplicate", "opted_out"] {
             preparation_rows.with_label_values(&[outcome]);
+        }
+        for phase in ["waiting", "writing"] {
+            preparation_seconds.with_label_values(&[phase]);
         }
         for event in [
             "published",
@@ -161,6 +175,7 @@ impl Metrics {
             messages,
             provider_seconds,
             preparation_rows,
+            preparation_seconds,
             mailbox_depth,
             tasks_in_flight,
             tasks,

@@ -3,6 +3,9 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Instant;
+
+use futures_util::{TryFutureExt, TryStreamExt};
 
 use super::gates::Gate;
 use super::{Deps, StepEnd};
@@ -12,6 +15,9 @@ use crate::domain::sms::analyze;
 use crate::domain::template::Template;
 use crate::store::models::{Batch, NewMessage, Recipient};
 use crate::store::{PreparedChunk, StoreError};
+
+/// Chunks read and prepared ahead of the one being written.
+const AHEAD: usize = 3;
 
 /// Why preparation could not go on.
 #[derive(Debug, thiserror::Error)]
@@ -38,23 +44,21 @@ pub async fn run(deps: Deps, batch: Batch, gate: Arc<Gate>) -> Result<StepEnd, P
         .map_err(|e| PreparationError::Template(e.to_string()))?;
     let url: Arc<Option<String>> = Arc::new(batch.url.clone());
     let chunk_size = core.settings.smsbatch.batch_size as i64;
-    let mut after = core.store.checkpoint(batch.id, "preparation").await?;
-    loop {
-        if !gate.is_open() {
-            return Ok(StepEnd::Stopped);
+    let start = core.store.checkpoint(batch.id, "preparation").await?;
+    let (store, batch_id) = (core.store.clone(), batch.id);
+    // Chunks are read and prepared ahead of the writer, up to `AHEAD` at a time, so that reading,
+    // the CPU work (on the blocking pool, on every core) and writing overlap. The writer takes
+    // them in order, so the checkpoint written with each chunk stays exact.
+    let chunks = futures_util::stream::try_unfold(start, move |after| {
+        let store = store.clone();
+        async move {
+            let rows = store.recipients_after(batch_id, after, chunk_size).await?;
+            Ok::<_, PreparationError>(rows.last().map(|r| r.id).map(|last| (rows, last)))
         }
-        let rows = core
-            .store
-            .recipients_after(batch.id, after, chunk_size)
-            .await?;
-        let Some(last) = rows.last().map(|r| r.id) else {
-            tracing::info!(batch_id = %batch.public_id, "Preparation finished.");
-            return Ok(StepEnd::Finished);
-        };
+    })
+    .map_ok(|rows| {
         let (template, url, region) = (template.clone(), url.clone(), core.region);
-        let batch_id = batch.id;
-        // Parsing numbers and rendering is CPU work: keep it off the actors' thread.
-        let chunk = tokio::task::spawn_blocking(move || {
+        tokio::task::spawn_blocking(move || {
             prepare_chunk(
                 batch_id,
                 &template,
@@ -64,10 +68,34 @@ pub async fn run(deps: Deps, batch: Batch, gate: Arc<Gate>) -> Result<StepEnd, P
                 rows,
             )
         })
-        .await
-        .map_err(|e| PreparationError::Join(e.to_string()))?;
+        .map_err(|e| PreparationError::Join(e.to_string()))
+    })
+    .try_buffered(AHEAD);
+    let mut chunks = std::pin::pin!(chunks);
+    let seconds = &core.metrics.preparation_seconds;
+    let (waiting, writing) = (
+        seconds.with_label_values(&["waiting"]),
+        seconds.with_label_values(&["writing"]),
+    );
+    loop {
+        if !gate.is_open() {
+            return Ok(StepEnd::Stopped);
+        }
+        let started = Instant::now();
+        let next = chunks.try_next().await?;
+        waiting.inc_by(started.elapsed().as_secs_f64());
+        let Some(chunk) = next else {
+            core.store.analyze_messages().await?;
+            tracing::info!(batch_id = %batch.public_id, "Preparation finished.");
+            return Ok(StepEnd::Finished);
+        };
+        if !gate.is_open() {
+            return Ok(StepEnd::Stopped);
+        }
         let invalid = chunk.invalid;
+        let started = Instant::now();
         let written = core.store.write_prepared_chunk(batch.id, chunk).await?;
+        writing.inc_by(started.elapsed().as_secs_f64());
         let rows = &core.metrics.preparation_rows;
         rows.with_label_values(&["valid"])
             .inc_by(written.inserted as u64);
@@ -76,7 +104,6 @@ pub async fn run(deps: Deps, batch: Batch, gate: Arc<Gate>) -> Result<StepEnd, P
             .inc_by(written.duplicates as u64);
         rows.with_label_values(&["opted_out"])
             .inc_by(written.opted_out as u64);
-        after = last;
     }
 }
 

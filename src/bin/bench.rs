@@ -180,6 +180,11 @@ fn bench(args: &Args, work: &std::path::Path, db_url: &str, tag: &str) -> anyhow
     let end_to_end = t0.elapsed().as_secs_f64();
     let total = t_start.elapsed().as_secs_f64();
     peak_rss = peak_rss.max(server.rss_kb("VmHWM:"));
+    let metrics = http
+        .get(&format!("{base}/metrics"))
+        .call()?
+        .body_mut()
+        .read_to_string()?;
     server.stop();
 
     let results = &batch["results"];
@@ -201,6 +206,12 @@ fn bench(args: &Args, work: &std::path::Path, db_url: &str, tag: &str) -> anyhow
         percentile(&mut get_ms, 99.0),
         percentile(&mut get_ms, 100.0),
         get_ms.len()
+    );
+    let writing = metric(&metrics, "smsbatch_preparation_seconds_total{phase=\"writing\"}");
+    let waiting = metric(&metrics, "smsbatch_preparation_seconds_total{phase=\"waiting\"}");
+    println!(
+        "preparation_writer: writing {writing:.1} s, waiting for input {waiting:.1} s ({:.0}% busy)",
+        100.0 * writing / (writing + waiting).max(f64::EPSILON)
     );
     if !pause_ms.is_empty() {
         println!(
@@ -248,6 +259,13 @@ fn measure_pause(http: &ureq::Agent, base: &str, id: &str) -> anyhow::Result<f64
         }
     }
     Ok((last_change - answered).as_secs_f64() * 1000.0)
+}
+
+/// The value of one series in a Prometheus text exposition (0 when absent).
+fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0.0)
 }
 
 fn sent_of(http: &ureq::Agent, base: &str, id: &str) -> anyhow::Result<f64> {

@@ -32,9 +32,14 @@ impl E164Phone {
         if number.extension().is_some() || !number.is_valid() {
             return Err(PhoneError::Invalid);
         }
-        Ok(E164Phone(
-            number.format().mode(phonenumber::Mode::E164).to_string(),
-        ))
+        // What `number.format().mode(Mode::E164)` writes, without the formatter's search for a
+        // national display pattern (regex matches that E.164 does not use: half the cost of
+        // parsing a number).
+        Ok(E164Phone(format!(
+            "+{}{}",
+            number.code().value(),
+            number.national()
+        )))
     }
 
     /// The number in E.164 form.

@@ -1,9 +1,11 @@
-//! Multi-row inserts, the one place where the backends part: diesel-async cannot send a
+//! Bulk inserts, the one place where the backends part. PostgreSQL takes one array per column
+//! and unnests them (one statement of a fixed shape per chunk). diesel-async cannot send a
 //! multi-row INSERT to SQLite, so on SQLite the rows go one by one inside a single blocking call
 //! on the same connection (and transaction) — cheap in-process, with a cached prepared statement.
 
 use diesel::prelude::*;
 use diesel::result::QueryResult;
+use diesel::sql_types;
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use futures_util::future::BoxFuture;
 
@@ -26,11 +28,44 @@ pub(crate) trait BulkInsert {
     ) -> BoxFuture<'_, QueryResult<Vec<(i32, i32)>>>;
 }
 
+/// Messages go to PostgreSQL as one array per column, unnested by the server: one statement of
+/// a fixed shape (prepared once per connection) whatever the number of rows, instead of a
+/// multi-row VALUES list with a bind per field that is parsed and planned anew each time.
+const INSERT_MESSAGES_PG: &str = "\
+    INSERT INTO messages \
+        (batch_id, partition, recipient_id, phone, body, encoding, segments, updated_at) \
+    SELECT $1, v.partition, v.recipient_id, v.phone, v.body, v.encoding, v.segments, $2 \
+    FROM unnest($3::int[], $4::bigint[], $5::text[], $6::text[], $7::text[], $8::int[]) \
+        AS v(partition, recipient_id, phone, body, encoding, segments) \
+    ON CONFLICT (batch_id, phone) DO NOTHING \
+    RETURNING partition, segments";
+
+/// Recipients, the same way.
+const INSERT_RECIPIENTS_PG: &str = "\
+    INSERT INTO recipients (batch_id, phone, vars) \
+    SELECT $1, v.phone, v.vars FROM unnest($2::text[], $3::text[]) AS v(phone, vars)";
+
+/// What the message insert returns for each row it inserted.
+#[derive(QueryableByName)]
+struct Inserted {
+    #[diesel(sql_type = sql_types::Integer)]
+    partition: i32,
+    #[diesel(sql_type = sql_types::Integer)]
+    segments: i32,
+}
+
 impl BulkInsert for AsyncPgConnection {
     fn insert_recipients(&mut self, rows: Vec<NewRecipient>) -> BoxFuture<'_, QueryResult<usize>> {
         Box::pin(async move {
-            diesel::insert_into(recipients::table)
-                .values(rows)
+            let Some(batch_id) = rows.iter().next().map(|r| r.batch_id) else {
+                return Ok(0);
+            };
+            let (phones, vars): (Vec<String>, Vec<Option<String>>) =
+                rows.into_iter().map(|r| (r.phone, r.vars)).unzip();
+            diesel::sql_query(INSERT_RECIPIENTS_PG)
+                .bind::<sql_types::BigInt, _>(batch_id)
+                .bind::<sql_types::Array<sql_types::Text>, _>(phones)
+                .bind::<sql_types::Array<sql_types::Nullable<sql_types::Text>>, _>(vars)
                 .execute(self)
                 .await
         })
@@ -57,13 +92,40 @@ impl BulkInsert for AsyncPgConnection {
         rows: Vec<NewMessage>,
     ) -> BoxFuture<'_, QueryResult<Vec<(i32, i32)>>> {
         Box::pin(async move {
-            diesel::insert_into(messages::table)
-                .values(rows)
-                .on_conflict((messages::batch_id, messages::phone))
-                .do_nothing()
-                .returning((messages::partition, messages::segments))
-                .get_results(self)
-                .await
+            let Some(first) = rows.iter().next() else {
+                return Ok(Vec::new());
+            };
+            let (batch_id, at) = (first.batch_id, first.updated_at);
+            let n = rows.len();
+            let mut partition = Vec::with_capacity(n);
+            let mut recipient = Vec::with_capacity(n);
+            let mut phone = Vec::with_capacity(n);
+            let mut body = Vec::with_capacity(n);
+            let mut encoding = Vec::with_capacity(n);
+            let mut segments = Vec::with_capacity(n);
+            for row in rows {
+                partition.push(row.partition);
+                recipient.push(row.recipient_id);
+                phone.push(row.phone);
+                body.push(row.body);
+                encoding.push(row.encoding);
+                segments.push(row.segments);
+            }
+            let inserted: Vec<Inserted> = diesel::sql_query(INSERT_MESSAGES_PG)
+                .bind::<sql_types::BigInt, _>(batch_id)
+                .bind::<sql_types::Timestamp, _>(at)
+                .bind::<sql_types::Array<sql_types::Integer>, _>(partition)
+                .bind::<sql_types::Array<sql_types::BigInt>, _>(recipient)
+                .bind::<sql_types::Array<sql_types::Text>, _>(phone)
+                .bind::<sql_types::Array<sql_types::Text>, _>(body)
+                .bind::<sql_types::Array<sql_types::Text>, _>(encoding)
+                .bind::<sql_types::Array<sql_types::Integer>, _>(segments)
+                .load(self)
+                .await?;
+            Ok(inserted
+                .into_iter()
+                .map(|r| (r.partition, r.segments))
+                .collect())
         })
     }
 }

@@ -10,8 +10,9 @@ use diesel_async::RunQueryDsl;
 use super::bulk::BulkInsert;
 use super::models::*;
 use super::schema::{batches, checkpoints, messages, opt_outs, partitions, recipients};
-use super::{Store, StoreError, with_conn, with_tx};
+use super::{Pools, Store, StoreError, with_conn, with_tx};
 use crate::domain::batch::MessageStatus;
+use diesel::sql_types;
 
 pub(super) const PENDING: i16 = 0;
 pub(super) const SENDING: i16 = 1;
@@ -21,6 +22,19 @@ pub(super) const CANCELLED: i16 = 5;
 
 /// Rows per multi-row INSERT: keeps every statement under SQLite's and PostgreSQL's bind limits.
 const INSERT_CHUNK: usize = 1000;
+
+/// Marks a slice's messages sent (with their provider ids) and counts them in the partition's
+/// counters, in one statement: `$1` ids, `$2` provider ids, `$3` batch, `$4` partition, `$5` now.
+/// Only messages still `sending` (1) become `sent` (2), and only those are counted.
+const RECORD_SENT_PG: &str = "\
+    WITH done AS ( \
+        UPDATE messages m SET status = 2, provider_message_id = v.pid, error = NULL, \
+               updated_at = $5 \
+        FROM unnest($1::bigint[], $2::text[]) AS v(id, pid) \
+        WHERE m.id = v.id AND m.batch_id = $3 AND m.partition = $4 AND m.status = 1 \
+        RETURNING 1) \
+    UPDATE partitions SET sent = sent + (SELECT count(*) FROM done) \
+    WHERE batch_id = $3 AND idx = $4";
 
 /// The error text of a message whose outcome was lost with its process.
 pub const UNKNOWN_OUTCOME: &str = "unknown_outcome";
@@ -400,21 +414,20 @@ impl Store {
                 );
             }
             let candidates = chunk.messages.len() as i64;
-            let keep: Vec<&NewMessage> = chunk
+            let keep: Vec<NewMessage> = chunk
                 .messages
-                .iter()
+                .into_iter()
                 .filter(|m| !opted.contains(&m.phone))
                 .collect();
-            let opted_out = candidates - keep.len() as i64;
+            let kept = keep.len() as i64;
+            let opted_out = candidates - kept;
             let mut per_partition: BTreeMap<i32, i64> = BTreeMap::new();
             let mut segments = 0i64;
-            for rows in keep.chunks(INSERT_CHUNK) {
-                let rows: Vec<NewMessage> = rows.iter().map(|m| (*m).clone()).collect();
-                let inserted = conn.insert_messages(rows).await?;
-                for (partition, segs) in inserted {
-                    *per_partition.entry(partition).or_default() += 1;
-                    segments += i64::from(segs);
-                }
+            // Bulk inserts have no bind limit to respect (arrays on PostgreSQL, one row per
+            // statement on SQLite): the chunk goes in one call.
+            for (partition, segs) in conn.insert_messages(keep).await? {
+                *per_partition.entry(partition).or_default() += 1;
+                segments += i64::from(segs);
             }
             let inserted: i64 = per_partition.values().sum();
             for (idx, n) in &per_partition {
@@ -423,7 +436,7 @@ impl Store {
                     .execute(conn)
                     .await?;
             }
-            let duplicates = keep.len() as i64 - inserted;
+            let duplicates = kept - inserted;
             diesel::update(batches::table.find(batch_id))
                 .set((
                     batches::processed.eq(batches::processed + chunk.processed),
@@ -455,6 +468,22 @@ impl Store {
                 duplicates,
                 opted_out,
             })
+        })
+    }
+
+    /// Refreshes the planner's statistics of the messages table. Preparation calls it when it has
+    /// added a batch's messages: planned against the empty table's statistics, delivery's
+    /// statements would walk a whole partition to find a slice's rows by id.
+    pub async fn analyze_messages(&self) -> Result<(), StoreError> {
+        with_conn!(self, |conn| {
+            use diesel_async::SimpleAsyncConnection as _;
+            let sql = match self.backend() {
+                super::Backend::Postgres => "ANALYZE messages",
+                // Bounded: SQLite's ANALYZE would otherwise read every index entry.
+                super::Backend::Sqlite => "PRAGMA analysis_limit=1000; ANALYZE messages",
+            };
+            conn.batch_execute(sql).await?;
+            Ok(())
         })
     }
 
@@ -523,6 +552,7 @@ impl Store {
             Ok(messages::table
                 .filter(messages::batch_id.eq(batch_id))
                 .filter(messages::status.eq(PENDING))
+                .filter(messages::next_attempt_at.is_not_null())
                 .select(diesel::dsl::min(messages::next_attempt_at))
                 .first::<Option<NaiveDateTime>>(conn)
                 .await?)
@@ -542,28 +572,27 @@ impl Store {
         claimer: &str,
     ) -> Result<Vec<ClaimedMessage>, StoreError> {
         let at = now();
-        with_tx!(self, |conn| {
-            let due: Vec<i64> = messages::table
-                .filter(messages::batch_id.eq(batch_id))
-                .filter(messages::partition.eq(partition))
-                .filter(messages::id.between(first_id, last_id))
-                .filter(messages::status.eq(PENDING))
+        // One statement, so one round trip and no explicit transaction: the sub-select picks the
+        // slice, and the outer condition re-checks each row as it is locked.
+        with_conn!(self, |conn| {
+            let slice = diesel::alias!(messages as slice);
+            let due = slice
+                .filter(slice.field(messages::batch_id).eq(batch_id))
+                .filter(slice.field(messages::partition).eq(partition))
+                .filter(slice.field(messages::id).between(first_id, last_id))
+                .filter(slice.field(messages::status).eq(PENDING))
                 .filter(
-                    messages::next_attempt_at
+                    slice
+                        .field(messages::next_attempt_at)
                         .is_null()
-                        .or(messages::next_attempt_at.le(at)),
+                        .or(slice.field(messages::next_attempt_at).le(at)),
                 )
-                .order(messages::id)
+                .order(slice.field(messages::id))
                 .limit(limit)
-                .select(messages::id)
-                .load(conn)
-                .await?;
-            if due.is_empty() {
-                return Ok(Vec::new());
-            }
+                .select(slice.field(messages::id));
             let mut claimed: Vec<ClaimedMessage> = diesel::update(
                 messages::table
-                    .filter(messages::id.eq_any(&due))
+                    .filter(messages::id.eq_any(due))
                     .filter(messages::status.eq(PENDING)),
             )
             .set((
@@ -597,6 +626,21 @@ impl Store {
             return Ok(());
         }
         let at = now();
+        if let (Pools::Pg(pool), true) = (&self.pools, outcomes.len() == outcomes.sent.len()) {
+            // The common case — every message of the slice sent — in one statement.
+            let mut conn = pool.get().await?;
+            let (ids, provider_ids): (Vec<i64>, Vec<Option<String>>) =
+                outcomes.sent.iter().cloned().unzip();
+            diesel::sql_query(RECORD_SENT_PG)
+                .bind::<sql_types::Array<sql_types::BigInt>, _>(ids)
+                .bind::<sql_types::Array<sql_types::Nullable<sql_types::Text>>, _>(provider_ids)
+                .bind::<sql_types::BigInt, _>(batch_id)
+                .bind::<sql_types::Integer, _>(partition)
+                .bind::<sql_types::Timestamp, _>(at)
+                .execute(&mut conn)
+                .await?;
+            return Ok(());
+        }
         with_tx!(self, |conn| {
             let mut sent = 0i64;
             let mut failed = 0i64;
