@@ -71,6 +71,9 @@ on_both_backends!(concurrent_claims_hand_out_each_message_once
 on_both_backends!(record_outcomes_moves_messages_and_counters
     => record_outcomes_moves_messages_and_counters_sqlite,
        record_outcomes_moves_messages_and_counters_postgres);
+on_both_backends!(a_slice_sent_whole_is_recorded_exactly
+    => a_slice_sent_whole_is_recorded_exactly_sqlite,
+       a_slice_sent_whole_is_recorded_exactly_postgres);
 on_both_backends!(retries_wait_until_due
     => retries_wait_until_due_sqlite, retries_wait_until_due_postgres);
 on_both_backends!(cancel_pending_and_recover_sending
@@ -1484,6 +1487,71 @@ async fn concurrent_claims_hand_out_each_message_once(store: Store) {
 // ---------------------------------------------------------------------------------------------
 // 7. record_outcomes
 // ---------------------------------------------------------------------------------------------
+
+/// A slice whose every message was sent: PostgreSQL records it (messages and counter) in one
+/// statement; the outcome must be the same as through the general path on either backend.
+async fn a_slice_sent_whole_is_recorded_exactly(store: Store) {
+    let batch = create(&store, "sent-whole", 2).await;
+    let phones: Vec<String> = (0..6).map(|i| format!("+861370000{i:04}")).collect();
+    // m0..m4 in partition 0, m5 in partition 1.
+    let spec: Vec<(i32, &str)> = phones
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (if i == 5 { 1 } else { 0 }, p.as_str()))
+        .collect();
+    let m = seed(&store, batch.id, &spec).await;
+    let claimed = store
+        .claim(batch.id, 0, m[0], m[2], i64::MAX, "test-instance")
+        .await
+        .expect("claim");
+    assert_eq!(claimed.len(), 3);
+    store
+        .claim(batch.id, 1, m[5], m[5], i64::MAX, "test-instance")
+        .await
+        .expect("claim in partition 1");
+    let outcomes = Outcomes {
+        sent: vec![
+            (m[0], Some("gw-0".into())),
+            (m[1], None),
+            (m[2], Some("gw-2".into())),
+            // Not sending: stays pending and is not counted.
+            (m[3], Some("x".into())),
+            // Sending, but in partition 1: recorded under partition 0, it changes nothing.
+            (m[5], None),
+        ],
+        ..Outcomes::default()
+    };
+    store
+        .record_outcomes(batch.id, 0, &outcomes)
+        .await
+        .expect("record_outcomes");
+    let row = |id| {
+        let store = store.clone();
+        async move { message_by_id(&store, batch.id, id).await }
+    };
+    let r0 = row(m[0]).await;
+    assert_eq!((r0.status, r0.provider_message_id.as_deref()), (SENT, Some("gw-0")));
+    let r1 = row(m[1]).await;
+    assert_eq!((r1.status, r1.provider_message_id.as_deref()), (SENT, None));
+    let r2 = row(m[2]).await;
+    assert_eq!((r2.status, r2.provider_message_id.as_deref()), (SENT, Some("gw-2")));
+    let r3 = row(m[3]).await;
+    assert_eq!((r3.status, r3.provider_message_id), (PENDING, None));
+    assert_eq!(row(m[5]).await.status, SENDING);
+    assert_eq!(
+        counters(&store, batch.id).await,
+        vec![(5, 3, 0, 0, 0), (1, 0, 0, 0, 0)]
+    );
+    // Recording the same slice again (a redelivered task) counts nothing twice.
+    store
+        .record_outcomes(batch.id, 0, &outcomes)
+        .await
+        .expect("record_outcomes again");
+    assert_eq!(
+        counters(&store, batch.id).await,
+        vec![(5, 3, 0, 0, 0), (1, 0, 0, 0, 0)]
+    );
+}
 
 async fn record_outcomes_moves_messages_and_counters(store: Store) {
     let batch = create(&store, "outcomes", 2).await;
