@@ -216,6 +216,12 @@ pub struct BatchSettings {
     pub redelivery: Redelivery,
     /// Region for numbers written without `+` (ISO 3166 code).
     pub default_region: String,
+    /// The failure rate (0–1) over the last `failure_window` outcomes above which a batch pauses
+    /// itself, for batches whose request does not set `failure_threshold`.
+    pub failure_threshold: f64,
+    /// Final outcomes (sent or failed) the failure rate is measured over; a batch's delivery
+    /// pauses only after this many outcomes in one run.
+    pub failure_window: u64,
 }
 
 impl Default for BatchSettings {
@@ -237,6 +243,8 @@ impl Default for BatchSettings {
             supervisor_mailbox: 64,
             redelivery: Redelivery::AtMostOnce,
             default_region: "CN".into(),
+            failure_threshold: 0.1,
+            failure_window: 1000,
         }
     }
 }
@@ -482,6 +490,13 @@ impl Settings {
         )?;
         positive("smsbatch.replan_after_ms", self.smsbatch.replan_after_ms)?;
         positive("smsbatch.poll_ms", self.smsbatch.poll_ms)?;
+        positive("smsbatch.failure_window", self.smsbatch.failure_window)?;
+        if !(0.0..=1.0).contains(&self.smsbatch.failure_threshold) {
+            return Err(ConfigError::Invalid {
+                key: "smsbatch.failure_threshold".into(),
+                reason: "must be between 0 and 1 (1 never pauses)".into(),
+            });
+        }
         if self.smsbatch.lease_ms < 1000 {
             return Err(ConfigError::Invalid {
                 key: "smsbatch.lease_ms".into(),

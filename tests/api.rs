@@ -89,6 +89,8 @@ on_both_backends!(scheduled_batch_starts_when_due
     => scheduled_batch_starts_when_due_sqlite,
        scheduled_batch_starts_when_due_postgres,
        scheduled_batch_starts_when_due_rabbitmq);
+on_both_backends!(too_many_failures_pause_the_batch
+    => too_many_failures_pause_the_batch_sqlite, too_many_failures_pause_the_batch_postgres);
 on_both_backends!(probes_and_metrics
     => probes_and_metrics_sqlite,
        probes_and_metrics_postgres,
@@ -742,6 +744,95 @@ fn cancel_mid_delivery_cancels_the_rest(backend: Backend) {
         server.all_messages(&id, Some("pending")).is_empty(),
         "messages?status=pending is empty"
     );
+}
+
+/// A batch whose messages start failing for good pauses itself once more than its
+/// `failure_threshold` of a whole window failed, with a condition that says why, instead of
+/// burning through the list; cancelling it then leaves exact counts.
+fn too_many_failures_pause_the_batch(backend: Backend) {
+    let db = TestDb::new(backend);
+    let server = TestServer::start(
+        &db,
+        &[
+            ("SMSBATCH__SMSBATCH__WORKER_COUNT", "2"),
+            ("SMSBATCH__SMSBATCH__SEND_CONCURRENCY", "4"),
+            ("SMSBATCH__SMSBATCH__FAILURE_WINDOW", "200"),
+        ],
+    );
+    let (status, body) = server.post_json(
+        "/v1/batches",
+        &json!({"name": "bad-threshold", "content": CONTENT, "failure_threshold": 1.5}),
+    );
+    assert_eq!(status, 422, "{body:#}");
+    assert_eq!(body["error"]["code"], "invalid", "{body:#}");
+
+    // 1,000 good numbers, then 5,000 that the simulator refuses for good (ending 0001).
+    let mut phones: Vec<String> = (0..1_000).map(|i| format!("+86139{i:04}1234")).collect();
+    phones.extend((0..5_000).map(|i| format!("+86138{i:04}0001")));
+    let id = server.create_batch(&json!({
+        "name": "failing-gateway", "content": CONTENT, "url": URL, "failure_threshold": 0.2,
+    }));
+    assert_eq!(server.batch(&id)["failure_threshold"], 0.2);
+    upload_ok(&server, &id, csv_body(&phones), 6_000, 6_000);
+    server.action_ok(&id, "start", "preparing");
+
+    let batch = server.wait_until(&id, "paused by itself", LONG, |b| b["state"] == "paused");
+    let paused = batch["conditions"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["type"] == "Paused"))
+        .cloned()
+        .unwrap_or_else(|| panic!("a Paused condition: {batch:#}"));
+    assert_eq!(paused["status"], "True", "{paused:#}");
+    assert_eq!(paused["reason"], "FailureThresholdExceeded", "{paused:#}");
+    let message = paused["message"].as_str().unwrap_or_default();
+    assert!(message.contains("failure_threshold of 20.0%"), "{message}");
+    assert_eq!(batch["steps"]["delivery"]["status"], "paused", "{batch:#}");
+
+    // Calls in flight at the pause finish; then nothing moves.
+    let batch = eventually("settled after the pause", SHORT, || {
+        let sending = server.all_messages(&id, Some("sending"));
+        if sending.is_empty() {
+            Ok(server.batch(&id))
+        } else {
+            Err(format!("{} messages still sending", sending.len()))
+        }
+    });
+    let failed = num(&batch, "/results/failed");
+    let pending = num(&batch, "/results/pending");
+    assert!(
+        failed >= 40,
+        "a whole window over 20% failed: {:#}",
+        batch["results"]
+    );
+    assert!(
+        pending > 0,
+        "the batch stopped before burning through its list: {:#}",
+        batch["results"]
+    );
+    assert_eq!(
+        num(&batch, "/results/valid"),
+        num(&batch, "/results/sent") + failed + pending,
+        "valid = sent + failed + pending while paused: {:#}",
+        batch["results"]
+    );
+
+    server.action_ok(&id, "cancel", "cancelled");
+    let batch = eventually("every pending message cancelled", SHORT, || {
+        let batch = server.batch(&id);
+        let r = |k: &str| num(&batch, &format!("/results/{k}"));
+        if r("valid") == r("sent") + r("failed") + r("cancelled") {
+            Ok(batch)
+        } else {
+            Err(format!("counts do not add up yet: {:#}", batch["results"]))
+        }
+    });
+    assert_eq!(
+        num(&batch, "/results/cancelled"),
+        pending,
+        "{:#}",
+        batch["results"]
+    );
+    assert_eq!(num(&batch, "/results/failed"), failed);
 }
 
 fn illegal_transitions_and_unknown_ids(backend: Backend) {

@@ -127,6 +127,7 @@ fn new_batch(name: &str, partition_count: i32) -> NewBatch {
         state: "initial".to_owned(),
         created_at: at,
         updated_at: at,
+        failure_threshold: 0.1,
     }
 }
 
@@ -1530,11 +1531,17 @@ async fn a_slice_sent_whole_is_recorded_exactly(store: Store) {
         async move { message_by_id(&store, batch.id, id).await }
     };
     let r0 = row(m[0]).await;
-    assert_eq!((r0.status, r0.provider_message_id.as_deref()), (SENT, Some("gw-0")));
+    assert_eq!(
+        (r0.status, r0.provider_message_id.as_deref()),
+        (SENT, Some("gw-0"))
+    );
     let r1 = row(m[1]).await;
     assert_eq!((r1.status, r1.provider_message_id.as_deref()), (SENT, None));
     let r2 = row(m[2]).await;
-    assert_eq!((r2.status, r2.provider_message_id.as_deref()), (SENT, Some("gw-2")));
+    assert_eq!(
+        (r2.status, r2.provider_message_id.as_deref()),
+        (SENT, Some("gw-2"))
+    );
     let r3 = row(m[3]).await;
     assert_eq!((r3.status, r3.provider_message_id), (PENDING, None));
     assert_eq!(row(m[5]).await.status, SENDING);

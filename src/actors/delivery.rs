@@ -3,7 +3,7 @@
 //! transport's capacity in flight. It re-plans until every message is in a final status, so
 //! retries and messages released by a pause are picked up again.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -12,8 +12,8 @@ use futures_util::stream::FuturesUnordered;
 
 use super::gates::Gate;
 use super::{Deps, StepEnd};
-use crate::store::StoreError;
-use crate::store::models::Batch;
+use crate::store::models::{Batch, Partition};
+use crate::store::{Store, StoreError};
 use crate::transport::{DeliveryTask, TransportError};
 
 /// How long delivery sleeps when nothing is due yet (retries waiting, tasks of other instances).
@@ -50,11 +50,15 @@ pub async fn run(deps: Deps, batch: Batch, gate: Arc<Gate>) -> Result<StepEnd, D
     // Retries already handed out, so that a retry waiting in a broker queue is not published
     // again each round (bounded: only messages that failed transiently, kept `replan_after`).
     let mut retries_planned: HashMap<i64, Instant> = HashMap::new();
+    let mut failures = FailureWindow::new(settings.failure_window, batch.failure_threshold);
     loop {
         if !gate.is_open() {
             return Ok(StepEnd::Stopped);
         }
         let counters = store.partitions(batch.id).await?;
+        if let Some(why) = failures.observe(&counters) {
+            return Ok(StepEnd::TooManyFailures(why));
+        }
         if counters.iter().all(|p| p.done() >= p.total) {
             tracing::info!(batch_id = %batch.public_id, "Delivery finished.");
             return Ok(StepEnd::Finished);
@@ -107,7 +111,12 @@ pub async fn run(deps: Deps, batch: Batch, gate: Arc<Gate>) -> Result<StepEnd, D
                 };
                 while in_flight.len() >= max_in_flight {
                     tokio::select! {
-                        Some(result) = in_flight.next() => { result?; }
+                        Some(result) = in_flight.next() => {
+                            result?;
+                            if let Some(why) = check_failures(store, &batch, &mut failures).await? {
+                                return Ok(StepEnd::TooManyFailures(why));
+                            }
+                        }
                         () = gate.closed() => {
                             settle_in_flight(&mut in_flight, deps.core.settings.smsbatch.timeout_ms).await;
                             return Ok(StepEnd::Stopped);
@@ -131,7 +140,12 @@ pub async fn run(deps: Deps, batch: Batch, gate: Arc<Gate>) -> Result<StepEnd, D
         loop {
             tokio::select! {
                 next = in_flight.next() => match next {
-                    Some(result) => { result?; }
+                    Some(result) => {
+                        result?;
+                        if let Some(why) = check_failures(store, &batch, &mut failures).await? {
+                            return Ok(StepEnd::TooManyFailures(why));
+                        }
+                    }
                     None => break,
                 },
                 () = gate.closed() => {
@@ -171,5 +185,154 @@ where
             left = in_flight.len(),
             "Tasks still in flight after the gate closed."
         );
+    }
+}
+
+/// Looks at the batch's counters after a task ended, and says why the batch should pause if too
+/// many of its recent outcomes failed (one small query per task of `task_size` messages).
+async fn check_failures(
+    store: &Store,
+    batch: &Batch,
+    failures: &mut FailureWindow,
+) -> Result<Option<String>, StoreError> {
+    Ok(failures.observe(&store.partitions(batch.id).await?))
+}
+
+/// The failure rate over (at least) a batch's last `size` final outcomes, read off its cumulative
+/// partition counters as delivery goes. Only outcomes of this run count: a batch resumed after
+/// pausing itself gets a whole new window before it can pause again.
+#[derive(Debug)]
+pub struct FailureWindow {
+    size: u64,
+    threshold: f64,
+    /// (final outcomes, failed) as observed, oldest first; the front is the window's start.
+    seen: VecDeque<(u64, u64)>,
+}
+
+impl FailureWindow {
+    /// A window of `size` outcomes (at least 1) that trips above `threshold` (0–1).
+    pub fn new(size: u64, threshold: f64) -> Self {
+        FailureWindow {
+            size: size.max(1),
+            threshold,
+            seen: VecDeque::new(),
+        }
+    }
+
+    /// Takes the partitions' counters; returns why the batch should pause when more than the
+    /// threshold of the last `size` (or more) final outcomes failed.
+    pub fn observe(&mut self, partitions: &[Partition]) -> Option<String> {
+        let count = |f: fn(&Partition) -> i64| -> u64 {
+            partitions
+                .iter()
+                .map(|p| u64::try_from(f(p)).unwrap_or(0))
+                .sum()
+        };
+        let failed = count(|p| p.failed);
+        let done = count(|p| p.sent + p.delivered + p.failed);
+        if self.seen.back().is_some_and(|&(d, _)| d == done) {
+            return None;
+        }
+        self.seen.push_back((done, failed));
+        // Move the start up to the newest observation that still leaves a whole window.
+        while self.seen.len() > 1
+            && self
+                .seen
+                .get(1)
+                .is_some_and(|&(d, _)| done - d >= self.size)
+        {
+            self.seen.pop_front();
+        }
+        let &(start_done, start_failed) = self.seen.front()?;
+        let outcomes = done.saturating_sub(start_done);
+        if outcomes < self.size {
+            return None;
+        }
+        let rate = failed.saturating_sub(start_failed) as f64 / outcomes as f64;
+        (rate > self.threshold).then(|| {
+            format!(
+                "{:.1}% of the last {outcomes} messages failed, over the batch's failure_threshold \
+                 of {:.1}%",
+                rate * 100.0,
+                self.threshold * 100.0
+            )
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn counters(sent: i64, failed: i64) -> Vec<Partition> {
+        // Split over two partitions, as a batch's counters are.
+        vec![
+            Partition {
+                batch_id: 1,
+                idx: 0,
+                total: 1_000_000,
+                sent: sent / 2,
+                delivered: 0,
+                failed: failed / 2,
+                cancelled: 0,
+            },
+            Partition {
+                batch_id: 1,
+                idx: 1,
+                total: 1_000_000,
+                sent: sent - sent / 2,
+                delivered: 0,
+                failed: failed - failed / 2,
+                cancelled: 7,
+            },
+        ]
+    }
+
+    #[test]
+    fn trips_only_over_a_whole_window_above_the_threshold() {
+        let mut w = FailureWindow::new(1000, 0.1);
+        assert_eq!(w.observe(&counters(0, 0)), None);
+        // Every outcome failed, but the window is not full yet.
+        assert_eq!(w.observe(&counters(0, 999)), None);
+        let why = w
+            .observe(&counters(0, 1000))
+            .expect("a whole window, all failed");
+        assert!(
+            why.contains("100.0% of the last 1000 messages failed"),
+            "{why}"
+        );
+        assert!(why.contains("failure_threshold of 10.0%"), "{why}");
+    }
+
+    #[test]
+    fn exactly_at_the_threshold_does_not_trip() {
+        let mut w = FailureWindow::new(1000, 0.1);
+        w.observe(&counters(0, 0));
+        assert_eq!(w.observe(&counters(900, 100)), None);
+        assert!(
+            w.observe(&counters(1799, 201)).is_some(),
+            "101 of 1000 failed"
+        );
+    }
+
+    #[test]
+    fn old_failures_leave_the_window() {
+        let mut w = FailureWindow::new(1000, 0.1);
+        w.observe(&counters(0, 0));
+        // A burst of failures early on, under a full window: no pause yet...
+        assert_eq!(w.observe(&counters(500, 300)), None);
+        // ...then 3000 good outcomes: the window now starts after the burst.
+        assert_eq!(w.observe(&counters(3500, 300)), None);
+        // The window has moved past the burst: 50 failed of the last 1000 or so.
+        assert_eq!(w.observe(&counters(4450, 350)), None);
+        // A new burst in a whole window trips it.
+        assert!(w.observe(&counters(4650, 1150)).is_some());
+    }
+
+    #[test]
+    fn one_never_trips() {
+        let mut w = FailureWindow::new(10, 1.0);
+        w.observe(&counters(0, 0));
+        assert_eq!(w.observe(&counters(0, 100)), None);
     }
 }

@@ -49,10 +49,13 @@ pub struct Deps {
 }
 
 /// How a step's run ended, when it did not fail.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StepEnd {
     /// All its work is done.
     Finished,
     /// It stopped early because the batch paused, was cancelled or the process stops.
     Stopped,
+    /// Delivery stopped because too many of the batch's recent messages failed: the batch
+    /// should pause, for the reason given.
+    TooManyFailures(String),
 }

@@ -334,6 +334,10 @@ impl BatchSupervisor {
             Ok(StepEnd::Finished) if state == BatchState::Delivering => {
                 ctx.wait(self.apply(Event::Delivered, None).map(|_, _, _| ()));
             }
+            Ok(StepEnd::TooManyFailures(reason)) if state == BatchState::Delivering => {
+                tracing::warn!(batch_id = %self.batch.public_id, %reason, "Pausing the batch: too many failures.");
+                ctx.wait(self.apply(Event::Pause, Some(reason)).map(|_, _, _| ()));
+            }
             Err(error) if matches!(state, BatchState::Preparing | BatchState::Delivering) => {
                 self.restarts += 1;
                 if self.restarts > self.deps.core.settings.smsbatch.retry_count {
@@ -563,7 +567,11 @@ pub fn project(
                 }
             }
             if event == Event::Pause {
-                set("Paused", true, "Requested", format!("paused while {from}"));
+                match error {
+                    // Delivery paused the batch itself.
+                    Some(why) => set("Paused", true, "FailureThresholdExceeded", why.to_string()),
+                    None => set("Paused", true, "Requested", format!("paused while {from}")),
+                }
             } else {
                 b.finished_at = Some(now);
                 set(
@@ -695,6 +703,7 @@ mod tests {
             updated_at: now,
             started_at: None,
             finished_at: None,
+            failure_threshold: 0.1,
         }
     }
 

@@ -207,8 +207,14 @@ fn bench(args: &Args, work: &std::path::Path, db_url: &str, tag: &str) -> anyhow
         percentile(&mut get_ms, 100.0),
         get_ms.len()
     );
-    let writing = metric(&metrics, "smsbatch_preparation_seconds_total{phase=\"writing\"}");
-    let waiting = metric(&metrics, "smsbatch_preparation_seconds_total{phase=\"waiting\"}");
+    let writing = metric(
+        &metrics,
+        "smsbatch_preparation_seconds_total{phase=\"writing\"}",
+    );
+    let waiting = metric(
+        &metrics,
+        "smsbatch_preparation_seconds_total{phase=\"waiting\"}",
+    );
     println!(
         "preparation_writer: writing {writing:.1} s, waiting for input {waiting:.1} s ({:.0}% busy)",
         100.0 * writing / (writing + waiting).max(f64::EPSILON)

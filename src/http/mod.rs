@@ -287,6 +287,11 @@ pub struct CreateBatch {
     partition_count: Option<i64>,
     /// Inline recipients, up to `http.max_inline_recipients`.
     recipients: Option<Vec<InlineRecipient>>,
+    /// 0–1: the batch pauses itself, with condition `Paused` reason `FailureThresholdExceeded`,
+    /// when more than this share of its last `smsbatch.failure_window` final outcomes failed;
+    /// 1 never pauses. Default `smsbatch.failure_threshold` (0.1).
+    #[schema(minimum = 0, maximum = 1)]
+    failure_threshold: Option<f64>,
 }
 
 /// One inline recipient.
@@ -376,7 +381,7 @@ fn check_segments(
         (status = 400, description = "Malformed JSON or a field of the wrong type", body = ErrorBody),
         (status = 401, description = "Token required and missing or wrong", body = ErrorBody),
         (status = 413, description = "Body over `http.max_json_bytes`, or more inline recipients than `http.max_inline_recipients`", body = ErrorBody),
-        (status = 422, description = "Invalid values: empty name or content, partition_count out of range, unknown provider, content over `http.max_segments`", body = ErrorBody),
+        (status = 422, description = "Invalid values: empty name or content, partition_count out of range, unknown provider, content over `http.max_segments`, failure_threshold outside 0–1", body = ErrorBody),
         (status = 503, description = "The database is unavailable", body = ErrorBody),
     ),
 )]
@@ -406,6 +411,12 @@ async fn create_batch(
         Some(n) => PartitionCount::new(n).map_err(|e| invalid(&e))?,
         None => state.settings.partition_count(),
     };
+    let failure_threshold = req
+        .failure_threshold
+        .unwrap_or(state.settings.smsbatch.failure_threshold);
+    if !(0.0..=1.0).contains(&failure_threshold) {
+        return Err(invalid(&"failure_threshold: must be between 0 and 1"));
+    }
     let provider = req
         .provider
         .unwrap_or_else(|| state.providers.default_name().to_string());
@@ -446,6 +457,7 @@ async fn create_batch(
         state: BatchState::Initial.as_str().to_string(),
         created_at: now,
         updated_at: now,
+        failure_threshold,
     };
     let inline = recipients
         .into_iter()

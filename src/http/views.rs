@@ -44,6 +44,9 @@ pub struct BatchView {
     /// Partitions the messages are spread over (1–256).
     #[schema(minimum = 1, maximum = 256)]
     pub partition_count: i32,
+    /// The failure rate (0–1) over the last outcomes above which the batch pauses itself.
+    #[schema(minimum = 0, maximum = 1)]
+    pub failure_threshold: f64,
     /// The batch's state.
     #[schema(value_type = BatchState)]
     pub state: String,
@@ -189,6 +192,7 @@ impl BatchView {
             message_type: b.message_type.clone(),
             schedule_at: b.schedule_at.map(utc),
             partition_count: b.partition_count,
+            failure_threshold: b.failure_threshold,
             state: b.state.clone(),
             resume_to: b.resume_to.clone(),
             current_step,

@@ -39,6 +39,7 @@ pub struct Batch {
     pub updated_at: NaiveDateTime,
     pub started_at: Option<NaiveDateTime>,
     pub finished_at: Option<NaiveDateTime>,
+    pub failure_threshold: f64,
 }
 
 /// A batch to create, in state `initial`.
@@ -57,6 +58,7 @@ pub struct NewBatch {
     pub state: String,
     pub created_at: NaiveDateTime,
     pub updated_at: NaiveDateTime,
+    pub failure_threshold: f64,
 }
 
 /// Everything a state transition writes; saved under an optimistic version check. Counters are

@@ -32,6 +32,7 @@ diesel::table! {
         updated_at -> Timestamp,
         started_at -> Nullable<Timestamp>,
         finished_at -> Nullable<Timestamp>,
+        failure_threshold -> Double,
     }
 }
 

@@ -454,7 +454,12 @@ fn decide(shared: &Shared, request: &Request) -> (u16, String, Option<Duration>,
             authorization: request.authorization.clone(),
             answer: Answer::Malformed,
         });
-        return (400, r#"{"error":"not the provider's JSON"}"#.into(), None, None);
+        return (
+            400,
+            r#"{"error":"not the provider's JSON"}"#.into(),
+            None,
+            None,
+        );
     };
     let (answer, status, reply, hold) = if Rule::take(&mut state.hang) {
         (Answer::Hung, 0, String::new(), Some(state.hang_hold))
