@@ -47,8 +47,9 @@ pub struct Metrics {
     pub provider_seconds: HistogramVec,
     /// `smsbatch_preparation_rows_total{outcome}`: recipients prepared, by outcome.
     pub preparation_rows: IntCounterVec,
-    /// `smsbatch_preparation_seconds_total{phase}`: where preparation's writer spent its time,
-    /// `writing` chunks or `waiting` for the next one to be read and prepared.
+    /// `smsbatch_preparation_seconds_total{stage}`: time spent by preparation's stages —
+    /// `reading` recipients, `preparing` them (numbers, rendering) and `writing` chunks (summed
+    /// over the writers running side by side).
     pub preparation_seconds: CounterVec,
     /// `smsbatch_mailbox_depth{actor}`: messages waiting in actor mailboxes.
     pub mailbox_depth: IntGaugeVec,
@@ -101,9 +102,9 @@ impl Metrics {
         let preparation_seconds = CounterVec::new(
             Opts::new(
                 "smsbatch_preparation_seconds_total",
-                "Time preparation's writer spent writing chunks or waiting for the next one.",
+                "Time spent by preparation's stages (writers side by side add up).",
             ),
-            &["phase"],
+            &["stage"],
         )?;
         let mailbox_depth = IntGaugeVec::new(
             Opts::new(
@@ -156,8 +157,8 @@ impl Metrics {
         for outcome in ["valid", "invalid", "duplicate", "opted_out"] {
             preparation_rows.with_label_values(&[outcome]);
         }
-        for phase in ["waiting", "writing"] {
-            preparation_seconds.with_label_values(&[phase]);
+        for stage in ["reading", "preparing", "writing"] {
+            preparation_seconds.with_label_values(&[stage]);
         }
         for event in [
             "published",

@@ -59,6 +59,9 @@ on_both_backends!(recipients_page_in_id_order
 on_both_backends!(prepared_chunks_drop_duplicates_and_opt_outs
     => prepared_chunks_drop_duplicates_and_opt_outs_sqlite,
        prepared_chunks_drop_duplicates_and_opt_outs_postgres);
+on_both_backends!(chunks_written_side_by_side_keep_the_checkpoint_exact
+    => chunks_written_side_by_side_keep_the_checkpoint_exact_sqlite,
+       chunks_written_side_by_side_keep_the_checkpoint_exact_postgres);
 on_both_backends!(large_prepared_chunk_is_written
     => large_prepared_chunk_is_written_sqlite, large_prepared_chunk_is_written_postgres);
 on_both_backends!(claim_moves_pending_to_sending_once
@@ -1015,6 +1018,88 @@ async fn recipients_page_in_id_order(store: Store) {
 // ---------------------------------------------------------------------------------------------
 // 5. write_prepared_chunk
 // ---------------------------------------------------------------------------------------------
+
+/// Writers side by side commit chunks out of order: the checkpoint only covers chunks with every
+/// earlier one committed and never moves back, and the chunks committed beyond it are listed
+/// (for a restart to skip) until the checkpoint passes them.
+async fn chunks_written_side_by_side_keep_the_checkpoint_exact(store: Store) {
+    let phone = |n: u32| format!("+8613900000{n:03}");
+    let created = store
+        .create_batch(
+            new_batch("side-by-side", 1),
+            (1..=9).map(|n| (phone(n), None)).collect(),
+        )
+        .await
+        .expect("create");
+    let batch = created.batch;
+    let r: Vec<i64> = store
+        .recipients_after(batch.id, 0, 100)
+        .await
+        .expect("recipients")
+        .iter()
+        .map(|r| r.id)
+        .collect();
+    let chunk = |ids: &[usize]| PreparedChunk {
+        messages: ids
+            .iter()
+            .map(|&i| message(batch.id, 0, r[i], &phone(i as u32 + 1), 1))
+            .collect(),
+        last_recipient_id: r[*ids.last().expect("ids")],
+        processed: ids.len() as i64,
+        invalid: 0,
+    };
+    let checkpoint = || {
+        let store = store.clone();
+        async move { store.checkpoint(batch.id, "preparation").await.expect("cp") }
+    };
+    // The second chunk (recipients 4..=6) commits first, when nothing was known committed.
+    store
+        .write_prepared_chunk_beside(batch.id, chunk(&[3, 4, 5]), Some(r[3]), 0)
+        .await
+        .expect("second chunk");
+    assert_eq!(checkpoint().await, 0);
+    assert_eq!(
+        store
+            .chunks_written_after(batch.id, 0)
+            .await
+            .expect("after"),
+        vec![(r[3], r[5])]
+    );
+    // Then the first (1..=3).
+    store
+        .write_prepared_chunk_beside(batch.id, chunk(&[0, 1, 2]), Some(r[0]), 0)
+        .await
+        .expect("first chunk");
+    assert_eq!(
+        store
+            .chunks_written_after(batch.id, 0)
+            .await
+            .expect("after"),
+        vec![(r[0], r[2]), (r[3], r[5])]
+    );
+    // The third (7..=9) starts knowing both committed: the checkpoint moves past them, and
+    // their ranges are forgotten.
+    store
+        .write_prepared_chunk_beside(batch.id, chunk(&[6, 7, 8]), Some(r[6]), r[5])
+        .await
+        .expect("third chunk");
+    assert_eq!(checkpoint().await, r[5]);
+    assert_eq!(
+        store
+            .chunks_written_after(batch.id, r[5])
+            .await
+            .expect("after"),
+        vec![(r[6], r[8])]
+    );
+    // A chunk that started earlier and commits last does not move the checkpoint back.
+    store
+        .write_prepared_chunk_beside(batch.id, PreparedChunk::default(), None, r[2])
+        .await
+        .expect("late chunk");
+    assert_eq!(checkpoint().await, r[5]);
+    let b = store.batch(batch.id).await.expect("batch");
+    assert_eq!((b.processed, b.valid, b.duplicates), (9, 9, 0));
+}
 
 async fn prepared_chunks_drop_duplicates_and_opt_outs(store: Store) {
     let phone = |n: u32| format!("+8613800000{n:03}");

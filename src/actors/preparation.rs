@@ -3,9 +3,10 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Instant;
 
-use futures_util::{TryFutureExt, TryStreamExt};
+use futures_util::{StreamExt, TryFutureExt};
 
 use super::gates::Gate;
 use super::{Deps, StepEnd};
@@ -14,10 +15,14 @@ use crate::domain::phone::{E164Phone, Region};
 use crate::domain::sms::analyze;
 use crate::domain::template::Template;
 use crate::store::models::{Batch, NewMessage, Recipient};
-use crate::store::{PreparedChunk, StoreError};
+use crate::store::{Backend, PreparedChunk, StoreError};
 
-/// Chunks read and prepared ahead of the one being written.
-const AHEAD: usize = 3;
+/// Chunks read and prepared ahead of those being written.
+const AHEAD: usize = 2;
+
+/// Chunks written at once on PostgreSQL, each in its own transaction: one writer keeps one of
+/// the server's backends busy, and the inserts are most of preparation's work.
+const WRITERS: usize = 2;
 
 /// Why preparation could not go on.
 #[derive(Debug, thiserror::Error)]
@@ -44,67 +49,116 @@ pub async fn run(deps: Deps, batch: Batch, gate: Arc<Gate>) -> Result<StepEnd, P
         .map_err(|e| PreparationError::Template(e.to_string()))?;
     let url: Arc<Option<String>> = Arc::new(batch.url.clone());
     let chunk_size = core.settings.smsbatch.batch_size as i64;
-    let start = core.store.checkpoint(batch.id, "preparation").await?;
-    let (store, batch_id) = (core.store.clone(), batch.id);
-    // Chunks are read and prepared ahead of the writer, up to `AHEAD` at a time, so that reading,
-    // the CPU work (on the blocking pool, on every core) and writing overlap. The writer takes
-    // them in order, so the checkpoint written with each chunk stays exact.
-    let chunks = futures_util::stream::try_unfold(start, move |after| {
-        let store = store.clone();
-        async move {
+    let store = &core.store;
+    let start = store.checkpoint(batch.id, "preparation").await?;
+    // SQLite has one writer at a time anyway.
+    let writers = match store.backend() {
+        Backend::Postgres => WRITERS,
+        Backend::Sqlite => 1,
+    };
+    // Chunks that writers side by side committed ahead of the checkpoint before a restart.
+    let written = store.chunks_written_after(batch.id, start).await?;
+    let batch_id = batch.id;
+
+    // The reader reads chunks in recipient order and prepares each on the blocking pool, up to
+    // `AHEAD` chunks ahead of the writers, while they write: the two run side by side (joined
+    // below, not spawned).
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<(i64, PreparedChunk)>(AHEAD);
+    let seconds = |stage: &str| core.metrics.preparation_seconds.with_label_values(&[stage]);
+    let (reading, preparing, writing) =
+        (seconds("reading"), seconds("preparing"), seconds("writing"));
+    let reader = async {
+        // Owned by the reader, so that the channel closes, ending the writers, when it ends.
+        let tx = tx;
+        let mut after = start;
+        loop {
+            if !gate.is_open() {
+                return Ok::<_, PreparationError>(());
+            }
+            let started = Instant::now();
             let rows = store.recipients_after(batch_id, after, chunk_size).await?;
-            Ok::<_, PreparationError>(rows.last().map(|r| r.id).map(|last| (rows, last)))
+            reading.inc_by(started.elapsed().as_secs_f64());
+            let (Some(first), Some(last)) = (rows.first().map(|r| r.id), rows.last().map(|r| r.id))
+            else {
+                return Ok(());
+            };
+            after = last;
+            let rows: Vec<Recipient> = rows
+                .into_iter()
+                .filter(|r| !written.iter().any(|&(f, l)| (f..=l).contains(&r.id)))
+                .collect();
+            let (template, url, region) = (template.clone(), url.clone(), core.region);
+            let started = Instant::now();
+            let mut chunk = tokio::task::spawn_blocking(move || {
+                prepare_chunk(
+                    batch_id,
+                    &template,
+                    url.as_deref(),
+                    region,
+                    partitions,
+                    rows,
+                )
+            })
+            .await
+            .map_err(|e| PreparationError::Join(e.to_string()))?;
+            preparing.inc_by(started.elapsed().as_secs_f64());
+            chunk.last_recipient_id = last;
+            if tx.send((first, chunk)).await.is_err() {
+                // The writers stopped.
+                return Ok(());
+            }
         }
-    })
-    .map_ok(|rows| {
-        let (template, url, region) = (template.clone(), url.clone(), core.region);
-        tokio::task::spawn_blocking(move || {
-            prepare_chunk(
-                batch_id,
-                &template,
-                url.as_deref(),
-                region,
-                partitions,
-                rows,
-            )
+    };
+
+    // Up to `writers` chunks are written at once, each in its own transaction; results come
+    // back in chunk order, which tells how far every chunk is committed (the checkpoint).
+    let done_up_to = AtomicI64::new(start);
+    let writes = futures_util::stream::poll_fn(|cx| rx.poll_recv(cx))
+        .map(|(first, chunk)| {
+            let last = chunk.last_recipient_id;
+            let invalid = chunk.invalid;
+            let (range, checkpoint) = if writers > 1 {
+                (Some(first), done_up_to.load(Ordering::Acquire))
+            } else {
+                (None, last)
+            };
+            let writing = writing.clone();
+            let started = Instant::now();
+            store
+                .write_prepared_chunk_beside(batch_id, chunk, range, checkpoint)
+                .map_ok(move |written| {
+                    writing.inc_by(started.elapsed().as_secs_f64());
+                    (last, invalid, written)
+                })
         })
-        .map_err(|e| PreparationError::Join(e.to_string()))
-    })
-    .try_buffered(AHEAD);
-    let mut chunks = std::pin::pin!(chunks);
-    let seconds = &core.metrics.preparation_seconds;
-    let (waiting, writing) = (
-        seconds.with_label_values(&["waiting"]),
-        seconds.with_label_values(&["writing"]),
-    );
-    loop {
-        if !gate.is_open() {
-            return Ok(StepEnd::Stopped);
+        .buffered(writers);
+    let writer = async {
+        let mut writes = std::pin::pin!(writes);
+        loop {
+            if !gate.is_open() {
+                return Ok::<_, PreparationError>(StepEnd::Stopped);
+            }
+            let Some(result) = writes.next().await else {
+                return Ok(StepEnd::Finished);
+            };
+            let (last, invalid, written) = result?;
+            done_up_to.store(last, Ordering::Release);
+            let rows = &core.metrics.preparation_rows;
+            rows.with_label_values(&["valid"])
+                .inc_by(written.inserted as u64);
+            rows.with_label_values(&["invalid"]).inc_by(invalid as u64);
+            rows.with_label_values(&["duplicate"])
+                .inc_by(written.duplicates as u64);
+            rows.with_label_values(&["opted_out"])
+                .inc_by(written.opted_out as u64);
         }
-        let started = Instant::now();
-        let next = chunks.try_next().await?;
-        waiting.inc_by(started.elapsed().as_secs_f64());
-        let Some(chunk) = next else {
-            core.store.analyze_messages().await?;
-            tracing::info!(batch_id = %batch.public_id, "Preparation finished.");
-            return Ok(StepEnd::Finished);
-        };
-        if !gate.is_open() {
-            return Ok(StepEnd::Stopped);
-        }
-        let invalid = chunk.invalid;
-        let started = Instant::now();
-        let written = core.store.write_prepared_chunk(batch.id, chunk).await?;
-        writing.inc_by(started.elapsed().as_secs_f64());
-        let rows = &core.metrics.preparation_rows;
-        rows.with_label_values(&["valid"])
-            .inc_by(written.inserted as u64);
-        rows.with_label_values(&["invalid"]).inc_by(invalid as u64);
-        rows.with_label_values(&["duplicate"])
-            .inc_by(written.duplicates as u64);
-        rows.with_label_values(&["opted_out"])
-            .inc_by(written.opted_out as u64);
+    };
+    let ((), end) = tokio::try_join!(reader, writer)?;
+    if end == StepEnd::Finished {
+        store.analyze_messages().await?;
+        tracing::info!(batch_id = %batch.public_id, "Preparation finished.");
     }
+    Ok(end)
 }
 
 /// Validates and renders one chunk of recipients (pure: no I/O).

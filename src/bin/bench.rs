@@ -207,17 +207,18 @@ fn bench(args: &Args, work: &std::path::Path, db_url: &str, tag: &str) -> anyhow
         percentile(&mut get_ms, 100.0),
         get_ms.len()
     );
-    let writing = metric(
-        &metrics,
-        "smsbatch_preparation_seconds_total{phase=\"writing\"}",
-    );
-    let waiting = metric(
-        &metrics,
-        "smsbatch_preparation_seconds_total{phase=\"waiting\"}",
-    );
+    let stage = |name: &str| {
+        metric(
+            &metrics,
+            &format!("smsbatch_preparation_seconds_total{{stage=\"{name}\"}}"),
+        )
+    };
     println!(
-        "preparation_writer: writing {writing:.1} s, waiting for input {waiting:.1} s ({:.0}% busy)",
-        100.0 * writing / (writing + waiting).max(f64::EPSILON)
+        "preparation_stages: reading {:.1} s, preparing {:.1} s, writing {:.1} s (summed over \
+         the writers) in {prep_s:.1} s",
+        stage("reading"),
+        stage("preparing"),
+        stage("writing")
     );
     if !pause_ms.is_empty() {
         println!(

@@ -89,8 +89,11 @@ impl BulkInsert for AsyncPgConnection {
 
     fn insert_messages(
         &mut self,
-        rows: Vec<NewMessage>,
+        mut rows: Vec<NewMessage>,
     ) -> BoxFuture<'_, QueryResult<Vec<(i32, i32)>>> {
+        // In number order: two chunks written side by side that share numbers then wait for
+        // each other's numbers in the same order, which cannot deadlock.
+        rows.sort_unstable_by(|a, b| a.phone.cmp(&b.phone));
         Box::pin(async move {
             let Some(first) = rows.iter().next() else {
                 return Ok(Vec::new());

@@ -16,7 +16,9 @@ use diesel::SqliteConnection;
 use diesel::prelude::*;
 use diesel_async::AsyncPgConnection;
 use diesel_async::pooled_connection::deadpool::Pool;
-use diesel_async::pooled_connection::{AsyncDieselConnectionManager, ManagerConfig};
+use diesel_async::pooled_connection::{
+    AsyncDieselConnectionManager, ManagerConfig, RecyclingMethod,
+};
 use diesel_async::sync_connection_wrapper::SyncConnectionWrapper;
 use diesel_async::{AsyncConnection, SimpleAsyncConnection};
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
@@ -195,7 +197,14 @@ impl Store {
         };
         let pools = match Backend::of(url) {
             Some(Backend::Postgres) => {
-                let manager = AsyncDieselConnectionManager::<AsyncPgConnection>::new(url);
+                // No test query each time a connection leaves the pool (`Verified` doubled the
+                // round trips of delivery's one-statement claims and records): a connection the
+                // server closed is still dropped, being seen as broken, and a query on one that
+                // died silently fails like any other database error, which every caller handles.
+                let mut config = ManagerConfig::<AsyncPgConnection>::default();
+                config.recycling_method = RecyclingMethod::Fast;
+                let manager =
+                    AsyncDieselConnectionManager::<AsyncPgConnection>::new_with_config(url, config);
                 Pools::Pg(
                     Pool::builder(manager)
                         .max_size(pool_size)

@@ -4,12 +4,13 @@ use std::collections::BTreeMap;
 
 use chrono::NaiveDateTime;
 use diesel::prelude::*;
-use diesel::upsert::excluded;
 use diesel_async::RunQueryDsl;
 
 use super::bulk::BulkInsert;
 use super::models::*;
-use super::schema::{batches, checkpoints, messages, opt_outs, partitions, recipients};
+use super::schema::{
+    batches, checkpoints, messages, opt_outs, partitions, preparation_chunks, recipients,
+};
 use super::{Pools, Store, StoreError, with_conn, with_tx};
 use crate::domain::batch::MessageStatus;
 use diesel::sql_types;
@@ -401,6 +402,24 @@ impl Store {
         batch_id: i64,
         chunk: PreparedChunk,
     ) -> Result<ChunkWritten, StoreError> {
+        let done_up_to = chunk.last_recipient_id;
+        self.write_prepared_chunk_beside(batch_id, chunk, None, done_up_to)
+            .await
+    }
+
+    /// `write_prepared_chunk` for writers running side by side, whose chunks may commit out of
+    /// order. With `first_recipient_id`, the chunk's recipient range is recorded with it, so that
+    /// a restart skips the chunk although the checkpoint is behind it (`chunks_written_after`).
+    /// The checkpoint moves to `done_up_to` — the end of the chunks known committed, every
+    /// earlier one included — unless it is already further, and the ranges it has passed are
+    /// forgotten.
+    pub async fn write_prepared_chunk_beside(
+        &self,
+        batch_id: i64,
+        chunk: PreparedChunk,
+        first_recipient_id: Option<i64>,
+        done_up_to: i64,
+    ) -> Result<ChunkWritten, StoreError> {
         with_tx!(self, |conn| {
             let phones: Vec<&str> = chunk.messages.iter().map(|m| m.phone.as_str()).collect();
             let mut opted = std::collections::HashSet::new();
@@ -448,26 +467,72 @@ impl Store {
                 ))
                 .execute(conn)
                 .await?;
+            if let Some(first) = first_recipient_id {
+                diesel::insert_into(preparation_chunks::table)
+                    .values((
+                        preparation_chunks::batch_id.eq(batch_id),
+                        preparation_chunks::first_recipient_id.eq(first),
+                        preparation_chunks::last_recipient_id.eq(chunk.last_recipient_id),
+                    ))
+                    .execute(conn)
+                    .await?;
+            }
+            diesel::delete(
+                preparation_chunks::table
+                    .filter(preparation_chunks::batch_id.eq(batch_id))
+                    .filter(preparation_chunks::last_recipient_id.le(done_up_to)),
+            )
+            .execute(conn)
+            .await?;
+            // Never backwards: a chunk started before another may commit after it.
             diesel::insert_into(checkpoints::table)
                 .values((
                     checkpoints::batch_id.eq(batch_id),
                     checkpoints::step.eq("preparation"),
-                    checkpoints::position.eq(chunk.last_recipient_id),
+                    checkpoints::position.eq(done_up_to),
                     checkpoints::updated_at.eq(now()),
                 ))
-                .on_conflict((checkpoints::batch_id, checkpoints::step))
-                .do_update()
-                .set((
-                    checkpoints::position.eq(excluded(checkpoints::position)),
-                    checkpoints::updated_at.eq(excluded(checkpoints::updated_at)),
-                ))
+                .on_conflict_do_nothing()
                 .execute(conn)
                 .await?;
+            diesel::update(
+                checkpoints::table
+                    .filter(checkpoints::batch_id.eq(batch_id))
+                    .filter(checkpoints::step.eq("preparation"))
+                    .filter(checkpoints::position.lt(done_up_to)),
+            )
+            .set((
+                checkpoints::position.eq(done_up_to),
+                checkpoints::updated_at.eq(now()),
+            ))
+            .execute(conn)
+            .await?;
             Ok(ChunkWritten {
                 inserted,
                 duplicates,
                 opted_out,
             })
+        })
+    }
+
+    /// The recipient ranges (first, last) of the chunks written beyond `position` by writers
+    /// side by side, in order: a restart from `position` skips their recipients.
+    pub async fn chunks_written_after(
+        &self,
+        batch_id: i64,
+        position: i64,
+    ) -> Result<Vec<(i64, i64)>, StoreError> {
+        with_conn!(self, |conn| {
+            Ok(preparation_chunks::table
+                .filter(preparation_chunks::batch_id.eq(batch_id))
+                .filter(preparation_chunks::last_recipient_id.gt(position))
+                .order(preparation_chunks::last_recipient_id)
+                .select((
+                    preparation_chunks::first_recipient_id,
+                    preparation_chunks::last_recipient_id,
+                ))
+                .load(conn)
+                .await?)
         })
     }
 

@@ -37,6 +37,14 @@ diesel::table! {
 }
 
 diesel::table! {
+    preparation_chunks (batch_id, last_recipient_id) {
+        batch_id -> BigInt,
+        first_recipient_id -> BigInt,
+        last_recipient_id -> BigInt,
+    }
+}
+
+diesel::table! {
     recipients (id) {
         id -> BigInt,
         batch_id -> BigInt,
@@ -123,4 +131,5 @@ diesel::allow_tables_to_appear_in_same_query!(
     opt_outs,
     instances,
     leases,
+    preparation_chunks,
 );
