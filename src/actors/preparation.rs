@@ -49,6 +49,7 @@ pub async fn run(deps: Deps, batch: Batch, gate: Arc<Gate>) -> Result<StepEnd, P
         .map_err(|e| PreparationError::Template(e.to_string()))?;
     let url: Arc<Option<String>> = Arc::new(batch.url.clone());
     let chunk_size = core.settings.smsbatch.batch_size as i64;
+    let max_segments = core.settings.http.max_segments;
     let store = &core.store;
     let start = store.checkpoint(batch.id, "preparation").await?;
     // SQLite has one writer at a time anyway.
@@ -96,6 +97,7 @@ pub async fn run(deps: Deps, batch: Batch, gate: Arc<Gate>) -> Result<StepEnd, P
                     url.as_deref(),
                     region,
                     partitions,
+                    max_segments,
                     rows,
                 )
             })
@@ -161,13 +163,17 @@ pub async fn run(deps: Deps, batch: Batch, gate: Arc<Gate>) -> Result<StepEnd, P
     Ok(end)
 }
 
-/// Validates and renders one chunk of recipients (pure: no I/O).
+/// Validates and renders one chunk of recipients (pure: no I/O). A recipient is invalid when
+/// its number is not a valid number, the template needs a var it does not have, or its message
+/// would take more than `max_segments` segments (`http.max_segments`: at creation only the
+/// template's own text could be checked).
 pub fn prepare_chunk(
     batch_id: i64,
     template: &Template,
     url: Option<&str>,
     region: Region,
     partitions: PartitionCount,
+    max_segments: u32,
     rows: Vec<Recipient>,
 ) -> PreparedChunk {
     let now = chrono::Utc::now().naive_utc();
@@ -198,6 +204,10 @@ pub fn prepare_chunk(
             continue;
         };
         let parts = analyze(&body);
+        if parts.segments > max_segments {
+            chunk.invalid += 1;
+            continue;
+        }
         chunk.messages.push(NewMessage {
             batch_id,
             partition: partition_for(row.id, partitions),
@@ -210,4 +220,69 @@ pub fn prepare_chunk(
         });
     }
     chunk
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn recipient(id: i64, phone: &str, vars: Option<&str>) -> Recipient {
+        Recipient {
+            id,
+            batch_id: 1,
+            phone: phone.into(),
+            vars: vars.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn invalid_numbers_missing_vars_and_long_messages_are_counted_invalid() {
+        let template = Template::parse("Hi {{name}} {{url}}").expect("template");
+        let region: Region = "CN".parse().expect("region");
+        let partitions = PartitionCount::new(4).expect("partitions");
+        let long = "x".repeat(400);
+        let rows = vec![
+            recipient(1, "+86 138 0000 1234", Some(r#"{"name":"Ann"}"#)),
+            recipient(2, "12345", Some(r#"{"name":"Bo"}"#)),
+            recipient(3, "+8613800001235", None),
+            recipient(
+                4,
+                "+8613800001236",
+                Some(&format!(r#"{{"name":"{long}"}}"#)),
+            ),
+            recipient(5, "13800001237", Some(r#"{"name":"王芳"}"#)),
+        ];
+        let chunk = prepare_chunk(
+            7,
+            &template,
+            Some("https://s.example/x"),
+            region,
+            partitions,
+            2,
+            rows,
+        );
+        assert_eq!((chunk.processed, chunk.invalid), (5, 3));
+        assert_eq!(chunk.last_recipient_id, 5);
+        let got: Vec<(&str, &str, &str, i32)> = chunk
+            .messages
+            .iter()
+            .map(|m| {
+                (
+                    m.phone.as_str(),
+                    m.body.as_str(),
+                    m.encoding.as_str(),
+                    m.segments,
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("+8613800001234", "Hi Ann https://s.example/x", "gsm7", 1),
+                ("+8613800001237", "Hi 王芳 https://s.example/x", "ucs2", 1),
+            ]
+        );
+        assert!(chunk.messages.iter().all(|m| m.batch_id == 7));
+        assert_eq!(chunk.messages[0].partition, partition_for(1, partitions));
+    }
 }
