@@ -1019,26 +1019,38 @@ async fn recipients_page_in_id_order(store: Store) {
 // 5. write_prepared_chunk
 // ---------------------------------------------------------------------------------------------
 
-/// Writers side by side commit chunks out of order: the checkpoint only covers chunks with every
-/// earlier one committed and never moves back, and the chunks committed beyond it are listed
-/// (for a restart to skip) until the checkpoint passes them.
-async fn chunks_written_side_by_side_keep_the_checkpoint_exact(store: Store) {
-    let phone = |n: u32| format!("+8613900000{n:03}");
-    let created = store
+/// A batch with inline recipients (no vars), and their ids in order.
+async fn batch_with_recipients(
+    store: &Store,
+    name: &str,
+    partition_count: i32,
+    phones: Vec<String>,
+) -> (Batch, Vec<i64>) {
+    let batch = store
         .create_batch(
-            new_batch("side-by-side", 1),
-            (1..=9).map(|n| (phone(n), None)).collect(),
+            new_batch(name, partition_count),
+            phones.into_iter().map(|p| (p, None)).collect(),
         )
         .await
-        .expect("create");
-    let batch = created.batch;
-    let r: Vec<i64> = store
-        .recipients_after(batch.id, 0, 100)
+        .expect("create")
+        .batch;
+    let ids = store
+        .recipients_after(batch.id, 0, 10_000)
         .await
         .expect("recipients")
         .iter()
         .map(|r| r.id)
         .collect();
+    (batch, ids)
+}
+
+/// Writers side by side commit chunks out of order: the checkpoint only covers chunks with every
+/// earlier one committed and never moves back, and the chunks committed beyond it are listed
+/// (for a restart to skip) until the checkpoint passes them.
+async fn chunks_written_side_by_side_keep_the_checkpoint_exact(store: Store) {
+    let phone = |n: u32| format!("+8613900000{n:03}");
+    let (batch, r) =
+        batch_with_recipients(&store, "side-by-side", 1, (1..=9).map(phone).collect()).await;
     let chunk = |ids: &[usize]| PreparedChunk {
         messages: ids
             .iter()
@@ -1103,21 +1115,7 @@ async fn chunks_written_side_by_side_keep_the_checkpoint_exact(store: Store) {
 
 async fn prepared_chunks_drop_duplicates_and_opt_outs(store: Store) {
     let phone = |n: u32| format!("+8613800000{n:03}");
-    let created = store
-        .create_batch(
-            new_batch("prep", 2),
-            (1..=10).map(|n| (phone(n), None)).collect(),
-        )
-        .await
-        .expect("create");
-    let batch = created.batch;
-    let r: Vec<i64> = store
-        .recipients_after(batch.id, 0, 100)
-        .await
-        .expect("recipients")
-        .iter()
-        .map(|r| r.id)
-        .collect();
+    let (batch, r) = batch_with_recipients(&store, "prep", 2, (1..=10).map(phone).collect()).await;
     assert_eq!(r.len(), 10);
 
     assert_eq!(
