@@ -57,7 +57,7 @@ struct Inserted {
 impl BulkInsert for AsyncPgConnection {
     fn insert_recipients(&mut self, rows: Vec<NewRecipient>) -> BoxFuture<'_, QueryResult<usize>> {
         Box::pin(async move {
-            let Some(batch_id) = rows.iter().next().map(|r| r.batch_id) else {
+            let Some(batch_id) = <[_]>::first(&rows).map(|r| r.batch_id) else {
                 return Ok(0);
             };
             let (phones, vars): (Vec<String>, Vec<Option<String>>) =
@@ -95,7 +95,7 @@ impl BulkInsert for AsyncPgConnection {
         // each other's numbers in the same order, which cannot deadlock.
         rows.sort_unstable_by(|a, b| a.phone.cmp(&b.phone));
         Box::pin(async move {
-            let Some(first) = rows.iter().next() else {
+            let Some(first) = <[_]>::first(&rows) else {
                 return Ok(Vec::new());
             };
             let (batch_id, at) = (first.batch_id, first.updated_at);
