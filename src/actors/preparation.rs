@@ -79,18 +79,21 @@ pub async fn run(deps: Deps, batch: Batch, gate: Arc<Gate>) -> Result<StepEnd, P
             let started = Instant::now();
             let rows = store.recipients_after(batch_id, after, chunk_size).await?;
             reading.inc_by(started.elapsed().as_secs_f64());
-            let (Some(first), Some(last)) = (rows.first().map(|r| r.id), rows.last().map(|r| r.id))
-            else {
+            let Some(last) = rows.last().map(|r| r.id) else {
                 return Ok(());
             };
             after = last;
+            // After a restart, recipients of chunks committed ahead of the checkpoint are done.
             let rows: Vec<Recipient> = rows
                 .into_iter()
                 .filter(|r| !written.iter().any(|&(f, l)| (f..=l).contains(&r.id)))
                 .collect();
+            let Some(first) = rows.first().map(|r| r.id) else {
+                continue;
+            };
             let (template, url, region) = (template.clone(), url.clone(), core.region);
             let started = Instant::now();
-            let mut chunk = tokio::task::spawn_blocking(move || {
+            let chunk = tokio::task::spawn_blocking(move || {
                 prepare_chunk(
                     batch_id,
                     &template,
@@ -104,7 +107,6 @@ pub async fn run(deps: Deps, batch: Batch, gate: Arc<Gate>) -> Result<StepEnd, P
             .await
             .map_err(|e| PreparationError::Join(e.to_string()))?;
             preparing.inc_by(started.elapsed().as_secs_f64());
-            chunk.last_recipient_id = last;
             if tx.send((first, chunk)).await.is_err() {
                 // The writers stopped.
                 return Ok(());
