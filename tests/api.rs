@@ -311,6 +311,19 @@ fn assert_prepared_counts(batch: &Value, expected: &Expected) {
 /// Every count of a batch that completed normally is exact, and both counting rules hold.
 fn assert_completed_counts(batch: &Value, expected: &Expected) {
     assert_eq!(batch["state"], "completed", "{batch:#}");
+    let prepared = batch["conditions"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["type"] == "Prepared"))
+        .cloned()
+        .unwrap_or_else(|| panic!("a Prepared condition: {batch:#}"));
+    assert_eq!(
+        prepared["message"],
+        format!(
+            "{} of {} recipients are valid ({} invalid, {} duplicates, 0 opted out)",
+            expected.valid, expected.recipients, expected.invalid, expected.duplicates
+        ),
+        "the Prepared condition states the final counts"
+    );
     assert_prepared_counts(batch, expected);
     let actual: BTreeMap<&str, u64> = ["sent", "delivered", "failed", "cancelled"]
         .into_iter()

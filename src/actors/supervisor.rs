@@ -173,6 +173,11 @@ impl BatchSupervisor {
         Box::pin(
             async move {
                 let mut row = current;
+                if event == Event::Prepared {
+                    // Preparation's counters changed the row without a new version: the
+                    // `Prepared` condition states them, so read them.
+                    row = store.batch(row.id).await?;
+                }
                 for _ in 0..5 {
                     let next = project(&row, event, error.as_deref(), restarts)?;
                     match store
