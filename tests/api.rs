@@ -9,6 +9,7 @@
 //! `0001` permanently and those ending `0002` once.
 #![allow(clippy::unwrap_used)]
 
+#[macro_use]
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -30,30 +31,6 @@ const LONG: Duration = Duration::from_secs(600);
 
 const CONTENT: &str = "Hi {{name}}, 30% off today: {{url}}";
 const URL: &str = "https://shop.example/bf";
-
-/// Runs one scenario as two tests, one per store (in-process transport), or as three with the
-/// production stack (PostgreSQL and RabbitMQ) as well.
-macro_rules! on_both_backends {
-    ($scenario:ident => $sqlite:ident, $postgres:ident) => {
-        #[test]
-        fn $sqlite() {
-            $scenario(Backend::Sqlite);
-        }
-
-        #[test]
-        fn $postgres() {
-            $scenario(Backend::Postgres);
-        }
-    };
-    ($scenario:ident => $sqlite:ident, $postgres:ident, $rabbitmq:ident) => {
-        on_both_backends!($scenario => $sqlite, $postgres);
-
-        #[test]
-        fn $rabbitmq() {
-            $scenario(Backend::PostgresRabbitmq);
-        }
-    };
-}
 
 on_both_backends!(completes_inline_batch_with_exact_counts
     => completes_inline_batch_with_exact_counts_sqlite,

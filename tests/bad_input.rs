@@ -5,6 +5,7 @@
 //! itself — and leaves the service serving: the next valid request succeeds.
 #![allow(clippy::unwrap_used)]
 
+#[macro_use]
 mod common;
 
 use std::fmt::Write as _;
@@ -13,21 +14,6 @@ use std::io::Read;
 use serde_json::{Value, json};
 
 use common::{Backend, TestDb, TestServer, assert_error, num, text};
-
-/// Runs one scenario as two tests, one per store.
-macro_rules! on_both_backends {
-    ($scenario:ident => $sqlite:ident, $postgres:ident) => {
-        #[test]
-        fn $sqlite() {
-            $scenario(Backend::Sqlite);
-        }
-
-        #[test]
-        fn $postgres() {
-            $scenario(Backend::Postgres);
-        }
-    };
-}
 
 on_both_backends!(malformed_csv_names_the_line_and_stores_nothing
     => malformed_csv_names_the_line_and_stores_nothing_sqlite,

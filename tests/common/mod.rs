@@ -7,6 +7,32 @@
 //! last batch body and the server's last output lines); no deadline is an assertion about speed.
 #![allow(dead_code, clippy::unwrap_used)]
 
+/// Runs one scenario as two tests, one per store (in-process transport), or as three with the
+/// production stack (PostgreSQL and RabbitMQ) as well. Test files that use it declare
+/// `#[macro_use] mod common;`.
+#[allow(unused_macros)]
+macro_rules! on_both_backends {
+    ($scenario:ident => $sqlite:ident, $postgres:ident) => {
+        #[test]
+        fn $sqlite() {
+            $scenario(crate::common::Backend::Sqlite);
+        }
+
+        #[test]
+        fn $postgres() {
+            $scenario(crate::common::Backend::Postgres);
+        }
+    };
+    ($scenario:ident => $sqlite:ident, $postgres:ident, $rabbitmq:ident) => {
+        on_both_backends!($scenario => $sqlite, $postgres);
+
+        #[test]
+        fn $rabbitmq() {
+            $scenario(crate::common::Backend::PostgresRabbitmq);
+        }
+    };
+}
+
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader, Read};
