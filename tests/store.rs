@@ -1572,18 +1572,24 @@ async fn concurrent_claims_hand_out_each_message_once(store: Store) {
 // 7. record_outcomes
 // ---------------------------------------------------------------------------------------------
 
+/// `n` messages numbered `<prefix>0000`, `<prefix>0001`…, all in partition 0 but the last, which
+/// is in partition 1; their ids.
+async fn seed_last_apart(store: &Store, batch_id: i64, prefix: &str, n: usize) -> Vec<i64> {
+    let phones: Vec<String> = (0..n).map(|i| format!("{prefix}{i:04}")).collect();
+    let spec: Vec<(i32, &str)> = phones
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (i32::from(i + 1 == n), p.as_str()))
+        .collect();
+    seed(store, batch_id, &spec).await
+}
+
 /// A slice whose every message was sent: PostgreSQL records it (messages and counter) in one
 /// statement; the outcome must be the same as through the general path on either backend.
 async fn a_slice_sent_whole_is_recorded_exactly(store: Store) {
     let batch = create(&store, "sent-whole", 2).await;
-    let phones: Vec<String> = (0..6).map(|i| format!("+861370000{i:04}")).collect();
     // m0..m4 in partition 0, m5 in partition 1.
-    let spec: Vec<(i32, &str)> = phones
-        .iter()
-        .enumerate()
-        .map(|(i, p)| (if i == 5 { 1 } else { 0 }, p.as_str()))
-        .collect();
-    let m = seed(&store, batch.id, &spec).await;
+    let m = seed_last_apart(&store, batch.id, "+861370000", 6).await;
     let claimed = store
         .claim(batch.id, 0, m[0], m[2], i64::MAX, "test-instance")
         .await
@@ -1645,14 +1651,8 @@ async fn a_slice_sent_whole_is_recorded_exactly(store: Store) {
 
 async fn record_outcomes_moves_messages_and_counters(store: Store) {
     let batch = create(&store, "outcomes", 2).await;
-    let phones: Vec<String> = (0..8).map(|i| format!("+861360000{i:04}")).collect();
     // m0..m6 in partition 0, m7 in partition 1.
-    let spec: Vec<(i32, &str)> = phones
-        .iter()
-        .enumerate()
-        .map(|(i, p)| (if i == 7 { 1 } else { 0 }, p.as_str()))
-        .collect();
-    let m = seed(&store, batch.id, &spec).await;
+    let m = seed_last_apart(&store, batch.id, "+861360000", 8).await;
     // Claim m0..m5; m6 stays pending.
     let claimed = store
         .claim(batch.id, 0, m[0], m[5], i64::MAX, "test-instance")
