@@ -346,6 +346,7 @@ async fn create_find_and_list_batches(store: Store) {
         delivered: 0,
         failed: 0,
         cancelled: 0,
+        unknown: 0,
     };
     assert_eq!(created.partitions, vec![zero(0), zero(1), zero(2)]);
 
@@ -2109,6 +2110,14 @@ async fn cancel_pending_and_recover_sending(store: Store) {
     // Every partition is done.
     let parts = store.partitions(batch.id).await.expect("partitions");
     assert!(parts.iter().all(|p| p.done() == p.total));
+    // The unknown outcomes are counted apart within `failed`, once.
+    assert_eq!(
+        parts
+            .iter()
+            .map(|p| (p.failed, p.unknown))
+            .collect::<Vec<_>>(),
+        vec![(2, 2), (1, 1)]
+    );
 
     // The other batch was not touched.
     assert_eq!(

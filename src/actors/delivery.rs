@@ -30,6 +30,16 @@ pub enum DeliveryError {
     Transport(#[from] TransportError),
 }
 
+impl DeliveryError {
+    /// True when delivery stopped because the database was out of reach.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            DeliveryError::Store(e) => e.is_unavailable(),
+            DeliveryError::Transport(e) => matches!(e, TransportError::Unavailable(_)),
+        }
+    }
+}
+
 /// Runs (or continues) delivery of a batch until every message is final or the gate closes.
 ///
 /// The first round plans every due pending message. Later rounds plan only messages waiting for
@@ -228,8 +238,10 @@ impl FailureWindow {
                 .map(|p| u64::try_from(f(p)).unwrap_or(0))
                 .sum()
         };
-        let failed = count(|p| p.failed);
-        let done = count(|p| p.sent + p.delivered + p.failed);
+        // An unknown outcome (a claim settled after an instance died) says nothing about the
+        // provider: it is neither a failure nor an outcome here.
+        let failed = count(|p| p.failed - p.unknown);
+        let done = count(|p| p.sent + p.delivered + p.failed - p.unknown);
         if self.seen.back().is_some_and(|&(d, _)| d == done) {
             return None;
         }
@@ -265,6 +277,11 @@ mod tests {
     use super::*;
 
     fn counters(sent: i64, failed: i64) -> Vec<Partition> {
+        with_unknown(sent, failed, 0)
+    }
+
+    /// Counters where `unknown` of the `failed` are unknown outcomes (in partition 0).
+    fn with_unknown(sent: i64, failed: i64, unknown: i64) -> Vec<Partition> {
         // Split over two partitions, as a batch's counters are.
         vec![
             Partition {
@@ -273,8 +290,9 @@ mod tests {
                 total: 1_000_000,
                 sent: sent / 2,
                 delivered: 0,
-                failed: failed / 2,
+                failed: failed / 2 + unknown,
                 cancelled: 0,
+                unknown,
             },
             Partition {
                 batch_id: 1,
@@ -284,6 +302,7 @@ mod tests {
                 delivered: 0,
                 failed: failed - failed / 2,
                 cancelled: 7,
+                unknown: 0,
             },
         ]
     }
@@ -327,6 +346,20 @@ mod tests {
         assert_eq!(w.observe(&counters(4450, 350)), None);
         // A new burst in a whole window trips it.
         assert!(w.observe(&counters(4650, 1150)).is_some());
+    }
+
+    #[test]
+    fn unknown_outcomes_do_not_count() {
+        let mut w = FailureWindow::new(1000, 0.1);
+        w.observe(&with_unknown(0, 0, 0));
+        // 256 claims of a dead instance settled as unknown outcomes among 1000 sent: no pause.
+        assert_eq!(w.observe(&with_unknown(1000, 0, 256)), None);
+        assert_eq!(w.observe(&with_unknown(2000, 50, 256)), None);
+        // Real failures still trip it, the unknown ones left out of the rate.
+        let why = w
+            .observe(&with_unknown(2000, 400, 256))
+            .expect("real failures over the threshold");
+        assert!(why.contains("28.6% of the last 1400 messages"), "{why}");
     }
 
     #[test]

@@ -38,6 +38,13 @@ pub enum PreparationError {
     Join(String),
 }
 
+impl PreparationError {
+    /// True when preparation stopped because the database was out of reach.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, PreparationError::Store(e) if e.is_unavailable())
+    }
+}
+
 /// Runs (or continues) preparation of a batch until it is done or the gate closes.
 #[tracing::instrument(skip_all, fields(batch_id = %batch.public_id, step = "preparation"), err)]
 pub async fn run(deps: Deps, batch: Batch, gate: Arc<Gate>) -> Result<StepEnd, PreparationError> {

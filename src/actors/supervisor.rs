@@ -79,8 +79,30 @@ pub struct Act(pub Action);
 #[derive(Debug)]
 struct ChildExited {
     generation: u64,
-    outcome: Result<StepEnd, String>,
+    outcome: Result<StepEnd, StepFailure>,
 }
+
+/// Why a child's run failed.
+#[derive(Debug)]
+struct StepFailure {
+    message: String,
+    /// The database was out of reach: the step waits for it instead of counting a restart.
+    unavailable: bool,
+}
+
+impl StepFailure {
+    fn new(message: String, unavailable: bool) -> Self {
+        StepFailure {
+            message,
+            unavailable,
+        }
+    }
+}
+
+/// How often a batch waiting for the database tries again (a step to run, a transition to save).
+const DATABASE_RETRY: Duration = Duration::from_secs(1);
+/// How long the supervisor's own check that the database answers may take.
+const PING_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Stop sending and wait for the child to stop (process shutdown). The batch keeps its state,
 /// so the next start of the service continues it.
@@ -249,7 +271,7 @@ impl BatchSupervisor {
                     .unwrap_or(Duration::ZERO);
                 self.timer = Some(ctx.run_later(due, |act, ctx| {
                     act.timer = None;
-                    ctx.wait(act.apply(Event::Due, None).map(|_, _, _| ()));
+                    act.apply_own(Event::Due, None, ctx);
                 }));
             }
             BatchState::Preparing | BatchState::Delivering => {
@@ -284,13 +306,13 @@ impl BatchSupervisor {
             Step::Preparation => async move {
                 preparation::run(deps, batch, gate)
                     .await
-                    .map_err(|e| e.to_string())
+                    .map_err(|e| StepFailure::new(e.to_string(), e.is_unavailable()))
             }
             .boxed_local(),
             Step::Delivery => async move {
                 delivery::run(deps, batch, gate)
                     .await
-                    .map_err(|e| e.to_string())
+                    .map_err(|e| StepFailure::new(e.to_string(), e.is_unavailable()))
             }
             .boxed_local(),
         };
@@ -301,8 +323,11 @@ impl BatchSupervisor {
         let watcher = async move {
             match task.await {
                 Ok(outcome) => outcome,
-                Err(e) if e.is_panic() => Err(format!("{step:?} panicked: {}", panic_text(e))),
-                Err(e) => Err(format!("{step:?} stopped: {e}")),
+                Err(e) if e.is_panic() => Err(StepFailure::new(
+                    format!("{step:?} panicked: {}", panic_text(e)),
+                    false,
+                )),
+                Err(e) => Err(StepFailure::new(format!("{step:?} stopped: {e}"), false)),
             }
         }
         .into_actor(self)
@@ -334,45 +359,30 @@ impl BatchSupervisor {
         match msg.outcome {
             Ok(StepEnd::Finished) if state == BatchState::Preparing => {
                 self.restarts = 0;
-                ctx.wait(self.apply(Event::Prepared, None).map(|_, _, _| ()));
+                self.apply_own(Event::Prepared, None, ctx);
             }
             Ok(StepEnd::Finished) if state == BatchState::Delivering => {
-                ctx.wait(self.apply(Event::Delivered, None).map(|_, _, _| ()));
+                self.apply_own(Event::Delivered, None, ctx);
             }
             Ok(StepEnd::TooManyFailures(reason)) if state == BatchState::Delivering => {
                 tracing::warn!(batch_id = %self.batch.public_id, %reason, "Pausing the batch: too many failures.");
-                ctx.wait(self.apply(Event::Pause, Some(reason)).map(|_, _, _| ()));
+                self.apply_own(Event::Pause, Some(reason), ctx);
             }
-            Err(error) if matches!(state, BatchState::Preparing | BatchState::Delivering) => {
-                self.restarts += 1;
-                if self.restarts > self.deps.core.settings.smsbatch.retry_count {
-                    tracing::error!(batch_id = %self.batch.public_id, %error, failures = self.restarts, "Step failed for good.");
-                    ctx.wait(self.apply(Event::Fail, Some(error)).map(|_, _, _| ()));
-                } else {
-                    let backoff = Duration::from_millis(
-                        self.deps
-                            .core
-                            .settings
-                            .smsbatch
-                            .retry_backoff_ms
-                            .saturating_mul(1 << self.restarts.min(10)),
-                    )
-                    .min(Duration::from_secs(60));
-                    let step = state.step().map(Step::as_str).unwrap_or("none");
-                    self.deps
-                        .core
-                        .metrics
-                        .step_restarts
-                        .with_label_values(&[step])
-                        .inc();
-                    tracing::warn!(batch_id = %self.batch.public_id, %error, restarts = self.restarts, ?backoff, "Step failed; restarting from its checkpoint.");
-                    self.timer = Some(ctx.run_later(backoff, |act, ctx| {
-                        act.timer = None;
-                        if act.child.is_none() && act.gate.is_open() {
-                            act.spawn_child(ctx);
-                        }
-                    }));
-                }
+            Err(failure) if matches!(state, BatchState::Preparing | BatchState::Delivering) => {
+                // A statement cut off by an outage does not always say so: ask the database.
+                let store = self.deps.core.store.clone();
+                ctx.wait(
+                    async move {
+                        let down = failure.unavailable
+                            || !matches!(
+                                tokio::time::timeout(PING_TIMEOUT, store.ping()).await,
+                                Ok(Ok(()))
+                            );
+                        (failure.message, down)
+                    }
+                    .into_actor(self)
+                    .map(|(error, down), act, ctx| act.step_failed(error, down, ctx)),
+                );
             }
             _ => {
                 // Stopped (or finished/failed after the state moved on): act on the state now.
@@ -386,6 +396,61 @@ impl BatchSupervisor {
                 }
             }
         }
+    }
+
+    /// The running step failed. While the database is out of reach, the step waits for it and
+    /// runs again, without counting a restart: an outage stops a batch, it does not fail it.
+    /// Any other failure restarts the step from its checkpoint with backoff, and fails the
+    /// batch after `retry_count` restarts.
+    fn step_failed(&mut self, error: String, database_down: bool, ctx: &mut Context<Self>) {
+        let settings = &self.deps.core.settings.smsbatch;
+        let backoff = if database_down {
+            tracing::warn!(batch_id = %self.batch.public_id, %error, "Database unavailable; the step runs again once it is back.");
+            DATABASE_RETRY
+        } else {
+            self.restarts += 1;
+            if self.restarts > settings.retry_count {
+                tracing::error!(batch_id = %self.batch.public_id, %error, failures = self.restarts, "Step failed for good.");
+                self.apply_own(Event::Fail, Some(error), ctx);
+                return;
+            }
+            let backoff = Duration::from_millis(
+                settings
+                    .retry_backoff_ms
+                    .saturating_mul(1 << self.restarts.min(10)),
+            )
+            .min(Duration::from_secs(60));
+            let step = self.state().step().map(Step::as_str).unwrap_or("none");
+            self.deps
+                .core
+                .metrics
+                .step_restarts
+                .with_label_values(&[step])
+                .inc();
+            tracing::warn!(batch_id = %self.batch.public_id, %error, restarts = self.restarts, ?backoff, "Step failed; restarting from its checkpoint.");
+            backoff
+        };
+        self.timer = Some(ctx.run_later(backoff, |act, ctx| {
+            act.timer = None;
+            if act.child.is_none() && act.gate.is_open() {
+                act.spawn_child(ctx);
+            }
+        }));
+    }
+
+    /// Applies an event of the batch's own (a step ended, the schedule is due). If the store
+    /// cannot save it, it is tried again later, until it is saved or superseded (another
+    /// transition cancels the timer): otherwise the batch would sit in a state nobody acts on.
+    fn apply_own(&mut self, event: Event, error: Option<String>, ctx: &mut Context<Self>) {
+        let again = error.clone();
+        ctx.wait(self.apply(event, error).map(move |result, act, ctx| {
+            if let Err(ActError::Store(_)) = result {
+                act.timer = Some(ctx.run_later(DATABASE_RETRY, move |act, ctx| {
+                    act.timer = None;
+                    act.apply_own(event, again, ctx);
+                }));
+            }
+        }));
     }
 
     /// After a cancel, once no child runs: every message still pending becomes `cancelled`.

@@ -12,8 +12,8 @@ use super::Core;
 use super::gates::{Gate, GateState};
 use crate::domain::state::BatchState;
 use crate::provider::{OutgoingSms, ProviderError};
-use crate::store::Outcomes;
 use crate::store::models::ClaimedMessage;
+use crate::store::{Outcomes, StoreError};
 use crate::transport::{DeliveryTask, TaskReport, TransportError};
 
 /// A pool member. Stateless between tasks: everything it needs is in the task and the store.
@@ -58,17 +58,22 @@ async fn gate_for(core: &Core, batch_id: i64) -> Result<Arc<Gate>, TransportErro
     if let Some(gate) = core.gates.get(batch_id) {
         return Ok(gate);
     }
-    let batch = core
-        .store
-        .batch(batch_id)
-        .await
-        .map_err(|e| TransportError::Task(e.to_string()))?;
+    let batch = core.store.batch(batch_id).await.map_err(task_error)?;
     let state = match batch.state.parse::<BatchState>() {
         Ok(BatchState::Delivering) => GateState::Open,
         Ok(BatchState::Cancelled) => GateState::Cancelled,
         _ => GateState::Held,
     };
     Ok(Arc::new(Gate::new(state, batch.provider)))
+}
+
+/// A store error as the task's error, keeping whether the database was out of reach.
+fn task_error(e: StoreError) -> TransportError {
+    if e.is_unavailable() {
+        TransportError::Unavailable(e.to_string())
+    } else {
+        TransportError::Task(e.to_string())
+    }
 }
 
 /// Carries out one task; returns what happened to its messages. The task's range is claimed in
@@ -97,7 +102,7 @@ pub async fn process_task(core: &Core, task: DeliveryTask) -> Result<TaskReport,
                 &core.instance,
             )
             .await
-            .map_err(|e| TransportError::Task(e.to_string()))?;
+            .map_err(task_error)?;
         let Some(last) = claimed.last().map(|m| m.id) else {
             break;
         };

@@ -207,7 +207,10 @@ impl Store {
                 };
                 if moved > 0 && !resend {
                     diesel::update(partitions::table.find((batch_id, partition)))
-                        .set(partitions::failed.eq(partitions::failed + moved))
+                        .set((
+                            partitions::failed.eq(partitions::failed + moved),
+                            partitions::unknown.eq(partitions::unknown + moved),
+                        ))
                         .execute(conn)
                         .await?;
                 }

@@ -53,6 +53,34 @@ pub enum StoreError {
     Corrupt(String),
 }
 
+impl StoreError {
+    /// True when the database could not be reached (no connection, a connection lost, a server
+    /// shutting down or starting up): the work should wait for it and go on, not fail.
+    pub fn is_unavailable(&self) -> bool {
+        use diesel::result::{DatabaseErrorKind, Error};
+        match self {
+            StoreError::Pool(_) => true,
+            StoreError::Query(Error::DatabaseError(
+                DatabaseErrorKind::UnableToSendCommand | DatabaseErrorKind::ClosedConnection,
+                _,
+            )) => true,
+            // diesel keeps no SQLSTATE: these are PostgreSQL's messages for 57P01
+            // (admin_shutdown), 57P02 (crash_shutdown) and 57P03 (cannot_connect_now).
+            StoreError::Query(Error::DatabaseError(_, info)) => {
+                let message = info.message();
+                [
+                    "terminating connection due to administrator command",
+                    "terminating connection because of crash of another server process",
+                    "the database system is",
+                ]
+                .iter()
+                .any(|m| message.contains(m))
+            }
+            _ => false,
+        }
+    }
+}
+
 impl From<diesel_async::pooled_connection::deadpool::PoolError> for StoreError {
     fn from(e: diesel_async::pooled_connection::deadpool::PoolError) -> Self {
         StoreError::Pool(e.to_string())
@@ -256,5 +284,58 @@ impl Store {
             conn.batch_execute("SELECT 1").await?;
             Ok(())
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use diesel::result::{DatabaseErrorKind, Error};
+
+    fn db_error(kind: DatabaseErrorKind, message: &str) -> StoreError {
+        StoreError::Query(Error::DatabaseError(kind, Box::new(message.to_string())))
+    }
+
+    #[test]
+    fn an_outage_is_told_apart_from_a_bad_query() {
+        let outages = [
+            StoreError::Pool("error connecting to server: Connection refused".into()),
+            db_error(DatabaseErrorKind::UnableToSendCommand, "connection closed"),
+            db_error(
+                DatabaseErrorKind::ClosedConnection,
+                "server closed the connection",
+            ),
+            db_error(
+                DatabaseErrorKind::Unknown,
+                "terminating connection due to administrator command",
+            ),
+            db_error(
+                DatabaseErrorKind::Unknown,
+                "the database system is shutting down",
+            ),
+            db_error(
+                DatabaseErrorKind::Unknown,
+                "the database system is starting up",
+            ),
+        ];
+        for e in &outages {
+            assert!(e.is_unavailable(), "{e}");
+        }
+        let faults = [
+            db_error(
+                DatabaseErrorKind::UniqueViolation,
+                "duplicate key value violates unique constraint",
+            ),
+            db_error(
+                DatabaseErrorKind::Unknown,
+                "relation \"messages\" does not exist",
+            ),
+            StoreError::Query(Error::NotFound),
+            StoreError::Conflict("b".into()),
+            StoreError::Corrupt("steps".into()),
+        ];
+        for e in &faults {
+            assert!(!e.is_unavailable(), "{e}");
+        }
     }
 }

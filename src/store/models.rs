@@ -202,6 +202,8 @@ pub struct Partition {
     pub delivered: i64,
     pub failed: i64,
     pub cancelled: i64,
+    /// Of `failed`, those settled as `unknown_outcome` after an instance died mid-send.
+    pub unknown: i64,
 }
 
 impl Partition {

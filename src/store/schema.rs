@@ -82,6 +82,7 @@ diesel::table! {
         delivered -> BigInt,
         failed -> BigInt,
         cancelled -> BigInt,
+        unknown -> BigInt,
     }
 }
 

@@ -49,6 +49,9 @@ pub enum TransportError {
     /// The worker could not finish the task.
     #[error("task failed: {0}")]
     Task(String),
+    /// The worker could not reach the database; the task can run again once it is back.
+    #[error("task failed, database unavailable: {0}")]
+    Unavailable(String),
 }
 
 /// Carries delivery tasks to workers. `dispatch` resolves once the task is accepted by the
