@@ -20,8 +20,8 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use common::{
-    ACTIONS, Backend, TestDb, TestServer, assert_error, assert_error_message, eventually, num,
-    rfc3339_in, text,
+    ACTIONS, Backend, TestDb, TestServer, assert_error, assert_error_message, canonical,
+    eventually, mobile, national, num, rfc3339_in, text,
 };
 
 /// A deadline for small batches (only stops a stuck test).
@@ -79,33 +79,6 @@ on_both_backends!(probes_and_metrics
 // ---------------------------------------------------------------------------------------------
 // Recipient lists and the counts they must produce
 // ---------------------------------------------------------------------------------------------
-
-/// A valid CN mobile number: `+86138` and eight digits.
-fn mobile(n: u64) -> String {
-    assert!(n < 100_000_000, "eight digits");
-    format!("+86138{n:08}")
-}
-
-/// `+8613812345678` written the way a person would type it at home: `138 1234 5678`.
-fn national(e164: &str) -> String {
-    let digits = &e164[3..];
-    format!("{} {} {}", &digits[..3], &digits[3..7], &digits[7..])
-}
-
-/// The E.164 form of a number this file generated, or `None` for the invalid ones.
-fn canonical(phone: &str) -> Option<String> {
-    let digits: String = phone.chars().filter(char::is_ascii_digit).collect();
-    if let Some(rest) = phone.strip_prefix("+86138") {
-        (rest.len() == 8 && rest.chars().all(|c| c.is_ascii_digit())).then(|| phone.to_owned())
-    } else if phone.starts_with("138")
-        && digits.len() == 11
-        && phone.chars().all(|c| c.is_ascii_digit() || c == ' ')
-    {
-        Some(format!("+86{digits}"))
-    } else {
-        None
-    }
-}
 
 /// What preparation and delivery must count for a recipient list.
 #[derive(Debug)]

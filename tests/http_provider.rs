@@ -15,7 +15,7 @@ use std::time::Duration;
 use serde_json::json;
 
 use common::sink::{Answer, Received, Sink};
-use common::{Backend, TestDb, TestServer, assert_error, num, text};
+use common::{Backend, TestDb, TestServer, assert_error, mobile, num, text};
 
 /// Only stops a stuck test.
 const DEADLINE: Duration = Duration::from_secs(600);
@@ -34,11 +34,6 @@ fn http_provider_sends_each_message_once_sqlite() {
 #[test]
 fn http_provider_sends_each_message_once_postgres() {
     sends_each_message_once(Backend::Postgres);
-}
-
-/// A valid CN mobile number: `+86138` and eight digits.
-fn mobile(n: u64) -> String {
-    format!("+86138{n:08}")
 }
 
 /// 3,029 distinct valid numbers (30 of them end in `0003`), 8 invalid ones and 12 exact

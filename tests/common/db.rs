@@ -53,34 +53,41 @@ impl TestDb {
             }
             Backend::Postgres | Backend::PostgresRabbitmq => {
                 let admin = std::env::var("SMSBATCH_TEST_POSTGRES_URL")
-                    .unwrap_or_else(|_| DEFAULT_PG_ADMIN.to_owned())
-                    .trim_end_matches('/')
-                    .to_owned();
-                let name = format!("smsbatch_t_{id}");
-                let maintenance = format!("{admin}/postgres");
-                // Concurrent CREATE DATABASE can collide on template1; a retry settles it.
-                let mut attempt = 0;
-                loop {
-                    attempt += 1;
-                    match pg_exec(&maintenance, &format!("CREATE DATABASE \"{name}\"")) {
-                        Ok(()) => break,
-                        Err(e) if attempt < 5 => {
-                            eprintln!("CREATE DATABASE {name} failed (attempt {attempt}): {e:#}");
-                            thread::sleep(Duration::from_millis(300 * attempt));
-                        }
-                        Err(e) => panic!(
-                            "cannot create test database {name} via {maintenance}: {e:#} \
-                             (is PostgreSQL running? set SMSBATCH_TEST_POSTGRES_URL to override)"
-                        ),
-                    }
-                }
-                Self {
-                    backend,
-                    url: format!("{admin}/{name}"),
-                    sqlite_dir: None,
-                    pg: Some((admin, name)),
-                }
+                    .unwrap_or_else(|_| DEFAULT_PG_ADMIN.to_owned());
+                Self::on_postgres_server(backend, &admin)
             }
+        }
+    }
+
+    /// Creates an empty database on the PostgreSQL server at `admin` (a URL without database
+    /// part), e.g. a private server that a test stops and starts.
+    pub fn on_postgres_server(backend: Backend, admin: &str) -> Self {
+        assert_ne!(backend, Backend::Sqlite, "a PostgreSQL backend");
+        let id = Uuid::now_v7().simple().to_string();
+        let admin = admin.trim_end_matches('/').to_owned();
+        let name = format!("smsbatch_t_{id}");
+        let maintenance = format!("{admin}/postgres");
+        // Concurrent CREATE DATABASE can collide on template1; a retry settles it.
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match pg_exec(&maintenance, &format!("CREATE DATABASE \"{name}\"")) {
+                Ok(()) => break,
+                Err(e) if attempt < 5 => {
+                    eprintln!("CREATE DATABASE {name} failed (attempt {attempt}): {e:#}");
+                    thread::sleep(Duration::from_millis(300 * attempt));
+                }
+                Err(e) => panic!(
+                    "cannot create test database {name} via {maintenance}: {e:#} \
+                     (is PostgreSQL running? set SMSBATCH_TEST_POSTGRES_URL to override)"
+                ),
+            }
+        }
+        Self {
+            backend,
+            url: format!("{admin}/{name}"),
+            sqlite_dir: None,
+            pg: Some((admin, name)),
         }
     }
 
@@ -133,6 +140,21 @@ impl TestDb {
     }
 }
 
+impl TestDb {
+    /// Runs a query straight on the PostgreSQL database and returns the first column of every
+    /// row as text (NULL as `None`): how a test looks at what the API does not show, such as
+    /// which instance holds a batch's lease.
+    pub fn query_column(&self, sql: &str) -> Vec<Option<String>> {
+        assert_ne!(
+            self.backend,
+            Backend::Sqlite,
+            "query_column is for PostgreSQL"
+        );
+        pg_query_column(&self.url, sql)
+            .unwrap_or_else(|e| panic!("query {sql:?} on the test database: {e:#}"))
+    }
+}
+
 impl Drop for TestDb {
     fn drop(&mut self) {
         if let Some(dir) = &self.sqlite_dir {
@@ -147,18 +169,38 @@ impl Drop for TestDb {
     }
 }
 
-/// Runs SQL on a PostgreSQL database through a short-lived current-thread runtime.
-fn pg_exec(url: &str, sql: &str) -> anyhow::Result<()> {
+/// Runs `f` with a client connected to a PostgreSQL database, on a short-lived current-thread
+/// runtime (the tests themselves are synchronous).
+fn with_pg_client<T>(
+    url: &str,
+    f: impl AsyncFnOnce(&tokio_postgres::Client) -> Result<T, tokio_postgres::Error>,
+) -> anyhow::Result<T> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     rt.block_on(async {
         let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
         let driver = tokio::spawn(connection);
-        let result = client.batch_execute(sql).await;
+        let result = f(&client).await;
         drop(client);
         let _ = driver.await;
-        result?;
-        Ok(())
+        Ok(result?)
     })
+}
+
+/// Runs SQL on a PostgreSQL database.
+fn pg_exec(url: &str, sql: &str) -> anyhow::Result<()> {
+    with_pg_client(url, async |client| client.batch_execute(sql).await)
+}
+
+/// Runs a query on a PostgreSQL database; returns the first column of its rows as text.
+fn pg_query_column(url: &str, sql: &str) -> anyhow::Result<Vec<Option<String>>> {
+    let messages = with_pg_client(url, async |client| client.simple_query(sql).await)?;
+    Ok(messages
+        .iter()
+        .filter_map(|message| match message {
+            tokio_postgres::SimpleQueryMessage::Row(row) => Some(row.get(0).map(str::to_owned)),
+            _ => None,
+        })
+        .collect())
 }

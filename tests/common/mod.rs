@@ -46,6 +46,7 @@ use serde_json::Value;
 
 mod db;
 pub use db::{Backend, TestDb};
+pub mod faults;
 pub mod sink;
 
 /// How long the server may take to print its listening line (migrations included).
@@ -524,6 +525,33 @@ fn spawn_server(db_url: &str, env: &[(String, String)], tail: &Tail) -> (Child, 
                 );
             }
         }
+    }
+}
+
+/// A valid CN mobile number: `+86138` and eight digits.
+pub fn mobile(n: u64) -> String {
+    assert!(n < 100_000_000, "eight digits");
+    format!("+86138{n:08}")
+}
+
+/// `+8613812345678` written the way a person would type it at home: `138 1234 5678`.
+pub fn national(e164: &str) -> String {
+    let digits = &e164[3..];
+    format!("{} {} {}", &digits[..3], &digits[3..7], &digits[7..])
+}
+
+/// The E.164 form of a number made by `mobile` or `national`, `None` for anything else.
+pub fn canonical(phone: &str) -> Option<String> {
+    let digits: String = phone.chars().filter(char::is_ascii_digit).collect();
+    if let Some(rest) = phone.strip_prefix("+86138") {
+        (rest.len() == 8 && rest.chars().all(|c| c.is_ascii_digit())).then(|| phone.to_owned())
+    } else if phone.starts_with("138")
+        && digits.len() == 11
+        && phone.chars().all(|c| c.is_ascii_digit() || c == ' ')
+    {
+        Some(format!("+86{digits}"))
+    } else {
+        None
     }
 }
 
