@@ -31,6 +31,13 @@ use crate::telemetry::Metrics;
 
 /// Longest wait between two connection attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// How often the consumer looks at its connection's state. A connection the broker closed does
+/// not always end the consumer's stream or fail the promises waiting on it; its state does say.
+const WATCHDOG: Duration = Duration::from_secs(1);
+/// How long an ack, a nack or a publisher confirmation may take before the link gives up on it
+/// (the broker hands an unacked task out again; a task whose confirmation is lost is published
+/// again, and its claims make the second run a no-op for what was done).
+const BROKER_ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The state of the broker link, shared by the link actor, the dispatchers and `/readyz`.
 pub struct BrokerLink {
@@ -168,7 +175,7 @@ impl BrokerLink {
                 Err(_) => return Err(TransportError::Closed("broker link stopped".into())),
             };
             let Some(channel) = channel else { continue };
-            let confirmed = async {
+            let confirmed = tokio::time::timeout(BROKER_ANSWER_TIMEOUT, async {
                 channel
                     .basic_publish(
                         "".into(),
@@ -181,20 +188,23 @@ impl BrokerLink {
                     )
                     .await?
                     .await
-            }
+            })
             .await;
             events.with_label_values(&["published"]).inc();
             match confirmed {
-                Ok(Confirmation::Ack(_)) => {
+                Ok(Ok(Confirmation::Ack(_))) => {
                     events.with_label_values(&["confirmed"]).inc();
                     return Ok(TaskReport::default());
                 }
-                Ok(other) => {
+                Ok(Ok(other)) => {
                     events.with_label_values(&["nacked"]).inc();
                     tracing::warn!(batch_id = task.batch_id, confirmation = ?other, "Broker did not confirm a task; publishing it again.");
                 }
-                Err(e) => {
+                Ok(Err(e)) => {
                     tracing::warn!(batch_id = task.batch_id, error = %e, "Publishing a task failed; publishing it again.");
+                }
+                Err(_) => {
+                    tracing::warn!(batch_id = task.batch_id, timeout = ?BROKER_ANSWER_TIMEOUT, "No confirmation from the broker; publishing the task again.");
                 }
             }
             tokio::time::sleep(backoff).await;
@@ -250,7 +260,7 @@ async fn run_link(link: Arc<BrokerLink>, pool: Arc<InProcess>) {
             Ok((conn, consumer)) => {
                 tracing::info!(broker = %redact_url(&link.url), queue = %link.queue, "Broker connected.");
                 backoff = Duration::from_millis(100);
-                let reason = consume(&link, &pool, consumer).await;
+                let reason = consume(&link, &pool, &conn, consumer).await;
                 if link.stopping() {
                     let _ = conn.close(200, "shutting down".into()).await;
                     link.set_down("shut down".into());
@@ -275,14 +285,25 @@ async fn run_link(link: Arc<BrokerLink>, pool: Arc<InProcess>) {
 /// Consumes until the consumer ends; returns why. Tasks run concurrently (the prefetch bounds
 /// them); each is acked after the worker recorded its outcomes, or nacked back to the queue if
 /// the worker could not carry it out.
-async fn consume(link: &BrokerLink, pool: &InProcess, mut consumer: lapin::Consumer) -> String {
+async fn consume(
+    link: &BrokerLink,
+    pool: &InProcess,
+    conn: &Connection,
+    mut consumer: lapin::Consumer,
+) -> String {
     let events = &link.metrics.amqp_tasks;
     let in_flight_gauge = &link.metrics.amqp_prefetch_in_flight;
     let mut in_flight = FuturesUnordered::new();
     let mut stop = link.stop.subscribe();
+    let mut watchdog = tokio::time::interval(WATCHDOG);
     let reason = loop {
         tokio::select! {
             _ = stop.wait_for(|s| *s) => break "shutting down".to_string(),
+            _ = watchdog.tick() => {
+                if !conn.status().connected() {
+                    break "the broker connection is no longer open".to_string();
+                }
+            }
             delivery = consumer.next() => {
                 let delivery = match delivery {
                     Some(Ok(d)) => d,
@@ -297,7 +318,11 @@ async fn consume(link: &BrokerLink, pool: &InProcess, mut consumer: lapin::Consu
                     Ok(task) => task,
                     Err(e) => {
                         tracing::error!(error = %e, "Dropping an unreadable task.");
-                        let _ = delivery.acker.ack(BasicAckOptions::default()).await;
+                        let _ = tokio::time::timeout(
+                            BROKER_ANSWER_TIMEOUT,
+                            delivery.acker.ack(BasicAckOptions::default()),
+                        )
+                        .await;
                         continue;
                     }
                 };
@@ -313,11 +338,15 @@ async fn consume(link: &BrokerLink, pool: &InProcess, mut consumer: lapin::Consu
             }
         }
     };
-    // The channel is gone: what is still running finishes (its acks fail, and the broker hands
-    // those tasks out again; their claims make the second run a no-op for what was done).
+    // What is still running finishes. On a connection still open (a shutdown) each task is
+    // settled; on one that is gone there is nobody to answer, and the broker hands the unacked
+    // tasks out again by itself (their claims make the second run a no-op for what was done).
+    let open = conn.status().connected();
     while let Some((delivery, task, result)) = in_flight.next().await {
         in_flight_gauge.dec();
-        settle(events, delivery, task, result).await;
+        if open {
+            settle(events, delivery, task, result).await;
+        }
     }
     reason
 }
@@ -335,7 +364,12 @@ async fn settle(
             requeue(&delivery).await;
         }
         Ok(_) => {
-            if delivery.acker.ack(BasicAckOptions::default()).await.is_ok() {
+            let acked = tokio::time::timeout(
+                BROKER_ANSWER_TIMEOUT,
+                delivery.acker.ack(BasicAckOptions::default()),
+            )
+            .await;
+            if matches!(acked, Ok(Ok(_))) {
                 events.with_label_values(&["acked"]).inc();
             }
         }
@@ -350,11 +384,9 @@ async fn settle(
 
 /// Hands a task back to the queue (if the channel is gone, the broker does so by itself).
 async fn requeue(delivery: &lapin::message::Delivery) {
-    let _ = delivery
-        .acker
-        .nack(BasicNackOptions {
-            requeue: true,
-            ..BasicNackOptions::default()
-        })
-        .await;
+    let nack = delivery.acker.nack(BasicNackOptions {
+        requeue: true,
+        ..BasicNackOptions::default()
+    });
+    let _ = tokio::time::timeout(BROKER_ANSWER_TIMEOUT, nack).await;
 }
