@@ -5,6 +5,7 @@
 
 mod bulk;
 mod cluster;
+mod copy;
 pub mod models;
 mod queries;
 pub mod schema;
@@ -165,6 +166,8 @@ pub(crate) enum Pools {
 #[derive(Clone)]
 pub struct Store {
     pub(crate) pools: Pools,
+    /// The database URL, for the work that needs a connection of its own (an upload's `COPY`).
+    url: std::sync::Arc<str>,
 }
 
 /// Runs `$body` with `$conn` bound to a pooled connection of whichever backend is live. The body
@@ -267,7 +270,10 @@ impl Store {
             }
             None => return Err(StoreError::Pool("unsupported database URL".into())),
         };
-        Ok(Store { pools })
+        Ok(Store {
+            pools,
+            url: url.into(),
+        })
     }
 
     /// Which backend this store talks to.

@@ -318,7 +318,14 @@ impl Store {
         batch_id: i64,
         mut rx: tokio::sync::mpsc::Receiver<UploadChunk<E>>,
     ) -> Result<(i64, i64), ImportError<E>> {
-        with_tx!(self, ImportError<E>, |conn| {
+        // PostgreSQL streams the rows in by COPY; SQLite inserts them in one write transaction.
+        let pool = match &self.pools {
+            Pools::Pg(_) => return super::copy::import_recipients(&self.url, batch_id, rx).await,
+            Pools::Sqlite(pool) => pool,
+        };
+        let mut obj = pool.get().await?;
+        let conn: &mut super::SqliteConn = &mut obj;
+        conn.immediate_transaction::<_, ImportError<E>, _>(async |conn| {
             let mut accepted = 0i64;
             loop {
                 match rx.recv().await {
@@ -359,6 +366,7 @@ impl Store {
                 .map(|total| (accepted, total))
                 .ok_or(ImportError::NotInitial)
         })
+        .await
     }
 
     /// Recipients of a batch after `after`, in id order.
