@@ -21,31 +21,17 @@ const COUNT_UPLOAD: &str = "\
         updated_at = $2::text::timestamp \
     WHERE id = $3 AND state = 'initial' RETURNING recipients";
 
+/// The error diesel-async makes of the same tokio-postgres error (no SQLSTATE: the command never
+/// reached the server; else the server's message), so that `StoreError::is_unavailable` tells an
+/// outage apart the same way on this connection as on the pool's.
 impl From<tokio_postgres::Error> for StoreError {
     fn from(e: tokio_postgres::Error) -> Self {
-        use tokio_postgres::error::SqlState;
-        // The same split as the pool's errors: a server out of reach (no SQLSTATE: the socket
-        // failed; class 08, connection exception; 57P0x, shutting down or starting up) is
-        // `Pool`, which callers treat as "unavailable"; anything else is a failed statement.
-        let unreachable = e.code().is_none_or(|code| {
-            let code = code.code();
-            code.starts_with("08")
-                || [
-                    SqlState::ADMIN_SHUTDOWN,
-                    SqlState::CRASH_SHUTDOWN,
-                    SqlState::CANNOT_CONNECT_NOW,
-                ]
-                .iter()
-                .any(|s| s.code() == code)
-        });
-        if unreachable {
-            StoreError::Pool(e.to_string())
-        } else {
-            StoreError::Query(diesel::result::Error::DatabaseError(
-                diesel::result::DatabaseErrorKind::Unknown,
-                Box::new(e.to_string()),
-            ))
-        }
+        use diesel::result::{DatabaseErrorKind, Error};
+        let (kind, message) = match e.as_db_error() {
+            Some(db) => (DatabaseErrorKind::Unknown, db.message().to_string()),
+            None => (DatabaseErrorKind::UnableToSendCommand, e.to_string()),
+        };
+        StoreError::Query(Error::DatabaseError(kind, Box::new(message)))
     }
 }
 

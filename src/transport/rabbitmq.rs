@@ -318,11 +318,7 @@ async fn consume(
                     Ok(task) => task,
                     Err(e) => {
                         tracing::error!(error = %e, "Dropping an unreadable task.");
-                        let _ = tokio::time::timeout(
-                            BROKER_ANSWER_TIMEOUT,
-                            delivery.acker.ack(BasicAckOptions::default()),
-                        )
-                        .await;
+                        ack(&delivery).await;
                         continue;
                     }
                 };
@@ -364,12 +360,7 @@ async fn settle(
             requeue(&delivery).await;
         }
         Ok(_) => {
-            let acked = tokio::time::timeout(
-                BROKER_ANSWER_TIMEOUT,
-                delivery.acker.ack(BasicAckOptions::default()),
-            )
-            .await;
-            if matches!(acked, Ok(Ok(_))) {
+            if ack(&delivery).await {
                 events.with_label_values(&["acked"]).inc();
             }
         }
@@ -380,6 +371,15 @@ async fn settle(
             requeue(&delivery).await;
         }
     }
+}
+
+/// Acks a task; true when the broker took the ack in time.
+async fn ack(delivery: &lapin::message::Delivery) -> bool {
+    let ack = delivery.acker.ack(BasicAckOptions::default());
+    matches!(
+        tokio::time::timeout(BROKER_ANSWER_TIMEOUT, ack).await,
+        Ok(Ok(_))
+    )
 }
 
 /// Hands a task back to the queue (if the channel is gone, the broker does so by itself).
