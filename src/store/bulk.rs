@@ -10,6 +10,7 @@ use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use futures_util::future::BoxFuture;
 
 use super::SqliteConn;
+use super::cached::Cached;
 use super::models::{NewMessage, NewRecipient};
 use super::schema::{messages, partitions, recipients};
 
@@ -26,6 +27,10 @@ pub(crate) trait BulkInsert {
         &mut self,
         rows: Vec<NewMessage>,
     ) -> BoxFuture<'_, QueryResult<Vec<(i32, i32)>>>;
+    /// Lets the current transaction's commit return before its WAL reaches the disk, for writes
+    /// that are safe to lose whole in a crash (they are redone after it); no-op where commits do
+    /// not wait for the disk anyway (SQLite in WAL mode with `synchronous=NORMAL`).
+    fn commit_unflushed(&mut self) -> BoxFuture<'_, QueryResult<()>>;
 }
 
 /// Messages go to PostgreSQL as one array per column, unnested by the server: one statement of
@@ -114,7 +119,7 @@ impl BulkInsert for AsyncPgConnection {
                 encoding.push(row.encoding);
                 segments.push(row.segments);
             }
-            let inserted: Vec<Inserted> = diesel::sql_query(INSERT_MESSAGES_PG)
+            let insert = diesel::sql_query(INSERT_MESSAGES_PG)
                 .bind::<sql_types::BigInt, _>(batch_id)
                 .bind::<sql_types::Timestamp, _>(at)
                 .bind::<sql_types::Array<sql_types::Integer>, _>(partition)
@@ -122,13 +127,21 @@ impl BulkInsert for AsyncPgConnection {
                 .bind::<sql_types::Array<sql_types::Text>, _>(phone)
                 .bind::<sql_types::Array<sql_types::Text>, _>(body)
                 .bind::<sql_types::Array<sql_types::Text>, _>(encoding)
-                .bind::<sql_types::Array<sql_types::Integer>, _>(segments)
-                .load(self)
-                .await?;
+                .bind::<sql_types::Array<sql_types::Integer>, _>(segments);
+            let inserted: Vec<Inserted> = Cached(insert).load(self).await?;
             Ok(inserted
                 .into_iter()
                 .map(|r| (r.partition, r.segments))
                 .collect())
+        })
+    }
+
+    fn commit_unflushed(&mut self) -> BoxFuture<'_, QueryResult<()>> {
+        Box::pin(async move {
+            diesel::sql_query("SET LOCAL synchronous_commit = off")
+                .execute(self)
+                .await
+                .map(drop)
         })
     }
 }
@@ -185,5 +198,9 @@ impl BulkInsert for SqliteConn {
             }
             Ok(inserted)
         })
+    }
+
+    fn commit_unflushed(&mut self) -> BoxFuture<'_, QueryResult<()>> {
+        Box::pin(async { Ok(()) })
     }
 }

@@ -4,6 +4,7 @@
 //! functions.
 
 mod bulk;
+mod cached;
 mod cluster;
 mod copy;
 pub mod models;

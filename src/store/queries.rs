@@ -7,6 +7,7 @@ use diesel::prelude::*;
 use diesel_async::RunQueryDsl;
 
 use super::bulk::BulkInsert;
+use super::cached::Cached;
 use super::models::*;
 use super::schema::{
     batches, checkpoints, messages, opt_outs, partitions, preparation_chunks, recipients,
@@ -429,6 +430,11 @@ impl Store {
         done_up_to: i64,
     ) -> Result<ChunkWritten, StoreError> {
         with_tx!(self, |conn| {
+            // A chunk and its checkpoint commit together, so a crash that loses the commit loses
+            // both, and preparation prepares the chunk again: its commit need not wait for the
+            // disk. A later commit that does wait (the batch leaving `preparing`) flushes the WAL
+            // up to itself, these chunks included.
+            conn.commit_unflushed().await?;
             let phones: Vec<&str> = chunk.messages.iter().map(|m| m.phone.as_str()).collect();
             let mut opted = std::collections::HashSet::new();
             for phones in phones.chunks(INSERT_CHUNK) {
@@ -663,7 +669,7 @@ impl Store {
                 .order(slice.field(messages::id))
                 .limit(limit)
                 .select(slice.field(messages::id));
-            let mut claimed: Vec<ClaimedMessage> = diesel::update(
+            let claim = diesel::update(
                 messages::table
                     .filter(messages::id.eq_any(due))
                     .filter(messages::status.eq(PENDING)),
@@ -679,9 +685,8 @@ impl Store {
                 messages::phone,
                 messages::body,
                 messages::attempts,
-            ))
-            .get_results(conn)
-            .await?;
+            ));
+            let mut claimed: Vec<ClaimedMessage> = Cached(claim).get_results(conn).await?;
             claimed.sort_unstable_by_key(|m| m.id);
             Ok(claimed)
         })
@@ -704,14 +709,13 @@ impl Store {
             let mut conn = pool.get().await?;
             let (ids, provider_ids): (Vec<i64>, Vec<Option<String>>) =
                 outcomes.sent.iter().cloned().unzip();
-            diesel::sql_query(RECORD_SENT_PG)
+            let record = diesel::sql_query(RECORD_SENT_PG)
                 .bind::<sql_types::Array<sql_types::BigInt>, _>(ids)
                 .bind::<sql_types::Array<sql_types::Nullable<sql_types::Text>>, _>(provider_ids)
                 .bind::<sql_types::BigInt, _>(batch_id)
                 .bind::<sql_types::Integer, _>(partition)
-                .bind::<sql_types::Timestamp, _>(at)
-                .execute(&mut conn)
-                .await?;
+                .bind::<sql_types::Timestamp, _>(at);
+            Cached(record).execute(&mut conn).await?;
             return Ok(());
         }
         with_tx!(self, |conn| {
