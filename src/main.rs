@@ -23,6 +23,7 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
+    smsbatch::server::limit_allocator_arenas();
     let cli = Cli::parse();
     let settings = match Settings::load() {
         Ok(s) => s,
