@@ -14,8 +14,8 @@ use smsbatch::store::models::{
     Batch, LifecycleUpdate, MessageRow, NewBatch, NewMessage, Partition, Steps,
 };
 use smsbatch::store::{
-    BatchRecord, ChunkWritten, ImportError, Outcomes, PreparedChunk, Store, StoreError,
-    UNKNOWN_OUTCOME, UploadChunk,
+    Backend as StoreBackend, BatchRecord, ChunkWritten, ImportError, Outcomes, PreparedChunk,
+    Store, StoreError, UNKNOWN_OUTCOME, UploadChunk,
 };
 use uuid::Uuid;
 
@@ -77,6 +77,9 @@ on_both_backends!(record_outcomes_moves_messages_and_counters
 on_both_backends!(a_slice_sent_whole_is_recorded_exactly
     => a_slice_sent_whole_is_recorded_exactly_sqlite,
        a_slice_sent_whole_is_recorded_exactly_postgres);
+on_both_backends!(a_slice_is_recorded_with_the_next_claim
+    => a_slice_is_recorded_with_the_next_claim_sqlite,
+       a_slice_is_recorded_with_the_next_claim_postgres);
 on_both_backends!(retries_wait_until_due
     => retries_wait_until_due_sqlite, retries_wait_until_due_postgres);
 on_both_backends!(cancel_pending_and_recover_sending
@@ -1648,6 +1651,84 @@ async fn a_slice_sent_whole_is_recorded_exactly(store: Store) {
         counters(&store, batch.id).await,
         vec![(5, 3, 0, 0, 0), (1, 0, 0, 0, 0)]
     );
+}
+
+/// On PostgreSQL a slice sent whole is recorded in the statement that claims the next slice; on
+/// SQLite, and for a slice with other outcomes, the store declines and changes nothing (the
+/// worker then records and claims apart).
+async fn a_slice_is_recorded_with_the_next_claim(store: Store) {
+    let batch = create(&store, "record-and-claim", 2).await;
+    // m0..m4 in partition 0, m5 in partition 1.
+    let m = seed_last_apart(&store, batch.id, "+861350000", 6).await;
+    let first = store
+        .claim(batch.id, 0, m[0], m[4], 2, "test-instance")
+        .await
+        .expect("claim");
+    assert_eq!(first.iter().map(|c| c.id).collect::<Vec<_>>(), [m[0], m[1]]);
+
+    // A slice with a failure is not for this path, on either backend.
+    let mixed = Outcomes {
+        sent: vec![(m[0], None)],
+        failed: vec![(m[1], "rejected".into())],
+        ..Outcomes::default()
+    };
+    let declined = store
+        .record_sent_and_claim(batch.id, 0, &mixed, m[2], m[4], 2, "test-instance")
+        .await
+        .expect("record_sent_and_claim");
+    assert!(declined.is_none());
+    let before = statuses(&store, batch.id).await;
+    assert_eq!(
+        before.iter().map(|&(_, s)| s).collect::<Vec<_>>(),
+        [SENDING, SENDING, PENDING, PENDING, PENDING, PENDING]
+    );
+
+    let whole = Outcomes {
+        sent: vec![(m[0], Some("gw-0".into())), (m[1], None)],
+        ..Outcomes::default()
+    };
+    let next = store
+        .record_sent_and_claim(batch.id, 0, &whole, m[2], m[4], 2, "test-instance")
+        .await
+        .expect("record_sent_and_claim");
+    match store.backend() {
+        StoreBackend::Sqlite => {
+            assert!(next.is_none());
+            assert_eq!(statuses(&store, batch.id).await, before);
+            assert_eq!(counters(&store, batch.id).await[0].1, 0);
+        }
+        StoreBackend::Postgres => {
+            let next = next.expect("PostgreSQL records and claims together");
+            assert_eq!(next.iter().map(|c| c.id).collect::<Vec<_>>(), [m[2], m[3]]);
+            assert!(
+                next.iter()
+                    .all(|c| c.attempts == 1 && c.phone.starts_with("+86135"))
+            );
+            assert_eq!(
+                statuses(&store, batch.id).await,
+                vec![
+                    (m[0], SENT),
+                    (m[1], SENT),
+                    (m[2], SENDING),
+                    (m[3], SENDING),
+                    (m[4], PENDING),
+                    (m[5], PENDING),
+                ]
+            );
+            let r0 = message_by_id(&store, batch.id, m[0]).await;
+            assert_eq!(r0.provider_message_id.as_deref(), Some("gw-0"));
+            assert_eq!(counters(&store, batch.id).await[0].1, 2);
+            // The same slice again (a redelivered task): nothing counted twice, and the claim
+            // finds only what is still pending.
+            let again = store
+                .record_sent_and_claim(batch.id, 0, &whole, m[2], m[4], 2, "test-instance")
+                .await
+                .expect("record_sent_and_claim again")
+                .expect("PostgreSQL records and claims together");
+            assert_eq!(again.iter().map(|c| c.id).collect::<Vec<_>>(), [m[4]]);
+            assert_eq!(counters(&store, batch.id).await[0].1, 2);
+        }
+    }
 }
 
 async fn record_outcomes_moves_messages_and_counters(store: Store) {

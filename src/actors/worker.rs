@@ -78,35 +78,32 @@ fn task_error(e: StoreError) -> TransportError {
 
 /// Carries out one task; returns what happened to its messages. The task's range is claimed in
 /// slices of `claim_size`, each sent and recorded before the next is claimed: a crash leaves at
-/// most one slice per worker with an unknown outcome.
+/// most one slice per worker with an unknown outcome. A slice sent whole is recorded together
+/// with the claim of the next one (one commit for both, on PostgreSQL).
 #[tracing::instrument(skip_all, fields(batch_id = task.batch_id, partition = task.partition))]
 pub async fn process_task(core: &Core, task: DeliveryTask) -> Result<TaskReport, TransportError> {
     let claim_size = core.settings.smsbatch.claim_size as i64;
+    let store = &core.store;
     let mut report = TaskReport::default();
-    let mut from = task.first_id;
-    while from <= task.last_id && !core.gates.stopping() {
-        // Looked up for every slice: a batch supervised by another instance is paused through
-        // the database, and this is how its tasks here see it.
-        let gate = gate_for(core, task.batch_id).await?;
-        if !gate.is_open() {
-            break;
-        }
-        let claimed = core
-            .store
+    // Looked up before every claim: a batch supervised by another instance is paused through
+    // the database, and this is how its tasks here see it.
+    let mut gate = gate_for(core, task.batch_id).await?;
+    let mut claimed = Vec::new();
+    if gate.is_open() && !core.gates.stopping() {
+        claimed = store
             .claim(
                 task.batch_id,
                 task.partition,
-                from,
+                task.first_id,
                 task.last_id,
                 claim_size,
                 &core.instance,
             )
             .await
             .map_err(task_error)?;
-        let Some(last) = claimed.last().map(|m| m.id) else {
-            break;
-        };
-        from = last + 1;
+    }
+    while let Some(last) = claimed.last().map(|m| m.id) {
+        let from = last + 1;
         report.claimed += claimed.len();
         let outcomes = send_slice(core, &gate, claimed).await;
         report.sent += outcomes.sent.len();
@@ -114,7 +111,58 @@ pub async fn process_task(core: &Core, task: DeliveryTask) -> Result<TaskReport,
         report.retried += outcomes.retry.len();
         report.released += outcomes.released.len();
         report.cancelled += outcomes.cancelled.len();
-        record_with_retry(core, &task, &outcomes).await;
+        // Whether to claim more, asked before the outcomes are recorded so that the two can
+        // share a commit; the outcomes are recorded whatever the answer.
+        let next_gate = if from <= task.last_id && !core.gates.stopping() {
+            match gate_for(core, task.batch_id).await {
+                Ok(next) => Some(next).filter(|g| g.is_open()),
+                Err(e) => {
+                    record_with_retry(core, &task, &outcomes).await;
+                    return Err(e);
+                }
+            }
+        } else {
+            None
+        };
+        let Some(next_gate) = next_gate else {
+            record_with_retry(core, &task, &outcomes).await;
+            break;
+        };
+        gate = next_gate;
+        let together = store
+            .record_sent_and_claim(
+                task.batch_id,
+                task.partition,
+                &outcomes,
+                from,
+                task.last_id,
+                claim_size,
+                &core.instance,
+            )
+            .await;
+        claimed = match together {
+            Ok(Some(next)) => next,
+            other => {
+                if let Err(e) = other {
+                    tracing::warn!(error = %e, batch_id = task.batch_id, "Recording outcomes with the next claim failed; recording them alone.");
+                }
+                // A failed statement changed nothing. If only its answer was lost, recording
+                // again changes nothing (only `sending` messages are recorded), and the slice it
+                // claimed stays `sending`, as after a plain claim whose answer was lost.
+                record_with_retry(core, &task, &outcomes).await;
+                store
+                    .claim(
+                        task.batch_id,
+                        task.partition,
+                        from,
+                        task.last_id,
+                        claim_size,
+                        &core.instance,
+                    )
+                    .await
+                    .map_err(task_error)?
+            }
+        };
     }
     core.metrics.tasks.inc();
     Ok(report)

@@ -6,7 +6,7 @@
 use diesel::prelude::*;
 use diesel::result::QueryResult;
 use diesel::sql_types;
-use diesel_async::{AsyncPgConnection, RunQueryDsl};
+use diesel_async::{AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection};
 use futures_util::future::BoxFuture;
 
 use super::SqliteConn;
@@ -138,10 +138,9 @@ impl BulkInsert for AsyncPgConnection {
 
     fn commit_unflushed(&mut self) -> BoxFuture<'_, QueryResult<()>> {
         Box::pin(async move {
-            diesel::sql_query("SET LOCAL synchronous_commit = off")
-                .execute(self)
+            // One simple-protocol round trip: nothing to parse, plan or bind.
+            self.batch_execute("SET LOCAL synchronous_commit = off")
                 .await
-                .map(drop)
         })
     }
 }

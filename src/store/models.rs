@@ -183,7 +183,8 @@ pub struct MessageRow {
 }
 
 /// A message a worker has claimed (`pending → sending`) and must now send.
-#[derive(Debug, Clone, Queryable)]
+#[derive(Debug, Clone, Queryable, QueryableByName)]
+#[diesel(table_name = messages)]
 pub struct ClaimedMessage {
     pub id: i64,
     pub phone: String,

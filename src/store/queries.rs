@@ -25,18 +25,45 @@ pub(super) const CANCELLED: i16 = 5;
 /// Rows per multi-row INSERT: keeps every statement under SQLite's and PostgreSQL's bind limits.
 const INSERT_CHUNK: usize = 1000;
 
-/// Marks a slice's messages sent (with their provider ids) and counts them in the partition's
-/// counters, in one statement: `$1` ids, `$2` provider ids, `$3` batch, `$4` partition, `$5` now.
-/// Only messages still `sending` (1) become `sent` (2), and only those are counted.
-const RECORD_SENT_PG: &str = "\
-    WITH done AS ( \
-        UPDATE messages m SET status = 2, provider_message_id = v.pid, error = NULL, \
-               updated_at = $5 \
-        FROM unnest($1::bigint[], $2::text[]) AS v(id, pid) \
-        WHERE m.id = v.id AND m.batch_id = $3 AND m.partition = $4 AND m.status = 1 \
-        RETURNING 1) \
-    UPDATE partitions SET sent = sent + (SELECT count(*) FROM done) \
-    WHERE batch_id = $3 AND idx = $4";
+/// The messages of a slice marked sent (with their provider ids): `$1` ids, `$2` provider ids,
+/// `$3` batch, `$4` partition, `$5` now. Only messages still `sending` (1) become `sent` (2);
+/// `done` has a row for each.
+macro_rules! record_sent_cte {
+    () => {
+        "WITH done AS ( \
+            UPDATE messages m SET status = 2, provider_message_id = v.pid, error = NULL, \
+                   updated_at = $5 \
+            FROM unnest($1::bigint[], $2::text[]) AS v(id, pid) \
+            WHERE m.id = v.id AND m.batch_id = $3 AND m.partition = $4 AND m.status = 1 \
+            RETURNING 1) "
+    };
+}
+
+/// Marks a slice's messages sent and counts them in the partition's counters, in one statement
+/// (parameters as in `record_sent_cte`).
+const RECORD_SENT_PG: &str = concat!(
+    record_sent_cte!(),
+    "UPDATE partitions SET sent = sent + (SELECT count(*) FROM done) \
+     WHERE batch_id = $3 AND idx = $4"
+);
+
+/// `RECORD_SENT_PG`, then the claim of the task's next slice (`Store::claim`) in the same
+/// statement: `$6`..`$7` the task's remaining range, `$8` the slice's size, `$9` the claimer.
+/// The two updates touch different rows (`sending` ones, then `pending` ones).
+const RECORD_SENT_AND_CLAIM_PG: &str = concat!(
+    record_sent_cte!(),
+    ", counted AS ( \
+        UPDATE partitions SET sent = sent + (SELECT count(*) FROM done) \
+        WHERE batch_id = $3 AND idx = $4) \
+    UPDATE messages SET status = 1, attempts = attempts + 1, claimed_by = $9, updated_at = $5 \
+    WHERE id IN ( \
+        SELECT id FROM messages \
+        WHERE batch_id = $3 AND partition = $4 AND id BETWEEN $6 AND $7 AND status = 0 \
+          AND (next_attempt_at IS NULL OR next_attempt_at <= $5) \
+        ORDER BY id LIMIT $8) \
+      AND status = 0 \
+    RETURNING id, phone, body, attempts"
+);
 
 /// The error text of a message whose outcome was lost with its process.
 pub const UNKNOWN_OUTCOME: &str = "unknown_outcome";
@@ -464,23 +491,24 @@ impl Store {
             }
             let inserted: i64 = per_partition.values().sum();
             for (idx, n) in &per_partition {
-                diesel::update(partitions::table.find((batch_id, *idx)))
-                    .set(partitions::total.eq(partitions::total + *n))
-                    .execute(conn)
-                    .await?;
-            }
-            let duplicates = kept - inserted;
-            diesel::update(batches::table.find(batch_id))
-                .set((
-                    batches::processed.eq(batches::processed + chunk.processed),
-                    batches::valid.eq(batches::valid + inserted),
-                    batches::invalid.eq(batches::invalid + chunk.invalid),
-                    batches::duplicates.eq(batches::duplicates + duplicates),
-                    batches::opted_out.eq(batches::opted_out + opted_out),
-                    batches::segments.eq(batches::segments + segments),
-                ))
+                Cached(
+                    diesel::update(partitions::table.find((batch_id, *idx)))
+                        .set(partitions::total.eq(partitions::total + *n)),
+                )
                 .execute(conn)
                 .await?;
+            }
+            let duplicates = kept - inserted;
+            Cached(diesel::update(batches::table.find(batch_id)).set((
+                batches::processed.eq(batches::processed + chunk.processed),
+                batches::valid.eq(batches::valid + inserted),
+                batches::invalid.eq(batches::invalid + chunk.invalid),
+                batches::duplicates.eq(batches::duplicates + duplicates),
+                batches::opted_out.eq(batches::opted_out + opted_out),
+                batches::segments.eq(batches::segments + segments),
+            )))
+            .execute(conn)
+            .await?;
             if let Some(first) = first_recipient_id {
                 diesel::insert_into(preparation_chunks::table)
                     .values((
@@ -509,16 +537,18 @@ impl Store {
                 .on_conflict_do_nothing()
                 .execute(conn)
                 .await?;
-            diesel::update(
-                checkpoints::table
-                    .filter(checkpoints::batch_id.eq(batch_id))
-                    .filter(checkpoints::step.eq("preparation"))
-                    .filter(checkpoints::position.lt(done_up_to)),
+            Cached(
+                diesel::update(
+                    checkpoints::table
+                        .filter(checkpoints::batch_id.eq(batch_id))
+                        .filter(checkpoints::step.eq("preparation"))
+                        .filter(checkpoints::position.lt(done_up_to)),
+                )
+                .set((
+                    checkpoints::position.eq(done_up_to),
+                    checkpoints::updated_at.eq(now()),
+                )),
             )
-            .set((
-                checkpoints::position.eq(done_up_to),
-                checkpoints::updated_at.eq(now()),
-            ))
             .execute(conn)
             .await?;
             Ok(ChunkWritten {
@@ -690,6 +720,45 @@ impl Store {
             claimed.sort_unstable_by_key(|m| m.id);
             Ok(claimed)
         })
+    }
+
+    /// Records a slice that was sent whole and claims the task's next slice, in one statement
+    /// on PostgreSQL: one commit, so one wait for the disk, per slice instead of two, and the
+    /// claim is durable before any of its messages reaches a provider, as with `claim`. `None`
+    /// where this does not apply (SQLite, or a slice with other outcomes): record, then claim.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn record_sent_and_claim(
+        &self,
+        batch_id: i64,
+        partition: i32,
+        outcomes: &Outcomes,
+        first_id: i64,
+        last_id: i64,
+        limit: i64,
+        claimer: &str,
+    ) -> Result<Option<Vec<ClaimedMessage>>, StoreError> {
+        let Pools::Pg(pool) = &self.pools else {
+            return Ok(None);
+        };
+        if outcomes.is_empty() || outcomes.len() != outcomes.sent.len() {
+            return Ok(None);
+        }
+        let mut conn = pool.get().await?;
+        let (ids, provider_ids): (Vec<i64>, Vec<Option<String>>) =
+            outcomes.sent.iter().cloned().unzip();
+        let statement = diesel::sql_query(RECORD_SENT_AND_CLAIM_PG)
+            .bind::<sql_types::Array<sql_types::BigInt>, _>(ids)
+            .bind::<sql_types::Array<sql_types::Nullable<sql_types::Text>>, _>(provider_ids)
+            .bind::<sql_types::BigInt, _>(batch_id)
+            .bind::<sql_types::Integer, _>(partition)
+            .bind::<sql_types::Timestamp, _>(now())
+            .bind::<sql_types::BigInt, _>(first_id)
+            .bind::<sql_types::BigInt, _>(last_id)
+            .bind::<sql_types::BigInt, _>(limit)
+            .bind::<sql_types::Text, _>(claimer);
+        let mut claimed: Vec<ClaimedMessage> = Cached(statement).load(&mut conn).await?;
+        claimed.sort_unstable_by_key(|m| m.id);
+        Ok(Some(claimed))
     }
 
     /// Records a task's outcomes and the partition's counters in one transaction. Only messages
