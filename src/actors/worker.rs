@@ -87,20 +87,23 @@ pub async fn process_task(core: &Core, task: DeliveryTask) -> Result<TaskReport,
     let mut report = TaskReport::default();
     // Looked up before every claim: a batch supervised by another instance is paused through
     // the database, and this is how its tasks here see it.
-    let mut gate = gate_for(core, task.batch_id).await?;
-    let mut claimed = Vec::new();
-    if gate.is_open() && !core.gates.stopping() {
-        claimed = store
+    let claim_from = async |from| {
+        store
             .claim(
                 task.batch_id,
                 task.partition,
-                task.first_id,
+                from,
                 task.last_id,
                 claim_size,
                 &core.instance,
             )
             .await
-            .map_err(task_error)?;
+            .map_err(task_error)
+    };
+    let mut gate = gate_for(core, task.batch_id).await?;
+    let mut claimed = Vec::new();
+    if gate.is_open() && !core.gates.stopping() {
+        claimed = claim_from(task.first_id).await?;
     }
     while let Some(last) = claimed.last().map(|m| m.id) {
         let from = last + 1;
@@ -150,17 +153,7 @@ pub async fn process_task(core: &Core, task: DeliveryTask) -> Result<TaskReport,
                 // again changes nothing (only `sending` messages are recorded), and the slice it
                 // claimed stays `sending`, as after a plain claim whose answer was lost.
                 record_with_retry(core, &task, &outcomes).await;
-                store
-                    .claim(
-                        task.batch_id,
-                        task.partition,
-                        from,
-                        task.last_id,
-                        claim_size,
-                        &core.instance,
-                    )
-                    .await
-                    .map_err(task_error)?
+                claim_from(from).await?
             }
         };
     }

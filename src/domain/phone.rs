@@ -90,15 +90,12 @@ fn parse_e164(raw: &str) -> Option<Result<E164Phone, PhoneError>> {
     if national.starts_with('0') {
         return None;
     }
-    // The region whose national prefix rules the parser applies, chosen as for validity.
-    let rules = match plans {
-        [only] if only.alone => Some(only),
-        _ => plans.iter().find(|plan| plan.owns(national)),
-    };
-    if rules.is_some_and(|plan| plan.strips_from(national)) {
+    // The region whose national prefix rules the parser applies is the one validity uses.
+    let region = region_of(plans, national);
+    if region.is_some_and(|plan| plan.strips_from(national)) {
         return None;
     }
-    Some(if is_valid(code, national) {
+    Some(if region.is_some_and(|plan| plan.has(national)) {
         Ok(E164Phone(format!("+{code}{national}")))
     } else {
         Err(PhoneError::Invalid)
@@ -111,21 +108,21 @@ fn parse_e164(raw: &str) -> Option<Result<E164Phone, PhoneError>> {
 /// pattern's text (hashed at every match, and the match itself runs under the lock): that was
 /// most of the cost of validating a number, and it made two threads slower than one.
 fn is_valid(code: u16, national: &str) -> bool {
-    let Some(plans) = PLANS.get(&code).map(CodePlans::get) else {
-        return false;
-    };
-    let plan = match plans {
-        [] => return false,
-        // One region (or a non-geographic code): its plan, whatever the leading digits.
-        [only] if only.alone => only,
-        // Several regions share the code (+1, +7, +44…): the first whose leading digits match,
-        // or, for one without leading digits, whose plan has the number.
-        _ => match plans.iter().find(|plan| plan.owns(national)) {
-            Some(plan) => plan,
-            None => return false,
-        },
-    };
-    plan.has(national)
+    PLANS
+        .get(&code)
+        .and_then(|plans| region_of(plans.get(), national))
+        .is_some_and(|plan| plan.has(national))
+}
+
+/// The plan of the region a national number of a country code belongs to: the code's only
+/// region (or non-geographic plan), whatever the number's leading digits; for a code several
+/// regions share (+1, +7, +44…), the first whose leading digits match or, for one without
+/// leading digits, whose plan has the number.
+fn region_of<'p>(plans: &'p [Plan], national: &str) -> Option<&'p Plan> {
+    match plans {
+        [only] if only.alone => Some(only),
+        _ => plans.iter().find(|plan| plan.owns(national)),
+    }
 }
 
 /// The numbering plans of every country code of the metadata, each compiled on first use.
