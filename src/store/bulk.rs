@@ -3,6 +3,7 @@
 //! multi-row INSERT to SQLite, so on SQLite the rows go one by one inside a single blocking call
 //! on the same connection (and transaction) — cheap in-process, with a cached prepared statement.
 
+use chrono::NaiveDateTime;
 use diesel::prelude::*;
 use diesel::result::QueryResult;
 use diesel::sql_types;
@@ -12,7 +13,7 @@ use futures_util::future::BoxFuture;
 use super::SqliteConn;
 use super::cached::Cached;
 use super::models::{NewMessage, NewRecipient};
-use super::schema::{messages, partitions, recipients};
+use super::schema::{batches, checkpoints, messages, partitions, preparation_chunks, recipients};
 
 /// Bulk writes on a connection of either backend.
 pub(crate) trait BulkInsert {
@@ -31,7 +32,57 @@ pub(crate) trait BulkInsert {
     /// that are safe to lose whole in a crash (they are redone after it); no-op where commits do
     /// not wait for the disk anyway (SQLite in WAL mode with `synchronous=NORMAL`).
     fn commit_unflushed(&mut self) -> BoxFuture<'_, QueryResult<()>>;
+    /// Adds a written chunk to its batch's counters and moves the preparation checkpoint.
+    fn record_chunk(&mut self, record: ChunkRecord) -> BoxFuture<'_, QueryResult<()>>;
 }
+
+/// What a prepared chunk adds to its batch, recorded in the chunk's transaction.
+#[derive(Debug)]
+pub(crate) struct ChunkRecord {
+    pub batch_id: i64,
+    /// Messages inserted per partition, in partition order: the order their rows are locked in,
+    /// the same in every writer, so that two writers side by side cannot deadlock.
+    pub per_partition: Vec<(i32, i64)>,
+    pub processed: i64,
+    pub valid: i64,
+    pub invalid: i64,
+    pub duplicates: i64,
+    pub opted_out: i64,
+    pub segments: i64,
+    /// The chunk's recipient range (first, last), kept while the checkpoint is behind it, for a
+    /// chunk that may commit ahead of an earlier one.
+    pub ahead: Option<(i64, i64)>,
+    /// Where the checkpoint moves, unless it is already further; the kept ranges it has passed
+    /// are forgotten.
+    pub done_up_to: i64,
+    pub at: NaiveDateTime,
+}
+
+/// `ChunkRecord` on PostgreSQL, in one statement: the partitions' totals (`$2` indexes, `$3`
+/// counts), the batch's counters (`$4`..`$9`), the chunk's range kept (`$10`, `$11`) while the
+/// checkpoint (`$12`) is behind it, the passed ranges forgotten, and the checkpoint moved forward
+/// only. The counter rows are shared by the writers side by side: locked from this statement to
+/// the commit, not across a dozen round trips.
+const RECORD_CHUNK_PG: &str = "\
+    WITH counted AS ( \
+        UPDATE partitions p SET total = p.total + v.n \
+        FROM unnest($2::int[], $3::bigint[]) AS v(idx, n) \
+        WHERE p.batch_id = $1 AND p.idx = v.idx), \
+    batch AS ( \
+        UPDATE batches SET processed = processed + $4, valid = valid + $5, \
+            invalid = invalid + $6, duplicates = duplicates + $7, opted_out = opted_out + $8, \
+            segments = segments + $9 \
+        WHERE id = $1), \
+    ahead AS ( \
+        INSERT INTO preparation_chunks (batch_id, first_recipient_id, last_recipient_id) \
+        SELECT $1, $10, $11 WHERE $10::bigint IS NOT NULL AND $11 > $12), \
+    passed AS ( \
+        DELETE FROM preparation_chunks WHERE batch_id = $1 AND last_recipient_id <= $12) \
+    INSERT INTO checkpoints AS c (batch_id, step, position, updated_at) \
+    VALUES ($1, 'preparation', $12, $13) \
+    ON CONFLICT (batch_id, step) DO UPDATE \
+        SET position = EXCLUDED.position, updated_at = EXCLUDED.updated_at \
+        WHERE c.position < EXCLUDED.position";
 
 /// Messages go to PostgreSQL as one array per column, unnested by the server: one statement of
 /// a fixed shape (prepared once per connection) whatever the number of rows, instead of a
@@ -143,6 +194,28 @@ impl BulkInsert for AsyncPgConnection {
                 .await
         })
     }
+
+    fn record_chunk(&mut self, r: ChunkRecord) -> BoxFuture<'_, QueryResult<()>> {
+        Box::pin(async move {
+            let (idx, n): (Vec<i32>, Vec<i64>) = r.per_partition.into_iter().unzip();
+            let (first, last) = r.ahead.unzip();
+            let record = diesel::sql_query(RECORD_CHUNK_PG)
+                .bind::<sql_types::BigInt, _>(r.batch_id)
+                .bind::<sql_types::Array<sql_types::Integer>, _>(idx)
+                .bind::<sql_types::Array<sql_types::BigInt>, _>(n)
+                .bind::<sql_types::BigInt, _>(r.processed)
+                .bind::<sql_types::BigInt, _>(r.valid)
+                .bind::<sql_types::BigInt, _>(r.invalid)
+                .bind::<sql_types::BigInt, _>(r.duplicates)
+                .bind::<sql_types::BigInt, _>(r.opted_out)
+                .bind::<sql_types::BigInt, _>(r.segments)
+                .bind::<sql_types::Nullable<sql_types::BigInt>, _>(first)
+                .bind::<sql_types::BigInt, _>(last.unwrap_or(r.done_up_to))
+                .bind::<sql_types::BigInt, _>(r.done_up_to)
+                .bind::<sql_types::Timestamp, _>(r.at);
+            Cached(record).execute(self).await.map(drop)
+        })
+    }
 }
 
 impl BulkInsert for SqliteConn {
@@ -201,5 +274,66 @@ impl BulkInsert for SqliteConn {
 
     fn commit_unflushed(&mut self) -> BoxFuture<'_, QueryResult<()>> {
         Box::pin(async { Ok(()) })
+    }
+
+    fn record_chunk(&mut self, r: ChunkRecord) -> BoxFuture<'_, QueryResult<()>> {
+        let batch_id = r.batch_id;
+        Box::pin(async move {
+            for (idx, n) in r.per_partition {
+                diesel::update(partitions::table.find((batch_id, idx)))
+                    .set(partitions::total.eq(partitions::total + n))
+                    .execute(self)
+                    .await?;
+            }
+            diesel::update(batches::table.find(batch_id))
+                .set((
+                    batches::processed.eq(batches::processed + r.processed),
+                    batches::valid.eq(batches::valid + r.valid),
+                    batches::invalid.eq(batches::invalid + r.invalid),
+                    batches::duplicates.eq(batches::duplicates + r.duplicates),
+                    batches::opted_out.eq(batches::opted_out + r.opted_out),
+                    batches::segments.eq(batches::segments + r.segments),
+                ))
+                .execute(self)
+                .await?;
+            if let Some((first, last)) = r.ahead.filter(|&(_, last)| last > r.done_up_to) {
+                diesel::insert_into(preparation_chunks::table)
+                    .values((
+                        preparation_chunks::batch_id.eq(batch_id),
+                        preparation_chunks::first_recipient_id.eq(first),
+                        preparation_chunks::last_recipient_id.eq(last),
+                    ))
+                    .execute(self)
+                    .await?;
+            }
+            diesel::delete(
+                preparation_chunks::table
+                    .filter(preparation_chunks::batch_id.eq(batch_id))
+                    .filter(preparation_chunks::last_recipient_id.le(r.done_up_to)),
+            )
+            .execute(self)
+            .await?;
+            // Never backwards: a chunk started before another may commit after it.
+            let upsert = diesel::insert_into(checkpoints::table)
+                .values((
+                    checkpoints::batch_id.eq(batch_id),
+                    checkpoints::step.eq("preparation"),
+                    checkpoints::position.eq(r.done_up_to),
+                    checkpoints::updated_at.eq(r.at),
+                ))
+                .on_conflict((checkpoints::batch_id, checkpoints::step))
+                .do_update()
+                .set((
+                    checkpoints::position.eq(r.done_up_to),
+                    checkpoints::updated_at.eq(r.at),
+                ));
+            diesel::query_dsl::methods::FilterDsl::filter(
+                upsert,
+                checkpoints::position.lt(r.done_up_to),
+            )
+            .execute(self)
+            .await?;
+            Ok(())
+        })
     }
 }

@@ -6,7 +6,7 @@ use chrono::NaiveDateTime;
 use diesel::prelude::*;
 use diesel_async::RunQueryDsl;
 
-use super::bulk::BulkInsert;
+use super::bulk::{BulkInsert, ChunkRecord};
 use super::cached::Cached;
 use super::models::*;
 use super::schema::{
@@ -490,66 +490,20 @@ impl Store {
                 segments += i64::from(segs);
             }
             let inserted: i64 = per_partition.values().sum();
-            for (idx, n) in &per_partition {
-                Cached(
-                    diesel::update(partitions::table.find((batch_id, *idx)))
-                        .set(partitions::total.eq(partitions::total + *n)),
-                )
-                .execute(conn)
-                .await?;
-            }
             let duplicates = kept - inserted;
-            Cached(diesel::update(batches::table.find(batch_id)).set((
-                batches::processed.eq(batches::processed + chunk.processed),
-                batches::valid.eq(batches::valid + inserted),
-                batches::invalid.eq(batches::invalid + chunk.invalid),
-                batches::duplicates.eq(batches::duplicates + duplicates),
-                batches::opted_out.eq(batches::opted_out + opted_out),
-                batches::segments.eq(batches::segments + segments),
-            )))
-            .execute(conn)
-            .await?;
-            if let Some(first) = first_recipient_id {
-                diesel::insert_into(preparation_chunks::table)
-                    .values((
-                        preparation_chunks::batch_id.eq(batch_id),
-                        preparation_chunks::first_recipient_id.eq(first),
-                        preparation_chunks::last_recipient_id.eq(chunk.last_recipient_id),
-                    ))
-                    .execute(conn)
-                    .await?;
-            }
-            diesel::delete(
-                preparation_chunks::table
-                    .filter(preparation_chunks::batch_id.eq(batch_id))
-                    .filter(preparation_chunks::last_recipient_id.le(done_up_to)),
-            )
-            .execute(conn)
-            .await?;
-            // Never backwards: a chunk started before another may commit after it.
-            diesel::insert_into(checkpoints::table)
-                .values((
-                    checkpoints::batch_id.eq(batch_id),
-                    checkpoints::step.eq("preparation"),
-                    checkpoints::position.eq(done_up_to),
-                    checkpoints::updated_at.eq(now()),
-                ))
-                .on_conflict_do_nothing()
-                .execute(conn)
-                .await?;
-            Cached(
-                diesel::update(
-                    checkpoints::table
-                        .filter(checkpoints::batch_id.eq(batch_id))
-                        .filter(checkpoints::step.eq("preparation"))
-                        .filter(checkpoints::position.lt(done_up_to)),
-                )
-                .set((
-                    checkpoints::position.eq(done_up_to),
-                    checkpoints::updated_at.eq(now()),
-                )),
-            )
-            .execute(conn)
+            conn.record_chunk(ChunkRecord {
+                batch_id,
+                per_partition: per_partition.into_iter().collect(),
+                processed: chunk.processed,
+                valid: inserted,
+                invalid: chunk.invalid,
+                duplicates,
+                opted_out,
+                segments,
+                ahead: first_recipient_id.map(|first| (first, chunk.last_recipient_id)),
+                done_up_to,
+                at: now(),
+            })
             .await?;
             Ok(ChunkWritten {
                 inserted,
