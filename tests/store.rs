@@ -62,6 +62,9 @@ on_both_backends!(prepared_chunks_drop_duplicates_and_opt_outs
 on_both_backends!(chunks_written_side_by_side_keep_the_checkpoint_exact
     => chunks_written_side_by_side_keep_the_checkpoint_exact_sqlite,
        chunks_written_side_by_side_keep_the_checkpoint_exact_postgres);
+on_both_backends!(numbers_shared_by_chunks_written_side_by_side_are_kept_once
+    => numbers_shared_by_chunks_written_side_by_side_are_kept_once_sqlite,
+       numbers_shared_by_chunks_written_side_by_side_are_kept_once_postgres);
 on_both_backends!(large_prepared_chunk_is_written
     => large_prepared_chunk_is_written_sqlite, large_prepared_chunk_is_written_postgres);
 on_both_backends!(claim_moves_pending_to_sending_once
@@ -1299,6 +1302,98 @@ async fn prepared_chunks_drop_duplicates_and_opt_outs(store: Store) {
         r[9] + 50,
         "checkpoints are per batch"
     );
+}
+
+/// Two writers side by side whose chunks share every number: whichever commits first keeps a
+/// number, the other counts it as a duplicate (its insert waits for the first to commit), and
+/// nothing fails, deadlocks or is stored twice. Within a chunk, a number's first recipient is
+/// the one kept.
+async fn numbers_shared_by_chunks_written_side_by_side_are_kept_once(store: Store) {
+    const ROUNDS: usize = 6;
+    const SHARED: usize = 150;
+    let phone = |round: usize, i: usize| format!("+86137{round:02}{i:06}");
+    // Each round: chunk A (the shared numbers, then its first number again), chunk B (the
+    // shared numbers in reverse order).
+    let phones: Vec<String> = (0..ROUNDS)
+        .flat_map(|round| {
+            let a = (0..SHARED).chain([0]).map(move |i| phone(round, i));
+            let b = (0..SHARED).rev().map(move |i| phone(round, i));
+            a.chain(b)
+        })
+        .collect();
+    let (batch, r) = batch_with_recipients(&store, "shared", 2, phones.clone()).await;
+    let per_round = 2 * SHARED + 1;
+    let chunk = |from: usize, to: usize| PreparedChunk {
+        messages: (from..to)
+            .map(|k| {
+                // The repeated number's second row would be stored with 2 segments.
+                let segments = if k % per_round == SHARED { 2 } else { 1 };
+                message(batch.id, (k % 2) as i32, r[k], &phones[k], segments)
+            })
+            .collect(),
+        last_recipient_id: r[to - 1],
+        processed: (to - from) as i64,
+        invalid: 0,
+    };
+    let mut done_up_to = 0;
+    for round in 0..ROUNDS {
+        let start = round * per_round;
+        let (a_end, b_end) = (start + SHARED + 1, start + per_round);
+        let (a, b) = tokio::join!(
+            store.write_prepared_chunk_beside(
+                batch.id,
+                chunk(start, a_end),
+                Some(r[start]),
+                done_up_to
+            ),
+            store.write_prepared_chunk_beside(
+                batch.id,
+                chunk(a_end, b_end),
+                Some(r[a_end]),
+                done_up_to
+            ),
+        );
+        let (a, b) = (a.expect("chunk A"), b.expect("chunk B"));
+        assert_eq!(
+            a.inserted + b.inserted,
+            SHARED as i64,
+            "round {round}: {a:?} {b:?}"
+        );
+        assert_eq!(
+            a.duplicates + b.duplicates,
+            SHARED as i64 + 1,
+            "round {round}"
+        );
+        done_up_to = r[b_end - 1];
+    }
+    let b = store.batch(batch.id).await.expect("batch");
+    let kept = (ROUNDS * SHARED) as i64;
+    assert_eq!(
+        (b.processed, b.valid, b.duplicates, b.segments),
+        (phones.len() as i64, kept, phones.len() as i64 - kept, kept)
+    );
+    let stored = store
+        .list_messages(batch.id, None, 0, 10_000)
+        .await
+        .expect("messages");
+    let numbers: std::collections::BTreeSet<&str> =
+        stored.iter().map(|m| m.phone.as_str()).collect();
+    assert_eq!(
+        (stored.len(), numbers.len()),
+        (kept as usize, kept as usize)
+    );
+    assert!(
+        stored.iter().all(|m| m.segments == 1),
+        "a repeated number kept its first row"
+    );
+    let totals: i64 = store
+        .partitions(batch.id)
+        .await
+        .expect("partitions")
+        .iter()
+        .map(|p| p.total)
+        .sum();
+    assert_eq!(totals, kept);
 }
 
 /// A chunk larger than SQLite's bind-variable limit (32766) is written like any other: the

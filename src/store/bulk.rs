@@ -148,8 +148,9 @@ impl BulkInsert for AsyncPgConnection {
         mut rows: Vec<NewMessage>,
     ) -> BoxFuture<'_, QueryResult<Vec<(i32, i32)>>> {
         // In number order: two chunks written side by side that share numbers then wait for
-        // each other's numbers in the same order, which cannot deadlock.
-        rows.sort_unstable_by(|a, b| a.phone.cmp(&b.phone));
+        // each other's numbers in the same order, which cannot deadlock. A number's rows in
+        // recipient order: its first recipient is the one inserted, the others dropped.
+        rows.sort_unstable_by(|a, b| (&a.phone, a.recipient_id).cmp(&(&b.phone, b.recipient_id)));
         Box::pin(async move {
             let Some(first) = <[_]>::first(&rows) else {
                 return Ok(Vec::new());
