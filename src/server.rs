@@ -62,6 +62,21 @@ pub fn tune_allocator() {
     }
 }
 
+/// Hands the allocator's free memory back to the system (glibc's `malloc_trim`), at the end of
+/// a phase of a batch that went through many allocations (an upload, a preparation, a batch's
+/// run). glibc returns only the free top of its main heap by itself: what a phase freed below
+/// it stayed with the process and the next phase's peak came on top (`bench`, PostgreSQL +
+/// RabbitMQ, `--pauses 0`: peak 31.7–33.0 MB at 10,000 recipients and 36.3–38.2 MB at
+/// 1,000,000 before; 31.1–31.5 and 35.2–36.1 MB after).
+pub fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: `malloc_trim` only returns free pages of the allocator's heaps to the system; it
+    // takes the allocator's own locks and is safe to call from any thread at any time.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// Runs the service inside the current actix `System` until a stop signal.
 pub async fn serve(settings: Settings) -> anyhow::Result<()> {
     let settings = Arc::new(settings);

@@ -167,6 +167,7 @@ pub async fn run(deps: Deps, batch: Batch, gate: Arc<Gate>) -> Result<StepEnd, P
     let ((), end) = tokio::try_join!(reader, writer)?;
     if end == StepEnd::Finished {
         store.analyze_messages().await?;
+        crate::server::release_freed_memory();
         tracing::info!(batch_id = %batch.public_id, "Preparation finished.");
     }
     Ok(end)
