@@ -281,22 +281,23 @@ impl BulkInsert for SqliteConn {
         let batch_id = r.batch_id;
         Box::pin(async move {
             for (idx, n) in r.per_partition {
-                diesel::update(partitions::table.find((batch_id, idx)))
-                    .set(partitions::total.eq(partitions::total + n))
-                    .execute(self)
-                    .await?;
-            }
-            diesel::update(batches::table.find(batch_id))
-                .set((
-                    batches::processed.eq(batches::processed + r.processed),
-                    batches::valid.eq(batches::valid + r.valid),
-                    batches::invalid.eq(batches::invalid + r.invalid),
-                    batches::duplicates.eq(batches::duplicates + r.duplicates),
-                    batches::opted_out.eq(batches::opted_out + r.opted_out),
-                    batches::segments.eq(batches::segments + r.segments),
-                ))
+                Cached(
+                    diesel::update(partitions::table.find((batch_id, idx)))
+                        .set(partitions::total.eq(partitions::total + n)),
+                )
                 .execute(self)
                 .await?;
+            }
+            Cached(diesel::update(batches::table.find(batch_id)).set((
+                batches::processed.eq(batches::processed + r.processed),
+                batches::valid.eq(batches::valid + r.valid),
+                batches::invalid.eq(batches::invalid + r.invalid),
+                batches::duplicates.eq(batches::duplicates + r.duplicates),
+                batches::opted_out.eq(batches::opted_out + r.opted_out),
+                batches::segments.eq(batches::segments + r.segments),
+            )))
+            .execute(self)
+            .await?;
             if let Some((first, last)) = r.ahead.filter(|&(_, last)| last > r.done_up_to) {
                 diesel::insert_into(preparation_chunks::table)
                     .values((
@@ -328,10 +329,10 @@ impl BulkInsert for SqliteConn {
                     checkpoints::position.eq(r.done_up_to),
                     checkpoints::updated_at.eq(r.at),
                 ));
-            diesel::query_dsl::methods::FilterDsl::filter(
+            Cached(diesel::query_dsl::methods::FilterDsl::filter(
                 upsert,
                 checkpoints::position.lt(r.done_up_to),
-            )
+            ))
             .execute(self)
             .await?;
             Ok(())
