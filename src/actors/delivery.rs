@@ -1,7 +1,7 @@
 //! The Delivery step: splits each partition's pending messages into tasks of about `task_size`
-//! (ranges of message ids) and dispatches them through the transport, round-robin over the
-//! partitions, with at most the transport's capacity in flight. It re-plans until every message
-//! is in a final status, so retries and messages released by a pause are picked up again.
+//! (ranges of message ids) and dispatches them through the transport, round-robin over the partitions, with at most the
+//! transport's capacity in flight. It re-plans until every message is in a final status, so
+//! retries and messages released by a pause are picked up again.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -51,12 +51,12 @@ pub async fn run(deps: Deps, batch: Batch, gate: Arc<Gate>) -> Result<StepEnd, D
     let store = &deps.core.store;
     let settings = &deps.core.settings.smsbatch;
     let task_size = settings.task_size as i64;
+    // The ids of a batch's partitions interleave (a recipient's partition is its id modulo the
+    // count), so a span of this many ids holds about `task_size` messages of one partition.
+    let span = task_size.saturating_mul(i64::from(batch.partition_count.max(1)));
     let replan_after = Duration::from_millis(settings.replan_after_ms);
     let max_in_flight = deps.transport.capacity().max(1);
     let partitions = batch.partition_count.max(1);
-    // The ids of a batch's partitions interleave (a recipient's partition is its id modulo the
-    // count), so a span of this many ids holds about `task_size` messages of one partition.
-    let span = task_size.saturating_mul(i64::from(partitions));
     let mut full_round = true;
     let mut last_done = -1i64;
     let mut last_progress = Instant::now();
