@@ -632,6 +632,55 @@ fn csv_upload_pause_resume_completes_exactly_once(backend: Backend) {
     );
 }
 
+/// The lease upkeep of the live instance is held up past the lease (a busy database: here a
+/// transaction locks the `leases` table for longer than the lease lasts) while provider calls are
+/// in flight. When the upkeep gets through, the instance finds its own batch's lease expired and
+/// its own heartbeat older than the lease; the claims under its id are still its workers', not a
+/// dead instance's, so nothing may be settled as an orphan. Every recipient is sent once and none
+/// ends with an unknown outcome.
+#[test]
+fn slow_lease_upkeep_leaves_the_instances_own_calls_to_finish() {
+    const N: u64 = 24;
+    let db = TestDb::new(Backend::Postgres);
+    let server = TestServer::start(
+        &db,
+        &[
+            ("SMSBATCH__SMSBATCH__LEASE_MS", "1000"),
+            ("SMSBATCH__PROVIDERS__SIMULATOR__LATENCY_MS", "1000"),
+            ("SMSBATCH__SMSBATCH__WORKER_COUNT", "1"),
+            ("SMSBATCH__SMSBATCH__SEND_CONCURRENCY", "4"),
+        ],
+    );
+    let id = server.create_batch(&small_batch("slow-lease-upkeep", N));
+    server.action_ok(&id, "start", "preparing");
+    // Four answered, one slice of the rest claimed and in flight for about five more seconds.
+    server.wait_until(&id, "results.sent >= 4", SHORT, |b| {
+        b.pointer("/results/sent")
+            .and_then(Value::as_u64)
+            .is_some_and(|n| n >= 4)
+    });
+    db.execute("BEGIN; LOCK TABLE leases IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(2.5); COMMIT;");
+
+    let batch = server.wait_for_state(&id, &["completed", "failed", "paused"], SHORT);
+    let counts: BTreeMap<&str, u64> = ["valid", "sent", "failed", "cancelled"]
+        .into_iter()
+        .map(|k| (k, num(&batch, &format!("/results/{k}"))))
+        .collect();
+    assert_eq!(
+        (batch["state"].as_str(), counts),
+        (
+            Some("completed"),
+            BTreeMap::from([("valid", N), ("sent", N), ("failed", 0), ("cancelled", 0)])
+        ),
+        "every recipient sent once, none settled as an orphan: {batch:#}"
+    );
+    assert_eq!(
+        status_counts(&message_statuses(&server, &id)),
+        BTreeMap::from([("sent".to_owned(), N)]),
+        "message statuses"
+    );
+}
+
 fn cancel_mid_delivery_cancels_the_rest(backend: Backend) {
     let db = TestDb::new(backend);
     let server = TestServer::start(

@@ -81,7 +81,8 @@ pub async fn run(deps: Deps, batch: Batch, gate: Arc<Gate>) -> Result<StepEnd, D
             tracing::warn!(batch_id = %batch.public_id, "No progress; settling dead instances' claims and planning every pending message again.");
             let lease = Duration::from_millis(settings.lease_ms);
             let resend = settings.redelivery == crate::config::Redelivery::AtLeastOnce;
-            super::registry::settle_orphans(store, &batch, lease, resend).await?;
+            super::registry::settle_orphans(store, &batch, &deps.core.instance, lease, resend)
+                .await?;
             full_round = true;
             last_progress = Instant::now();
         }

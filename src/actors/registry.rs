@@ -167,20 +167,30 @@ async fn take_over(
         if !store.acquire_lease(batch.id, instance, lease).await? {
             continue;
         }
-        settle_orphans(store, &batch, lease, resend).await?;
+        settle_orphans(store, &batch, instance, lease, resend).await?;
         taken.push(batch);
     }
     Ok(taken)
 }
 
 /// Settles the messages of a batch that dead instances left `sending`.
+///
+/// `instance` (the caller's) always counts as live, whatever its heartbeat row says: instance ids
+/// are new in every process, so the claims under this one belong to this process's workers, which
+/// record or release them. A heartbeat row can read stale while the process is alive (its upkeep
+/// waited on a busy database longer than the lease), and settling then would fail calls that are
+/// still in flight and lose their outcomes.
 pub(super) async fn settle_orphans(
     store: &Store,
     batch: &Batch,
+    instance: &str,
     lease: Duration,
     resend: bool,
 ) -> Result<(), StoreError> {
-    let live = store.live_instances(lease).await?;
+    let mut live = store.live_instances(lease).await?;
+    if !live.iter().any(|i| i == instance) {
+        live.push(instance.to_owned());
+    }
     let settled = store
         .settle_orphaned_claims(batch.id, batch.partition_count, resend, &live)
         .await?;
@@ -247,7 +257,8 @@ impl Handler<Command> for BatchRegistry {
                         if owner.is_none_or(|o| o == instance)
                             && store.acquire_lease(batch.id, &instance, lease).await?
                         {
-                            settle_orphans(&store, &batch, lease, resend_messages).await?;
+                            settle_orphans(&store, &batch, &instance, lease, resend_messages)
+                                .await?;
                             return Ok(Route::Spawn(batch));
                         }
                         Ok(Route::Saved(apply_remotely(&store, batch, action).await?))
@@ -375,7 +386,7 @@ impl Handler<Recover> for BatchRegistry {
                     if parts.iter().all(|p| p.done() >= p.total) {
                         continue;
                     }
-                    settle_orphans(&store, &batch, lease, resend).await?;
+                    settle_orphans(&store, &batch, &instance, lease, resend).await?;
                     if batch.state == "cancelled" {
                         store.cancel_pending(batch.id, batch.partition_count).await?;
                     }

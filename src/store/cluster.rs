@@ -27,8 +27,10 @@ fn before(d: Duration) -> NaiveDateTime {
 impl Store {
     /// Records that this instance is alive.
     pub async fn heartbeat(&self, instance: &str) -> Result<(), StoreError> {
-        let at = now();
         with_conn!(self, |conn| {
+            // Read the clock once the connection is in hand: a wait for it must not age the
+            // heartbeat (nor, below, shorten a lease).
+            let at = now();
             diesel::insert_into(instances::table)
                 .values((instances::id.eq(instance), instances::heartbeat_at.eq(at)))
                 .on_conflict(instances::id)
@@ -61,8 +63,8 @@ impl Store {
         instance: &str,
         lease: Duration,
     ) -> Result<bool, StoreError> {
-        let (at, until) = (now(), after(lease));
         with_conn!(self, |conn| {
+            let (at, until) = (now(), after(lease));
             // Expired or ours: take it over (one conditional statement, so two instances racing
             // for it cannot both win).
             let updated = diesel::update(
@@ -96,8 +98,8 @@ impl Store {
         instance: &str,
         lease: Duration,
     ) -> Result<Vec<i64>, StoreError> {
-        let until = after(lease);
         with_conn!(self, |conn| {
+            let until = after(lease);
             Ok(
                 diesel::update(leases::table.filter(leases::owner.eq(instance)))
                     .set(leases::expires_at.eq(until))
