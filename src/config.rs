@@ -207,8 +207,10 @@ pub struct BatchSettings {
     /// How often a supervisor looks at its batch's row for actions taken through another
     /// instance (ms).
     pub poll_ms: u64,
-    /// With a broker, re-plan a batch's pending messages when its delivery made no progress for
-    /// this long (milliseconds): a task lost outside the broker's guarantees is sent again.
+    /// Re-plan a batch's pending messages when its delivery made no progress for this long
+    /// (milliseconds): a task lost outside the broker's guarantees is sent again, and this
+    /// instance's own claims that none of its workers holds (a claim whose answer was lost) are
+    /// settled.
     pub replan_after_ms: u64,
     /// Capacity of each supervisor's and of the registry's mailbox.
     pub supervisor_mailbox: usize,

@@ -40,6 +40,9 @@ on_both_backends!(csv_upload_pause_resume_completes_exactly_once
     => csv_upload_pause_resume_completes_exactly_once_sqlite,
        csv_upload_pause_resume_completes_exactly_once_postgres,
        csv_upload_pause_resume_completes_exactly_once_rabbitmq);
+on_both_backends!(a_stranded_claim_is_settled_and_the_batch_completes
+    => a_stranded_claim_is_settled_and_the_batch_completes_sqlite,
+       a_stranded_claim_is_settled_and_the_batch_completes_postgres);
 on_both_backends!(cancel_mid_delivery_cancels_the_rest
     => cancel_mid_delivery_cancels_the_rest_sqlite,
        cancel_mid_delivery_cancels_the_rest_postgres,
@@ -208,6 +211,23 @@ fn has_sent(batch: &Value) -> bool {
         .pointer("/results/sent")
         .and_then(Value::as_u64)
         .is_some_and(|n| n > 0)
+}
+
+/// Waits until `results.sent` reaches `n`.
+fn wait_sent(server: &TestServer, id: &str, n: u64) {
+    server.wait_until(id, &format!("results.sent >= {n}"), SHORT, |b| {
+        b.pointer("/results/sent")
+            .and_then(Value::as_u64)
+            .is_some_and(|sent| sent >= n)
+    });
+}
+
+/// `results.valid` and the delivery outcomes of a batch.
+fn delivery_counts(batch: &Value) -> BTreeMap<&'static str, u64> {
+    ["valid", "sent", "failed", "cancelled"]
+        .into_iter()
+        .map(|k| (k, num(batch, &format!("/results/{k}"))))
+        .collect()
 }
 
 /// Messages with an outcome so far: sent, delivered or failed.
@@ -654,20 +674,12 @@ fn slow_lease_upkeep_leaves_the_instances_own_calls_to_finish() {
     let id = server.create_batch(&small_batch("slow-lease-upkeep", N));
     server.action_ok(&id, "start", "preparing");
     // Four answered, one slice of the rest claimed and in flight for about five more seconds.
-    server.wait_until(&id, "results.sent >= 4", SHORT, |b| {
-        b.pointer("/results/sent")
-            .and_then(Value::as_u64)
-            .is_some_and(|n| n >= 4)
-    });
+    wait_sent(&server, &id, 4);
     db.execute("BEGIN; LOCK TABLE leases IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(2.5); COMMIT;");
 
     let batch = server.wait_for_state(&id, &["completed", "failed", "paused"], SHORT);
-    let counts: BTreeMap<&str, u64> = ["valid", "sent", "failed", "cancelled"]
-        .into_iter()
-        .map(|k| (k, num(&batch, &format!("/results/{k}"))))
-        .collect();
     assert_eq!(
-        (batch["state"].as_str(), counts),
+        (batch["state"].as_str(), delivery_counts(&batch)),
         (
             Some("completed"),
             BTreeMap::from([("valid", N), ("sent", N), ("failed", 0), ("cancelled", 0)])
@@ -678,6 +690,68 @@ fn slow_lease_upkeep_leaves_the_instances_own_calls_to_finish() {
         status_counts(&message_statuses(&server, &id)),
         BTreeMap::from([("sent".to_owned(), N)]),
         "message statuses"
+    );
+}
+
+/// Three messages are left `sending` under the live instance's own id with no worker holding
+/// them, as when a claim's commit succeeded but its answer was lost on the way back. Once delivery
+/// makes no progress for `replan_after_ms`, the instance settles them (`unknown_outcome`, at most
+/// once) and the batch completes instead of waiting for ever.
+fn a_stranded_claim_is_settled_and_the_batch_completes(backend: Backend) {
+    const N: u64 = 40;
+    const STRANDED: u64 = 3;
+    let db = TestDb::new(backend);
+    let server = TestServer::start(
+        &db,
+        &[
+            ("SMSBATCH__SMSBATCH__REPLAN_AFTER_MS", "1000"),
+            ("SMSBATCH__SMSBATCH__CLAIM_SIZE", "4"),
+            // Slices of four at 500 ms each: the last messages stay pending for seconds after
+            // the first are sent.
+            ("SMSBATCH__PROVIDERS__SIMULATOR__LATENCY_MS", "500"),
+            ("SMSBATCH__SMSBATCH__WORKER_COUNT", "1"),
+            ("SMSBATCH__SMSBATCH__SEND_CONCURRENCY", "4"),
+        ],
+    );
+    let id = server.create_batch(&small_batch("stranded-claim", N));
+    server.action_ok(&id, "start", "preparing");
+    wait_sent(&server, &id, 4);
+    // The last three pending messages, claimed an hour ago under the server's own id.
+    db.execute(&format!(
+        "UPDATE messages SET status = 1, attempts = attempts + 1, updated_at = '2000-01-01 00:00:00', \
+                claimed_by = (SELECT id FROM instances) \
+         WHERE id IN (SELECT id FROM messages WHERE status = 0 ORDER BY id DESC LIMIT {STRANDED}) \
+           AND status = 0"
+    ));
+
+    let batch = server.wait_for_state(&id, &["completed", "failed", "paused"], SHORT);
+    assert_eq!(
+        (batch["state"].as_str(), delivery_counts(&batch)),
+        (
+            Some("completed"),
+            BTreeMap::from([
+                ("valid", N),
+                ("sent", N - STRANDED),
+                ("failed", STRANDED),
+                ("cancelled", 0)
+            ])
+        ),
+        "the stranded messages settled, the rest sent: {batch:#}"
+    );
+    let mut by_outcome: BTreeMap<(String, String), u64> = BTreeMap::new();
+    for (_, status, error) in message_statuses(&server, &id) {
+        *by_outcome.entry((status, error)).or_insert(0) += 1;
+    }
+    assert_eq!(
+        by_outcome,
+        BTreeMap::from([
+            (
+                ("failed".to_owned(), "unknown_outcome".to_owned()),
+                STRANDED
+            ),
+            (("sent".to_owned(), String::new()), N - STRANDED),
+        ]),
+        "message statuses and errors"
     );
 }
 

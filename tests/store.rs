@@ -2251,7 +2251,7 @@ async fn cancel_pending_and_recover_sending(store: Store) {
 
     // At most once: sending messages fail with unknown_outcome.
     let recovered = store
-        .settle_orphaned_claims(batch.id, 2, false, &[])
+        .settle_orphaned_claims(batch.id, 2, false, &[], None)
         .await
         .expect("recover_sending");
     assert_eq!(recovered, 3);
@@ -2267,14 +2267,14 @@ async fn cancel_pending_and_recover_sending(store: Store) {
     );
     assert_eq!(
         store
-            .settle_orphaned_claims(batch.id, 2, false, &[])
+            .settle_orphaned_claims(batch.id, 2, false, &[], None)
             .await
             .expect("again"),
         0
     );
     assert_eq!(
         store
-            .settle_orphaned_claims(batch.id, 2, true, &[])
+            .settle_orphaned_claims(batch.id, 2, true, &[], None)
             .await
             .expect("again"),
         0
@@ -2337,7 +2337,7 @@ async fn recover_sending_for_resend(store: Store) {
     );
 
     let recovered = store
-        .settle_orphaned_claims(batch.id, 2, true, &[])
+        .settle_orphaned_claims(batch.id, 2, true, &[], None)
         .await
         .expect("recover_sending");
     assert_eq!(recovered, 3);
@@ -2647,7 +2647,7 @@ async fn only_dead_instances_claims_are_settled(store: Store) {
         .expect("live");
     assert_eq!(live, vec!["alive".to_string()]);
     let settled = store
-        .settle_orphaned_claims(batch.id, 1, false, &live)
+        .settle_orphaned_claims(batch.id, 1, false, &live, None)
         .await
         .expect("settle");
     assert_eq!(settled, 2);
@@ -2670,4 +2670,36 @@ async fn only_dead_instances_claims_are_settled(store: Store) {
             .all(|f| f.error.as_deref() == Some(UNKNOWN_OUTCOME))
     );
     assert_eq!(counters(&store, batch.id).await[0].3, 2, "failed counter");
+
+    // A live instance that knows none of its workers holds a slice settles its own claims made
+    // before it looked, and only those.
+    let claimed_at = message_by_id(&store, batch.id, m[0]).await.updated_at;
+    let second = ChronoDuration::seconds(1);
+    let settle = async |own, before| {
+        store
+            .settle_orphaned_claims(batch.id, 1, true, &live, Some((own, before)))
+            .await
+            .expect("settle stranded claims")
+    };
+    assert_eq!(
+        settle("alive", claimed_at - second).await,
+        0,
+        "claims made after the look are left alone"
+    );
+    assert_eq!(
+        settle("other", claimed_at + second).await,
+        0,
+        "another live instance's claims are left alone"
+    );
+    let settled = settle("alive", claimed_at + second).await;
+    assert_eq!(settled, 2);
+    assert_eq!(
+        statuses(&store, batch.id).await,
+        vec![
+            (m[0], PENDING),
+            (m[1], PENDING),
+            (m[2], FAILED),
+            (m[3], FAILED)
+        ]
+    );
 }

@@ -81,8 +81,24 @@ pub async fn run(deps: Deps, batch: Batch, gate: Arc<Gate>) -> Result<StepEnd, D
             tracing::warn!(batch_id = %batch.public_id, "No progress; settling dead instances' claims and planning every pending message again.");
             let lease = Duration::from_millis(settings.lease_ms);
             let resend = settings.redelivery == crate::config::Redelivery::AtLeastOnce;
-            super::registry::settle_orphans(store, &batch, &deps.core.instance, lease, resend)
-                .await?;
+            // With no task of this batch in this process's workers, its own claims older than
+            // the quiet spell are stranded (a claim whose answer was lost).
+            let stranded_before = (!deps.core.gates.is_working_on(batch.id))
+                .then(|| chrono::Utc::now().naive_utc())
+                .and_then(|now| {
+                    chrono::Duration::from_std(replan_after)
+                        .ok()
+                        .map(|d| now - d)
+                });
+            super::registry::settle_orphans(
+                store,
+                &batch,
+                &deps.core.instance,
+                lease,
+                resend,
+                stranded_before,
+            )
+            .await?;
             full_round = true;
             last_progress = Instant::now();
         }

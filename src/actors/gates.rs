@@ -3,7 +3,7 @@
 //! steps so that a pause interrupts any wait.
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use tokio::sync::watch;
 
@@ -54,15 +54,60 @@ impl Gate {
     }
 }
 
-/// The gates of the batches this process supervises, and whether the process is stopping. The
-/// lock is never held across an await.
+/// The gates of the batches this process supervises, whether the process is stopping, and how
+/// many tasks of each batch this process's workers are carrying out. The locks are never held
+/// across an await.
 #[derive(Debug, Clone, Default)]
 pub struct Gates {
     map: Arc<RwLock<HashMap<i64, Arc<Gate>>>>,
     stopping: Arc<std::sync::atomic::AtomicBool>,
+    working: Arc<Mutex<HashMap<i64, usize>>>,
+}
+
+/// A task a worker of this process is carrying out, from before its first claim until its last
+/// outcome is recorded (or the task is dropped). Counted per batch until dropped.
+#[derive(Debug)]
+pub struct Working {
+    working: Arc<Mutex<HashMap<i64, usize>>>,
+    batch_id: i64,
+}
+
+impl Drop for Working {
+    fn drop(&mut self) {
+        let mut working = self.working.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = working.get_mut(&self.batch_id) {
+            *n -= 1;
+            if *n == 0 {
+                working.remove(&self.batch_id);
+            }
+        }
+    }
 }
 
 impl Gates {
+    /// Counts a task of `batch_id` as being carried out here until the guard is dropped.
+    pub fn working_on(&self, batch_id: i64) -> Working {
+        *self
+            .working
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(batch_id)
+            .or_insert(0) += 1;
+        Working {
+            working: Arc::clone(&self.working),
+            batch_id,
+        }
+    }
+
+    /// True while a worker of this process carries out a task of `batch_id`: only then can
+    /// messages claimed under this process's id be in a worker's hands.
+    pub fn is_working_on(&self, batch_id: i64) -> bool {
+        self.working
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(&batch_id)
+    }
+
     /// The gate of a batch, if this process supervises it.
     pub fn get(&self, batch_id: i64) -> Option<Arc<Gate>> {
         self.map

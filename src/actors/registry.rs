@@ -167,7 +167,7 @@ async fn take_over(
         if !store.acquire_lease(batch.id, instance, lease).await? {
             continue;
         }
-        settle_orphans(store, &batch, instance, lease, resend).await?;
+        settle_orphans(store, &batch, instance, lease, resend, None).await?;
         taken.push(batch);
     }
     Ok(taken)
@@ -180,22 +180,28 @@ async fn take_over(
 /// record or release them. A heartbeat row can read stale while the process is alive (its upkeep
 /// waited on a busy database longer than the lease), and settling then would fail calls that are
 /// still in flight and lose their outcomes.
+///
+/// With `stranded_before`, the caller knows that none of its workers carries out a task of the
+/// batch: its own claims last touched before that time are stranded (a claim whose answer was
+/// lost) and are settled too. A task started after the caller looked claims with a later time.
 pub(super) async fn settle_orphans(
     store: &Store,
     batch: &Batch,
     instance: &str,
     lease: Duration,
     resend: bool,
+    stranded_before: Option<chrono::NaiveDateTime>,
 ) -> Result<(), StoreError> {
     let mut live = store.live_instances(lease).await?;
     if !live.iter().any(|i| i == instance) {
         live.push(instance.to_owned());
     }
+    let stranded = stranded_before.map(|before| (instance, before));
     let settled = store
-        .settle_orphaned_claims(batch.id, batch.partition_count, resend, &live)
+        .settle_orphaned_claims(batch.id, batch.partition_count, resend, &live, stranded)
         .await?;
     if settled > 0 {
-        tracing::warn!(batch_id = %batch.public_id, messages = settled, resend, "Settled messages left sending by an instance that died.");
+        tracing::warn!(batch_id = %batch.public_id, messages = settled, resend, "Settled messages left sending by an instance that died, or stranded by a lost claim.");
     }
     Ok(())
 }
@@ -257,7 +263,7 @@ impl Handler<Command> for BatchRegistry {
                         if owner.is_none_or(|o| o == instance)
                             && store.acquire_lease(batch.id, &instance, lease).await?
                         {
-                            settle_orphans(&store, &batch, &instance, lease, resend_messages)
+                            settle_orphans(&store, &batch, &instance, lease, resend_messages, None)
                                 .await?;
                             return Ok(Route::Spawn(batch));
                         }
@@ -386,7 +392,7 @@ impl Handler<Recover> for BatchRegistry {
                     if parts.iter().all(|p| p.done() >= p.total) {
                         continue;
                     }
-                    settle_orphans(&store, &batch, &instance, lease, resend).await?;
+                    settle_orphans(&store, &batch, &instance, lease, resend, None).await?;
                     if batch.state == "cancelled" {
                         store.cancel_pending(batch.id, batch.partition_count).await?;
                     }

@@ -84,6 +84,7 @@ fn task_error(e: StoreError) -> TransportError {
 pub async fn process_task(core: &Core, task: DeliveryTask) -> Result<TaskReport, TransportError> {
     let claim_size = core.settings.smsbatch.claim_size as i64;
     let store = &core.store;
+    let _working = core.gates.working_on(task.batch_id);
     let mut report = TaskReport::default();
     // Looked up before every claim: a batch supervised by another instance is paused through
     // the database, and this is how its tasks here see it.

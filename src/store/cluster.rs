@@ -167,14 +167,19 @@ impl Store {
 
     /// Settles the messages of a batch left `sending` by instances that are no longer alive:
     /// `failed` with `unknown_outcome` (at most once) or back to `pending` (at least once).
-    /// Claims of live instances are left to them. Returns how many were settled.
+    /// Claims of live instances are left to them, except, with `stranded = Some((own, before))`,
+    /// the claims of the live instance `own` last touched before `before`: claims that instance
+    /// knows none of its workers holds. Returns how many were settled.
     pub async fn settle_orphaned_claims(
         &self,
         batch_id: i64,
         partition_count: i32,
         resend: bool,
         live: &[String],
+        stranded: Option<(&str, NaiveDateTime)>,
     ) -> Result<i64, StoreError> {
+        // No instance id is empty: without `stranded` the third condition matches nothing.
+        let (own, before) = stranded.unwrap_or(("", now()));
         let mut total = 0;
         for partition in 0..partition_count {
             let at = now();
@@ -186,7 +191,10 @@ impl Store {
                     .filter(
                         messages::claimed_by
                             .is_null()
-                            .or(messages::claimed_by.ne_all(live)),
+                            .or(messages::claimed_by.ne_all(live))
+                            .or(messages::claimed_by
+                                .eq(own)
+                                .and(messages::updated_at.lt(before))),
                     );
                 let moved = if resend {
                     diesel::update(orphans)
