@@ -1542,6 +1542,28 @@ async fn claim_moves_pending_to_sending_once(store: Store) {
             .expect("other")
             .is_empty()
     );
+    // A full delivery round hands out each partition's id range, from its first to its last id.
+    assert_eq!(
+        store
+            .message_id_bounds(batch.id, 0)
+            .await
+            .expect("p0 bounds"),
+        Some((p0[0], p0[5]))
+    );
+    assert_eq!(
+        store
+            .message_id_bounds(batch.id, 1)
+            .await
+            .expect("p1 bounds"),
+        Some((p1[0], p1[2]))
+    );
+    assert_eq!(
+        store
+            .message_id_bounds(other.id, 0)
+            .await
+            .expect("other bounds"),
+        None
+    );
 
     // Claim task 1: its range also covers p1 ids, which stay untouched.
     let mut claimed = store

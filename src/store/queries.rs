@@ -600,6 +600,27 @@ impl Store {
         })
     }
 
+    /// The lowest and highest message id of a batch's partition, if it has any messages: the
+    /// range a full delivery round hands out in spans (two probes of the partition's index).
+    pub async fn message_id_bounds(
+        &self,
+        batch_id: i64,
+        partition: i32,
+    ) -> Result<Option<(i64, i64)>, StoreError> {
+        with_conn!(self, |conn| {
+            let (low, high): (Option<i64>, Option<i64>) = messages::table
+                .filter(messages::batch_id.eq(batch_id))
+                .filter(messages::partition.eq(partition))
+                .select((
+                    diesel::dsl::min(messages::id),
+                    diesel::dsl::max(messages::id),
+                ))
+                .first(conn)
+                .await?;
+            Ok(low.zip(high))
+        })
+    }
+
     /// The ids of the next due pending messages of a partition after `after`, at most `limit`:
     /// one delivery task's worth. With `retries_only`, only messages waiting for a retry.
     pub async fn next_task_ids(
