@@ -222,10 +222,9 @@ fn wait_sent(server: &TestServer, id: &str, n: u64) {
     });
 }
 
-/// `results.valid` and the delivery outcomes of a batch.
-fn delivery_counts(batch: &Value) -> BTreeMap<&'static str, u64> {
-    ["valid", "sent", "failed", "cancelled"]
-        .into_iter()
+/// The named `results` counts of a batch.
+fn results<const N: usize>(batch: &Value, keys: [&'static str; N]) -> BTreeMap<&'static str, u64> {
+    keys.into_iter()
         .map(|k| (k, num(batch, &format!("/results/{k}"))))
         .collect()
 }
@@ -259,10 +258,10 @@ fn assert_outcome_rule(batch: &Value) {
 
 /// The preparation counts (recipients, valid, invalid, duplicates, opted_out) are exact.
 fn assert_prepared_counts(batch: &Value, expected: &Expected) {
-    let actual: BTreeMap<&str, u64> = ["recipients", "valid", "invalid", "duplicates", "opted_out"]
-        .into_iter()
-        .map(|k| (k, num(batch, &format!("/results/{k}"))))
-        .collect();
+    let actual = results(
+        batch,
+        ["recipients", "valid", "invalid", "duplicates", "opted_out"],
+    );
     let wanted = BTreeMap::from([
         ("recipients", expected.recipients),
         ("valid", expected.valid),
@@ -295,10 +294,7 @@ fn assert_completed_counts(batch: &Value, expected: &Expected) {
         "the Prepared condition states the final counts"
     );
     assert_prepared_counts(batch, expected);
-    let actual: BTreeMap<&str, u64> = ["sent", "delivered", "failed", "cancelled"]
-        .into_iter()
-        .map(|k| (k, num(batch, &format!("/results/{k}"))))
-        .collect();
+    let actual = results(batch, ["sent", "delivered", "failed", "cancelled"]);
     let wanted = BTreeMap::from([
         ("sent", expected.sent()),
         ("delivered", 0),
@@ -679,7 +675,10 @@ fn slow_lease_upkeep_leaves_the_instances_own_calls_to_finish() {
 
     let batch = server.wait_for_state(&id, &["completed", "failed", "paused"], SHORT);
     assert_eq!(
-        (batch["state"].as_str(), delivery_counts(&batch)),
+        (
+            batch["state"].as_str(),
+            results(&batch, ["valid", "sent", "failed", "cancelled"]),
+        ),
         (
             Some("completed"),
             BTreeMap::from([("valid", N), ("sent", N), ("failed", 0), ("cancelled", 0)])
@@ -726,7 +725,10 @@ fn a_stranded_claim_is_settled_and_the_batch_completes(backend: Backend) {
 
     let batch = server.wait_for_state(&id, &["completed", "failed", "paused"], SHORT);
     assert_eq!(
-        (batch["state"].as_str(), delivery_counts(&batch)),
+        (
+            batch["state"].as_str(),
+            results(&batch, ["valid", "sent", "failed", "cancelled"]),
+        ),
         (
             Some("completed"),
             BTreeMap::from([

@@ -87,12 +87,7 @@ pub async fn run(deps: Deps, batch: Batch, gate: Arc<Gate>) -> Result<StepEnd, D
             // With no task of this batch in this process's workers, its own claims older than
             // the quiet spell are stranded (a claim whose answer was lost).
             let stranded_before = (!deps.core.gates.is_working_on(batch.id))
-                .then(|| chrono::Utc::now().naive_utc())
-                .and_then(|now| {
-                    chrono::Duration::from_std(replan_after)
-                        .ok()
-                        .map(|d| now - d)
-                });
+                .then(|| crate::store::before(replan_after));
             super::registry::settle_orphans(
                 store,
                 &batch,

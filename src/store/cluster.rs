@@ -20,7 +20,8 @@ fn after(d: Duration) -> NaiveDateTime {
     now() + chrono::Duration::from_std(d).unwrap_or_else(|_| chrono::Duration::seconds(15))
 }
 
-fn before(d: Duration) -> NaiveDateTime {
+/// The time `d` ago, by the clock the store writes its timestamps with.
+pub fn before(d: Duration) -> NaiveDateTime {
     now() - chrono::Duration::from_std(d).unwrap_or_else(|_| chrono::Duration::seconds(15))
 }
 

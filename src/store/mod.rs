@@ -26,7 +26,7 @@ use diesel_async::{AsyncConnection, SimpleAsyncConnection};
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
 use futures_util::FutureExt;
 
-pub use cluster::ACTIVE_STATES;
+pub use cluster::{ACTIVE_STATES, before};
 pub use queries::*;
 
 const PG_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/postgres");
