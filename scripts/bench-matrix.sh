@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 cargo build --release --bin bench
 run() {
     echo "=== $(date +%H:%M:%S) $*"
-    ./target/release/bench "$@"
+    "${CARGO_TARGET_DIR:-target}/release/bench" "$@"
 }
 for _ in 1 2 3; do
     run --recipients 10000 --store postgres --transport rabbitmq --pauses 0
