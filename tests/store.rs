@@ -1396,6 +1396,199 @@ async fn numbers_shared_by_chunks_written_side_by_side_are_kept_once(store: Stor
     assert_eq!(totals, kept);
 }
 
+/// A connection of the test's own to the database at `url`, and the task that drives it.
+async fn own_connection(
+    url: &str,
+) -> (
+    tokio_postgres::Client,
+    tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>,
+) {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .expect("a connection of the test's own");
+    (client, tokio::spawn(connection))
+}
+
+/// How many other sessions of the database match `condition`. The observer stays outside any
+/// transaction: inside one, `pg_stat_activity` would answer the same snapshot every time.
+async fn sessions(observer: &tokio_postgres::Client, condition: &str) -> i64 {
+    observer
+        .query_one(
+            &format!(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+                 AND pid <> pg_backend_pid() AND ({condition})"
+            ),
+            &[],
+        )
+        .await
+        .expect("pg_stat_activity")
+        .get(0)
+}
+
+/// Polls until `sessions(condition)` says `done`, failing with `what` after ten seconds.
+async fn wait_for_sessions(
+    observer: &tokio_postgres::Client,
+    condition: &str,
+    done: impl Fn(i64) -> bool,
+    what: &str,
+) {
+    for _ in 0..500 {
+        if done(sessions(observer, condition).await) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("{what}");
+}
+
+/// Starts writing `chunk` and waits until the write waits on another transaction's lock.
+async fn write_held_up(
+    store: &Store,
+    observer: &tokio_postgres::Client,
+    batch_id: i64,
+    chunk: PreparedChunk,
+) -> tokio::task::JoinHandle<Result<ChunkWritten, StoreError>> {
+    let write = tokio::spawn({
+        let store = store.clone();
+        async move { store.write_prepared_chunk(batch_id, chunk).await }
+    });
+    wait_for_sessions(
+        observer,
+        "wait_event_type = 'Lock'",
+        |n| n > 0,
+        "the chunk's write never waited on the other writer",
+    )
+    .await;
+    write
+}
+
+/// Another writer's uncommitted row for `phone` (one segment), in a transaction left open on
+/// `other`.
+async fn hold_number(
+    other: &tokio_postgres::Client,
+    batch_id: i64,
+    recipient_id: i64,
+    phone: &str,
+) {
+    other.batch_execute("BEGIN").await.expect("begin");
+    other
+        .execute(
+            "INSERT INTO messages (batch_id, partition, recipient_id, phone, body, encoding, \
+             segments, updated_at) VALUES ($1, 0, $2, $3, 'other', 'gsm7', 1, now())",
+            &[&batch_id, &recipient_id, &phone],
+        )
+        .await
+        .expect("the other writer's row");
+}
+
+/// On PostgreSQL a chunk's numbers are looked up and its rows copied in, without `ON CONFLICT`.
+/// A number that another writer inserts before the copy and commits while the copy waits on it
+/// is still kept once: the chunk counts it as a duplicate, and nothing fails or is stored twice.
+#[test]
+fn a_number_committed_while_a_chunk_is_copied_is_kept_once_postgres() {
+    store_support::run_with_url(Backend::Postgres, |store, url| async move {
+        let phone = |n: u32| format!("+8613600000{n:03}");
+        let (batch, r) =
+            batch_with_recipients(&store, "copy-race", 1, (1..=3).map(phone).collect()).await;
+        let (other, driver) = own_connection(&url).await;
+        let (observer, observer_driver) = own_connection(&url).await;
+        hold_number(&other, batch.id, r[2], &phone(3)).await;
+        let chunk = PreparedChunk {
+            messages: (0..3)
+                .map(|i| message(batch.id, 0, r[i], &phone(i as u32 + 1), 2))
+                .collect(),
+            last_recipient_id: r[2],
+            processed: 3,
+            invalid: 0,
+        };
+        // The chunk's write waits on the other writer's uncommitted number.
+        let write = write_held_up(&store, &observer, batch.id, chunk).await;
+        other.batch_execute("COMMIT").await.expect("commit");
+        let written = write.await.expect("the write task").expect("the chunk");
+        assert_eq!(
+            written,
+            ChunkWritten {
+                inserted: 2,
+                duplicates: 1,
+                opted_out: 0
+            }
+        );
+        let b = store.batch(batch.id).await.expect("batch");
+        assert_eq!((b.processed, b.valid, b.duplicates), (3, 2, 1));
+        // The other writer's row (one segment) stays; the chunk's own rows have two.
+        let stored = all_messages(&store, batch.id).await;
+        assert_eq!(
+            stored
+                .iter()
+                .map(|m| (m.phone.clone(), m.segments))
+                .collect::<Vec<_>>(),
+            vec![(phone(3), 1), (phone(1), 2), (phone(2), 2)]
+        );
+        assert_eq!(b.segments, 4);
+        assert_eq!(
+            store.checkpoint(batch.id, "preparation").await.expect("cp"),
+            r[2]
+        );
+        drop((other, observer));
+        driver.await.expect("driver").expect("connection");
+        observer_driver.await.expect("driver").expect("connection");
+    });
+}
+
+/// A chunk's write on PostgreSQL dropped half-way (its writer stopped, as a pause stops
+/// preparation) ends its transaction there and then: no session is left holding what it had
+/// written, and the chunk written again is stored whole.
+#[test]
+fn a_chunk_write_dropped_half_way_leaves_no_transaction_behind_postgres() {
+    store_support::run_with_url(Backend::Postgres, |store, url| async move {
+        let phone = |n: u32| format!("+8613500000{n:03}");
+        let (batch, r) =
+            batch_with_recipients(&store, "copy-dropped", 1, (1..=3).map(phone).collect()).await;
+        let chunk = || PreparedChunk {
+            messages: (0..3)
+                .map(|i| message(batch.id, 0, r[i], &phone(i as u32 + 1), 1))
+                .collect(),
+            last_recipient_id: r[2],
+            processed: 3,
+            invalid: 0,
+        };
+        let (other, driver) = own_connection(&url).await;
+        let (observer, observer_driver) = own_connection(&url).await;
+        // Holds the third number, so that the chunk's write stops half-way and waits.
+        hold_number(&other, batch.id, r[2], &phone(3)).await;
+        let write = write_held_up(&store, &observer, batch.id, chunk()).await;
+        write.abort();
+        assert!(write.await.expect_err("aborted").is_cancelled());
+        other.batch_execute("ROLLBACK").await.expect("rollback");
+        // Only idle sessions are left: the pool's, and none in a transaction.
+        wait_for_sessions(
+            &observer,
+            "state <> 'idle'",
+            |n| n == 0,
+            "the dropped write's transaction stayed open",
+        )
+        .await;
+        assert!(all_messages(&store, batch.id).await.is_empty());
+        let written = store
+            .write_prepared_chunk(batch.id, chunk())
+            .await
+            .expect("the chunk, again");
+        assert_eq!(
+            written,
+            ChunkWritten {
+                inserted: 3,
+                duplicates: 0,
+                opted_out: 0
+            }
+        );
+        let b = store.batch(batch.id).await.expect("batch");
+        assert_eq!((b.processed, b.valid, b.duplicates), (3, 3, 0));
+        drop((other, observer));
+        driver.await.expect("driver").expect("connection");
+        observer_driver.await.expect("driver").expect("connection");
+    });
+}
+
 /// A chunk larger than SQLite's bind-variable limit (32766) is written like any other: the
 /// preparation's `batch_size` is configurable and only has to be positive.
 async fn large_prepared_chunk_is_written(store: Store) {

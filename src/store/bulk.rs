@@ -63,7 +63,7 @@ pub(crate) struct ChunkRecord {
 /// checkpoint (`$12`) is behind it, the passed ranges forgotten, and the checkpoint moved forward
 /// only. The counter rows are shared by the writers side by side: locked from this statement to
 /// the commit, not across a dozen round trips.
-const RECORD_CHUNK_PG: &str = "\
+pub(super) const RECORD_CHUNK_PG: &str = "\
     WITH counted AS ( \
         UPDATE partitions p SET total = p.total + v.n \
         FROM unnest($2::int[], $3::bigint[]) AS v(idx, n) \
@@ -87,6 +87,8 @@ const RECORD_CHUNK_PG: &str = "\
 /// Messages go to PostgreSQL as one array per column, unnested by the server: one statement of
 /// a fixed shape (prepared once per connection) whatever the number of rows, instead of a
 /// multi-row VALUES list with a bind per field that is parsed and planned anew each time.
+/// Preparation copies its chunks in (`copy::write_chunk`); this insert writes a chunk only when
+/// its copy met a number another writer committed meanwhile.
 const INSERT_MESSAGES_PG: &str = "\
     INSERT INTO messages \
         (batch_id, partition, recipient_id, phone, body, encoding, segments, updated_at) \

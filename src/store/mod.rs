@@ -169,6 +169,8 @@ pub struct Store {
     pub(crate) pools: Pools,
     /// The database URL, for the work that needs a connection of its own (an upload's `COPY`).
     url: std::sync::Arc<str>,
+    /// PostgreSQL only: the connections preparation writes its chunks on, by `COPY`.
+    copy: Option<copy::CopyPool>,
 }
 
 /// Runs `$body` with `$conn` bound to a pooled connection of whichever backend is live. The body
@@ -271,9 +273,14 @@ impl Store {
             }
             None => return Err(StoreError::Pool("unsupported database URL".into())),
         };
+        let copy = match pools {
+            Pools::Pg(_) => Some(copy::copy_pool(url, acquire_timeout)?),
+            Pools::Sqlite(_) => None,
+        };
         Ok(Store {
             pools,
             url: url.into(),
+            copy,
         })
     }
 

@@ -474,10 +474,20 @@ impl Store {
     pub async fn write_prepared_chunk_beside(
         &self,
         batch_id: i64,
-        chunk: PreparedChunk,
+        mut chunk: PreparedChunk,
         first_recipient_id: Option<i64>,
         done_up_to: i64,
     ) -> Result<ChunkWritten, StoreError> {
+        let ahead = first_recipient_id.map(|first| (first, chunk.last_recipient_id));
+        // PostgreSQL copies the rows in; when another writer committed one of the chunk's numbers
+        // after the copy looked it up, the chunk is written again below, with `ON CONFLICT`.
+        if let Some(pool) = &self.copy {
+            let copied =
+                super::copy::write_chunk(pool, batch_id, &mut chunk, ahead, done_up_to).await?;
+            if let Some(written) = copied {
+                return Ok(written);
+            }
+        }
         with_tx!(self, |conn| {
             // A chunk and its checkpoint commit together, so a crash that loses the commit loses
             // both, and preparation prepares the chunk again: its commit need not wait for the
@@ -522,7 +532,7 @@ impl Store {
                 duplicates,
                 opted_out,
                 segments,
-                ahead: first_recipient_id.map(|first| (first, chunk.last_recipient_id)),
+                ahead,
                 done_up_to,
                 at: now(),
             })

@@ -19,6 +19,15 @@ where
     F: FnOnce(Store) -> Fut,
     Fut: Future<Output = ()>,
 {
+    run_with_url(backend, |store, _| scenario(store));
+}
+
+/// `run`, for a scenario that also opens connections of its own to the database (its URL).
+pub fn run_with_url<F, Fut>(backend: Backend, scenario: F)
+where
+    F: FnOnce(Store, String) -> Fut,
+    Fut: Future<Output = ()>,
+{
     // Declared first, dropped last: the runtime (and the pool in it) goes before the database.
     let db = TestDb::new(backend);
     // Synchronous, blocks on a runtime of its own: before ours exists.
@@ -30,7 +39,7 @@ where
     rt.block_on(async {
         let store = Store::connect(db.url(), 4, Duration::from_secs(10))
             .expect("a store on the fresh database");
-        scenario(store).await;
+        scenario(store, db.url().to_owned()).await;
     });
     drop(rt);
     drop(db);
