@@ -65,6 +65,9 @@ on_both_backends!(chunks_written_side_by_side_keep_the_checkpoint_exact
 on_both_backends!(numbers_shared_by_chunks_written_side_by_side_are_kept_once
     => numbers_shared_by_chunks_written_side_by_side_are_kept_once_sqlite,
        numbers_shared_by_chunks_written_side_by_side_are_kept_once_postgres);
+on_both_backends!(a_chunk_told_which_numbers_may_repeat_keeps_each_once
+    => a_chunk_told_which_numbers_may_repeat_keeps_each_once_sqlite,
+       a_chunk_told_which_numbers_may_repeat_keeps_each_once_postgres);
 on_both_backends!(large_prepared_chunk_is_written
     => large_prepared_chunk_is_written_sqlite, large_prepared_chunk_is_written_postgres);
 on_both_backends!(claim_moves_pending_to_sending_once
@@ -203,6 +206,7 @@ async fn seed(store: &Store, batch_id: i64, spec: &[(i32, &str)]) -> Vec<i64> {
                 last_recipient_id: n,
                 processed: n,
                 invalid: 0,
+                repeats: None,
             },
         )
         .await
@@ -561,6 +565,7 @@ async fn save_lifecycle_checks_the_version(store: Store) {
                 last_recipient_id: 3,
                 processed: 3,
                 invalid: 1,
+                repeats: None,
             },
         )
         .await
@@ -1066,6 +1071,7 @@ async fn chunks_written_side_by_side_keep_the_checkpoint_exact(store: Store) {
         last_recipient_id: r[*ids.last().expect("ids")],
         processed: ids.len() as i64,
         invalid: 0,
+        repeats: None,
     };
     let checkpoint = || {
         let store = store.clone();
@@ -1157,6 +1163,7 @@ async fn prepared_chunks_drop_duplicates_and_opt_outs(store: Store) {
                 last_recipient_id: r[5],
                 processed: 6,
                 invalid: 1,
+                repeats: None,
             },
         )
         .await
@@ -1188,6 +1195,7 @@ async fn prepared_chunks_drop_duplicates_and_opt_outs(store: Store) {
                 last_recipient_id: r[9],
                 processed: 4,
                 invalid: 1,
+                repeats: None,
             },
         )
         .await
@@ -1265,6 +1273,7 @@ async fn prepared_chunks_drop_duplicates_and_opt_outs(store: Store) {
                 last_recipient_id: r[9] + 50,
                 processed: 2,
                 invalid: 2,
+                repeats: None,
             },
         )
         .await
@@ -1287,6 +1296,7 @@ async fn prepared_chunks_drop_duplicates_and_opt_outs(store: Store) {
                 last_recipient_id: 1,
                 processed: 1,
                 invalid: 0,
+                repeats: None,
             },
         )
         .await
@@ -1334,6 +1344,7 @@ async fn numbers_shared_by_chunks_written_side_by_side_are_kept_once(store: Stor
         last_recipient_id: r[to - 1],
         processed: (to - from) as i64,
         invalid: 0,
+        repeats: None,
     };
     let mut done_up_to = 0;
     for round in 0..ROUNDS {
@@ -1500,6 +1511,7 @@ fn a_number_committed_while_a_chunk_is_copied_is_kept_once_postgres() {
             last_recipient_id: r[2],
             processed: 3,
             invalid: 0,
+            repeats: None,
         };
         // The chunk's write waits on the other writer's uncommitted number.
         let write = write_held_up(&store, &observer, batch.id, chunk).await;
@@ -1551,6 +1563,7 @@ fn a_chunk_write_dropped_half_way_leaves_no_transaction_behind_postgres() {
             last_recipient_id: r[2],
             processed: 3,
             invalid: 0,
+            repeats: None,
         };
         let (other, driver) = own_connection(&url).await;
         let (observer, observer_driver) = own_connection(&url).await;
@@ -1589,6 +1602,59 @@ fn a_chunk_write_dropped_half_way_leaves_no_transaction_behind_postgres() {
     });
 }
 
+/// Preparation tells a chunk which of its numbers may repeat one the batch already has
+/// (`repeats`). Told right, the repeats are dropped; told wrong (a repeat left out), the repeat
+/// is still dropped, not stored twice and not an error.
+async fn a_chunk_told_which_numbers_may_repeat_keeps_each_once(store: Store) {
+    let phone = |n: u32| format!("+8613400000{n:03}");
+    let phones = [1, 2, 2, 3, 1, 4].map(phone).to_vec();
+    let (batch, r) = batch_with_recipients(&store, "repeats", 1, phones.clone()).await;
+    let chunk = |from: usize, to: usize, repeats: &[u32]| PreparedChunk {
+        messages: (from..to)
+            .map(|i| message(batch.id, 0, r[i], &phones[i], 1))
+            .collect(),
+        last_recipient_id: r[to - 1],
+        processed: (to - from) as i64,
+        invalid: 0,
+        repeats: Some(repeats.iter().map(|&n| phone(n)).collect()),
+    };
+    let written = |inserted, duplicates| ChunkWritten {
+        inserted,
+        duplicates,
+        opted_out: 0,
+    };
+    // Numbers 1 and 2 (2 twice): nothing may repeat an earlier chunk's.
+    let first = store
+        .write_prepared_chunk(batch.id, chunk(0, 3, &[]))
+        .await
+        .expect("first chunk");
+    assert_eq!(first, written(2, 1));
+    // Number 3, and 1 again: told right.
+    let second = store
+        .write_prepared_chunk(batch.id, chunk(3, 5, &[1]))
+        .await
+        .expect("second chunk");
+    assert_eq!(second, written(1, 1));
+    // Number 4, and 1 again: told wrong.
+    let mut third = chunk(5, 6, &[]);
+    third
+        .messages
+        .push(message(batch.id, 0, r[5], &phone(1), 1));
+    let third = store
+        .write_prepared_chunk(batch.id, third)
+        .await
+        .expect("third chunk");
+    assert_eq!(third, written(1, 1));
+    let stored: BTreeSet<String> = all_messages(&store, batch.id)
+        .await
+        .into_iter()
+        .map(|m| m.phone)
+        .collect();
+    assert_eq!(stored, [1, 2, 3, 4].map(phone).into_iter().collect());
+    let b = store.batch(batch.id).await.expect("batch");
+    assert_eq!((b.processed, b.valid, b.duplicates), (6, 4, 3));
+}
+
 /// A chunk larger than SQLite's bind-variable limit (32766) is written like any other: the
 /// preparation's `batch_size` is configurable and only has to be positive.
 async fn large_prepared_chunk_is_written(store: Store) {
@@ -1612,6 +1678,7 @@ async fn large_prepared_chunk_is_written(store: Store) {
                 last_recipient_id: N as i64,
                 processed: N as i64,
                 invalid: 0,
+                repeats: None,
             },
         )
         .await

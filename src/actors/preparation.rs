@@ -12,6 +12,7 @@ use super::gates::Gate;
 use super::{Deps, StepEnd};
 use crate::domain::batch::{PartitionCount, partition_for};
 use crate::domain::phone::{E164Phone, Region};
+use crate::domain::seen::SeenNumbers;
 use crate::domain::sms::analyze;
 use crate::domain::template::Template;
 use crate::store::models::{Batch, NewMessage, Recipient};
@@ -67,6 +68,10 @@ pub async fn run(deps: Deps, batch: Batch, gate: Arc<Gate>) -> Result<StepEnd, P
     // Chunks that writers side by side committed ahead of the checkpoint before a restart.
     let written = store.chunks_written_after(batch.id, start).await?;
     let batch_id = batch.id;
+    // A run that starts on a batch with no messages yet sees every number written: PostgreSQL's
+    // chunks then look up, of their numbers, only those this run may have seen before.
+    let mut seen = (store.backend() == Backend::Postgres && start == 0 && written.is_empty())
+        .then(SeenNumbers::new);
 
     // The reader reads chunks in recipient order and prepares each on the blocking pool, up to
     // `AHEAD` chunks ahead of the writers, while they write: the two run side by side (joined
@@ -100,8 +105,9 @@ pub async fn run(deps: Deps, batch: Batch, gate: Arc<Gate>) -> Result<StepEnd, P
             };
             let (template, url, region) = (template.clone(), url.clone(), core.region);
             let started = Instant::now();
-            let chunk = tokio::task::spawn_blocking(move || {
-                prepare_chunk(
+            let mut numbers = seen.take();
+            let (chunk, numbers) = tokio::task::spawn_blocking(move || {
+                let mut chunk = prepare_chunk(
                     batch_id,
                     &template,
                     url.as_deref(),
@@ -109,10 +115,22 @@ pub async fn run(deps: Deps, batch: Batch, gate: Arc<Gate>) -> Result<StepEnd, P
                     partitions,
                     max_segments,
                     rows,
-                )
+                );
+                if let Some(numbers) = numbers.as_mut() {
+                    chunk.repeats = Some(
+                        chunk
+                            .messages
+                            .iter()
+                            .filter(|m| numbers.insert(&m.phone))
+                            .map(|m| m.phone.clone())
+                            .collect(),
+                    );
+                }
+                (chunk, numbers)
             })
             .await
             .map_err(|e| PreparationError::Join(e.to_string()))?;
+            seen = numbers;
             preparing.inc_by(started.elapsed().as_secs_f64());
             if tx.send((first, chunk)).await.is_err() {
                 // The writers stopped.
@@ -192,6 +210,7 @@ pub fn prepare_chunk(
         last_recipient_id: rows.last().map(|r| r.id).unwrap_or(0),
         processed: rows.len() as i64,
         invalid: 0,
+        repeats: None,
     };
     for row in rows {
         let Ok(phone) = E164Phone::parse(&row.phone, region) else {

@@ -41,6 +41,7 @@ macro_rules! string_enum {
 
 pub mod batch;
 pub mod phone;
+pub mod seen;
 pub mod sms;
 pub mod state;
 pub mod template;

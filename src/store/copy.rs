@@ -112,12 +112,13 @@ async fn copy_in<E: Send>(
 /// main pool.
 const COPY_POOL_SIZE: usize = 4;
 
-/// The numbers of a chunk that opted out (`true`) or that the batch already has (`false`): the
-/// rows `ON CONFLICT` would have dropped, found before the `COPY`, which has no such clause.
+/// The numbers of a chunk that opted out (`true`, of all its numbers, `$2`) or that the batch
+/// already has (`false`, of those that may repeat one, `$3`): the rows `ON CONFLICT` would have
+/// dropped, found before the `COPY`, which has no such clause.
 const LOOKUP_NUMBERS: &str = "\
     SELECT phone, true FROM opt_outs WHERE phone = ANY($2) \
     UNION ALL \
-    SELECT phone, false FROM messages WHERE batch_id = $1 AND phone = ANY($2)";
+    SELECT phone, false FROM messages WHERE batch_id = $1 AND phone = ANY($3)";
 
 const COPY_MESSAGES: &str = "\
     COPY messages (batch_id, partition, recipient_id, phone, body, encoding, segments, \
@@ -171,7 +172,10 @@ impl Manager for CopyManager {
             }
         });
         let lookup = client
-            .prepare_typed(LOOKUP_NUMBERS, &[Type::INT8, Type::TEXT_ARRAY])
+            .prepare_typed(
+                LOOKUP_NUMBERS,
+                &[Type::INT8, Type::TEXT_ARRAY, Type::TEXT_ARRAY],
+            )
             .await?;
         let int8 = Type::INT8;
         let record = client
@@ -228,9 +232,10 @@ impl From<PoolError<tokio_postgres::Error>> for StoreError {
 
 /// `Store::write_prepared_chunk_beside` on PostgreSQL, by `COPY`: in one transaction, the
 /// chunk's numbers looked up (opted out, or already in the batch), the rest copied in, and the
-/// chunk recorded (`RECORD_CHUNK_PG`). `Ok(None)` when the `COPY` met a number that another
-/// writer committed after the lookup: nothing is written, and the caller writes the chunk again
-/// with `ON CONFLICT`, which waits for such rows and drops them.
+/// chunk recorded (`RECORD_CHUNK_PG`). `Ok(None)` when the `COPY` met a number already stored:
+/// one that another writer committed after the lookup, or one that `chunk.repeats` wrongly left
+/// out. Nothing is written then, and the caller writes the chunk again with `ON CONFLICT`,
+/// which waits for such rows and drops them.
 pub(super) async fn write_chunk(
     pool: &CopyPool,
     batch_id: i64,
@@ -247,6 +252,14 @@ pub(super) async fn write_chunk(
         .sort_unstable_by(|a, b| (&a.phone, a.recipient_id).cmp(&(&b.phone, b.recipient_id)));
     let mut phones: Vec<&str> = chunk.messages.iter().map(|m| m.phone.as_str()).collect();
     phones.dedup();
+    let repeats: Vec<&str> = match &chunk.repeats {
+        Some(repeats) => phones
+            .iter()
+            .copied()
+            .filter(|p| repeats.contains(*p))
+            .collect(),
+        None => phones.clone(),
+    };
 
     conn.in_transaction = true;
     // A chunk and its checkpoint commit together: the commit need not wait for the disk (see
@@ -254,7 +267,10 @@ pub(super) async fn write_chunk(
     conn.client
         .batch_execute("BEGIN; SET LOCAL synchronous_commit = off")
         .await?;
-    let found = conn.client.query(&conn.lookup, &[&batch_id, &phones]).await;
+    let found = conn
+        .client
+        .query(&conn.lookup, &[&batch_id, &phones, &repeats])
+        .await;
     let found = match found {
         Ok(rows) => rows,
         Err(e) => return Err(rollback(conn, e).await),

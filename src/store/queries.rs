@@ -1,6 +1,6 @@
 //! Every query of the service. Handlers and actors call these functions; none of them builds SQL.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 
 use chrono::NaiveDateTime;
 use diesel::prelude::*;
@@ -101,6 +101,10 @@ pub struct PreparedChunk {
     pub processed: i64,
     /// Recipients with an invalid number or a template that could not be rendered.
     pub invalid: i64,
+    /// The chunk's numbers that may repeat one the batch already has (the others certainly do
+    /// not: preparation's `SeenNumbers` has seen every number written since the batch had none).
+    /// `None` when that cannot be told, as in a run continued after a restart: every number may.
+    pub repeats: Option<HashSet<String>>,
 }
 
 /// What writing a prepared chunk did.
