@@ -5,7 +5,7 @@
 //! for a fraction of what the same row costs as an `INSERT … SELECT unnest(…)`, and both are
 //! bound by PostgreSQL's work per row.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::pin::pin;
 use std::time::Duration;
 
@@ -17,7 +17,7 @@ use tokio_postgres::types::Type;
 
 use super::StoreError;
 use super::bulk::RECORD_CHUNK_PG;
-use super::queries::{ChunkWritten, ImportError, PreparedChunk, UploadChunk, now};
+use super::queries::{ChunkWritten, ImportError, PreparedChunk, UploadChunk, now, tally_inserted};
 
 const COPY_RECIPIENTS: &str = "COPY recipients (batch_id, phone, vars) FROM STDIN (FORMAT binary)";
 
@@ -223,10 +223,7 @@ impl Manager for CopyManager {
 
 impl From<PoolError<tokio_postgres::Error>> for StoreError {
     fn from(e: PoolError<tokio_postgres::Error>) -> Self {
-        match e {
-            PoolError::Backend(e) => StoreError::Pool(e.to_string()),
-            e => StoreError::Pool(e.to_string()),
-        }
+        StoreError::Pool(e.to_string())
     }
 }
 
@@ -252,14 +249,13 @@ pub(super) async fn write_chunk(
         .sort_unstable_by(|a, b| (&a.phone, a.recipient_id).cmp(&(&b.phone, b.recipient_id)));
     let mut phones: Vec<&str> = chunk.messages.iter().map(|m| m.phone.as_str()).collect();
     phones.dedup();
-    let repeats: Vec<&str> = match &chunk.repeats {
-        Some(repeats) => phones
+    let repeats: Option<Vec<&str>> = chunk.repeats.as_ref().map(|repeats| {
+        phones
             .iter()
             .copied()
             .filter(|p| repeats.contains(*p))
-            .collect(),
-        None => phones.clone(),
-    };
+            .collect()
+    });
 
     conn.in_transaction = true;
     // A chunk and its checkpoint commit together: the commit need not wait for the disk (see
@@ -269,7 +265,10 @@ pub(super) async fn write_chunk(
         .await?;
     let found = conn
         .client
-        .query(&conn.lookup, &[&batch_id, &phones, &repeats])
+        .query(
+            &conn.lookup,
+            &[&batch_id, &phones, repeats.as_ref().unwrap_or(&phones)],
+        )
         .await;
     let found = match found {
         Ok(rows) => rows,
@@ -304,19 +303,13 @@ pub(super) async fn write_chunk(
                 batch_id,
                 "a chunk's number was committed by another writer meanwhile"
             );
-            conn.client.batch_execute("ROLLBACK").await?;
-            conn.in_transaction = false;
+            conn.end("ROLLBACK").await?;
             return Ok(None);
         }
         Err(e) => return Err(rollback(conn, e).await),
     }
 
-    let mut per_partition: BTreeMap<i32, i64> = BTreeMap::new();
-    let mut segments = 0i64;
-    for m in &rows {
-        *per_partition.entry(m.partition).or_default() += 1;
-        segments += i64::from(m.segments);
-    }
+    let (per_partition, segments) = tally_inserted(rows.iter().map(|m| (m.partition, m.segments)));
     let inserted = rows.len() as i64;
     let duplicates = kept - inserted;
     let (idx, counts): (Vec<i32>, Vec<i64>) = per_partition.into_iter().unzip();
@@ -346,8 +339,7 @@ pub(super) async fn write_chunk(
     if let Err(e) = recorded {
         return Err(rollback(conn, e).await);
     }
-    conn.client.batch_execute("COMMIT").await?;
-    conn.in_transaction = false;
+    conn.end("COMMIT").await?;
     Ok(Some(ChunkWritten {
         inserted,
         duplicates,
@@ -399,9 +391,7 @@ async fn copy_messages(
 /// Ends a failed chunk's transaction and answers its error; a connection that cannot even roll
 /// back stays marked inside its transaction, and `Taken` closes it.
 async fn rollback(mut conn: Taken, e: tokio_postgres::Error) -> StoreError {
-    if conn.client.batch_execute("ROLLBACK").await.is_ok() {
-        conn.in_transaction = false;
-    }
+    let _ = conn.end("ROLLBACK").await;
     e.into()
 }
 
@@ -411,6 +401,16 @@ async fn rollback(mut conn: Taken, e: tokio_postgres::Error) -> StoreError {
 /// releases its locks at once, not when the pool next hands the connection out, which would be
 /// after the pause they could hold up.
 struct Taken(Option<Object<CopyManager>>);
+
+impl Taken {
+    /// Ends the chunk's transaction with `COMMIT` or `ROLLBACK`; until that succeeds the
+    /// connection stays marked inside it.
+    async fn end(&mut self, how: &str) -> Result<(), tokio_postgres::Error> {
+        self.client.batch_execute(how).await?;
+        self.in_transaction = false;
+        Ok(())
+    }
+}
 
 impl Drop for Taken {
     fn drop(&mut self) {

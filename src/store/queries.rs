@@ -107,6 +107,20 @@ pub struct PreparedChunk {
     pub repeats: Option<HashSet<String>>,
 }
 
+/// The (partition, segments) of a chunk's inserted messages, tallied for its record: messages
+/// per partition, in partition order (`ChunkRecord::per_partition`), and segments in all.
+pub(super) fn tally_inserted(
+    inserted: impl IntoIterator<Item = (i32, i32)>,
+) -> (Vec<(i32, i64)>, i64) {
+    let mut per_partition: BTreeMap<i32, i64> = BTreeMap::new();
+    let mut segments = 0i64;
+    for (partition, segs) in inserted {
+        *per_partition.entry(partition).or_default() += 1;
+        segments += i64::from(segs);
+    }
+    (per_partition.into_iter().collect(), segments)
+}
+
 /// What writing a prepared chunk did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct ChunkWritten {
@@ -517,19 +531,14 @@ impl Store {
                 .collect();
             let kept = keep.len() as i64;
             let opted_out = candidates - kept;
-            let mut per_partition: BTreeMap<i32, i64> = BTreeMap::new();
-            let mut segments = 0i64;
             // Bulk inserts have no bind limit to respect (arrays on PostgreSQL, one row per
             // statement on SQLite): the chunk goes in one call.
-            for (partition, segs) in conn.insert_messages(keep).await? {
-                *per_partition.entry(partition).or_default() += 1;
-                segments += i64::from(segs);
-            }
-            let inserted: i64 = per_partition.values().sum();
+            let (per_partition, segments) = tally_inserted(conn.insert_messages(keep).await?);
+            let inserted: i64 = per_partition.iter().map(|&(_, n)| n).sum();
             let duplicates = kept - inserted;
             conn.record_chunk(ChunkRecord {
                 batch_id,
-                per_partition: per_partition.into_iter().collect(),
+                per_partition,
                 processed: chunk.processed,
                 valid: inserted,
                 invalid: chunk.invalid,
