@@ -62,6 +62,12 @@ on_both_backends!(prepared_chunks_drop_duplicates_and_opt_outs
 on_both_backends!(chunks_written_side_by_side_keep_the_checkpoint_exact
     => chunks_written_side_by_side_keep_the_checkpoint_exact_sqlite,
        chunks_written_side_by_side_keep_the_checkpoint_exact_postgres);
+on_both_backends!(only_the_newest_preparation_run_records_chunks
+    => only_the_newest_preparation_run_records_chunks_sqlite,
+       only_the_newest_preparation_run_records_chunks_postgres);
+on_both_backends!(batch_tally_counts_rows_and_counters
+    => batch_tally_counts_rows_and_counters_sqlite,
+       batch_tally_counts_rows_and_counters_postgres);
 on_both_backends!(numbers_shared_by_chunks_written_side_by_side_are_kept_once
     => numbers_shared_by_chunks_written_side_by_side_are_kept_once_sqlite,
        numbers_shared_by_chunks_written_side_by_side_are_kept_once_postgres);
@@ -1077,9 +1083,10 @@ async fn chunks_written_side_by_side_keep_the_checkpoint_exact(store: Store) {
         let store = store.clone();
         async move { store.checkpoint(batch.id, "preparation").await.expect("cp") }
     };
+    let run = store.begin_preparation_run(batch.id).await.expect("run");
     // The second chunk (recipients 4..=6) commits first, when nothing was known committed.
     store
-        .write_prepared_chunk_beside(batch.id, chunk(&[3, 4, 5]), Some(r[3]), 0)
+        .write_prepared_chunk_beside(batch.id, chunk(&[3, 4, 5]), run, Some(r[3]), 0)
         .await
         .expect("second chunk");
     assert_eq!(checkpoint().await, 0);
@@ -1092,7 +1099,7 @@ async fn chunks_written_side_by_side_keep_the_checkpoint_exact(store: Store) {
     );
     // Then the first (1..=3).
     store
-        .write_prepared_chunk_beside(batch.id, chunk(&[0, 1, 2]), Some(r[0]), 0)
+        .write_prepared_chunk_beside(batch.id, chunk(&[0, 1, 2]), run, Some(r[0]), 0)
         .await
         .expect("first chunk");
     assert_eq!(
@@ -1105,7 +1112,7 @@ async fn chunks_written_side_by_side_keep_the_checkpoint_exact(store: Store) {
     // The third (7..=9) starts knowing both committed: the checkpoint moves past them, and
     // their ranges are forgotten.
     store
-        .write_prepared_chunk_beside(batch.id, chunk(&[6, 7, 8]), Some(r[6]), r[5])
+        .write_prepared_chunk_beside(batch.id, chunk(&[6, 7, 8]), run, Some(r[6]), r[5])
         .await
         .expect("third chunk");
     assert_eq!(checkpoint().await, r[5]);
@@ -1118,12 +1125,166 @@ async fn chunks_written_side_by_side_keep_the_checkpoint_exact(store: Store) {
     );
     // A chunk that started earlier and commits last does not move the checkpoint back.
     store
-        .write_prepared_chunk_beside(batch.id, PreparedChunk::default(), None, r[2])
+        .write_prepared_chunk_beside(batch.id, PreparedChunk::default(), run, None, r[2])
         .await
         .expect("late chunk");
     assert_eq!(checkpoint().await, r[5]);
     let b = store.batch(batch.id).await.expect("batch");
     assert_eq!((b.processed, b.valid, b.duplicates), (9, 9, 0));
+}
+
+/// Only the newest run of a batch's preparation records chunks: a chunk of an earlier run (one
+/// stopped, aborted or running on an instance that lost the batch) is refused whole — no
+/// message, counter, range or checkpoint of it stays — and so is its checkpoint's advance.
+async fn only_the_newest_preparation_run_records_chunks(store: Store) {
+    let phone = |n: u32| format!("+8613910000{n:03}");
+    let (batch, r) = batch_with_recipients(&store, "runs", 2, (1..=6).map(phone).collect()).await;
+    let chunk = |ids: &[usize]| PreparedChunk {
+        messages: ids
+            .iter()
+            .map(|&i| message(batch.id, (i % 2) as i32, r[i], &phone(i as u32 + 1), 1))
+            .collect(),
+        last_recipient_id: r[*ids.last().expect("ids")],
+        processed: ids.len() as i64,
+        invalid: 0,
+        repeats: None,
+    };
+    let first = store.begin_preparation_run(batch.id).await.expect("run");
+    let second = store.begin_preparation_run(batch.id).await.expect("run");
+    assert_eq!(second, first + 1, "each run takes the next number");
+    store
+        .write_prepared_chunk_beside(batch.id, chunk(&[0, 1, 2]), second, Some(r[0]), 0)
+        .await
+        .expect("the newest run writes");
+    let refused = store
+        .write_prepared_chunk_beside(batch.id, chunk(&[3, 4, 5]), first, Some(r[3]), r[2])
+        .await;
+    assert!(
+        matches!(refused, Err(StoreError::Superseded(id)) if id == batch.id),
+        "{refused:?}"
+    );
+    let b = store.batch(batch.id).await.expect("batch");
+    assert_eq!((b.processed, b.valid, b.segments), (3, 3, 3));
+    let tally = store.batch_tally(batch.id).await.expect("tally");
+    assert_eq!((tally.messages.pending, tally.partition_total), (3, 3));
+    assert_eq!(
+        store
+            .chunks_written_after(batch.id, 0)
+            .await
+            .expect("ranges"),
+        vec![(r[0], r[2])],
+        "the refused chunk left no range"
+    );
+    assert!(matches!(
+        store.advance_checkpoint(batch.id, first, r[2]).await,
+        Err(StoreError::Superseded(_))
+    ));
+    assert_eq!(
+        store.checkpoint(batch.id, "preparation").await.expect("cp"),
+        0
+    );
+
+    // The newest run moves its checkpoint past its committed chunk, forward only.
+    store
+        .advance_checkpoint(batch.id, second, r[2])
+        .await
+        .expect("advance");
+    store
+        .advance_checkpoint(batch.id, second, r[1])
+        .await
+        .expect("advance behind");
+    assert_eq!(
+        store.checkpoint(batch.id, "preparation").await.expect("cp"),
+        r[2]
+    );
+    assert!(
+        store
+            .chunks_written_after(batch.id, 0)
+            .await
+            .expect("ranges")
+            .is_empty(),
+        "the passed range is forgotten"
+    );
+    // The plain write takes the newest run.
+    store
+        .write_prepared_chunk(batch.id, chunk(&[3, 4, 5]))
+        .await
+        .expect("write as the newest run");
+    let tally = store.batch_tally(batch.id).await.expect("tally");
+    assert_eq!(tally.last_recipient_id, Some(r[5]));
+    assert_eq!(tally.checkpoint, r[5]);
+    assert_eq!((tally.counters.processed, tally.counters.valid), (6, 6));
+    assert_eq!((tally.messages.total(), tally.partition_total), (6, 6));
+    assert_eq!(
+        tally.preparation_verdict(),
+        smsbatch::domain::counts::Verdict::Holds,
+        "{tally:?}"
+    );
+}
+
+/// A batch's tally counts the message rows themselves by status, beside the partitions'
+/// counters.
+async fn batch_tally_counts_rows_and_counters(store: Store) {
+    use smsbatch::domain::counts::{ByStatus, Verdict};
+    let phone = |n: u32| format!("+8613920000{n:03}");
+    let (batch, r) = batch_with_recipients(&store, "tally", 1, (1..=4).map(phone).collect()).await;
+    store
+        .write_prepared_chunk(
+            batch.id,
+            PreparedChunk {
+                messages: (0..4)
+                    .map(|i| message(batch.id, 0, r[i], &phone(i as u32 + 1), 1))
+                    .collect(),
+                last_recipient_id: r[3],
+                processed: 4,
+                invalid: 0,
+                repeats: None,
+            },
+        )
+        .await
+        .expect("chunk");
+    let claimed = store
+        .claim(batch.id, 0, 0, i64::MAX, 3, "instance-a")
+        .await
+        .expect("claim");
+    assert_eq!(claimed.len(), 3);
+    let tally = store.batch_tally(batch.id).await.expect("tally");
+    assert_eq!(
+        tally.messages,
+        ByStatus {
+            pending: 1,
+            sending: 3,
+            ..ByStatus::default()
+        }
+    );
+    assert!(
+        matches!(tally.delivery_verdict(), Verdict::Broken(ref why) if why.contains("1 messages are still pending and 3 sending")),
+        "{:?}",
+        tally.delivery_verdict()
+    );
+    store
+        .record_outcomes(
+            batch.id,
+            0,
+            &Outcomes {
+                sent: vec![(claimed[0].id, Some("p-1".into())), (claimed[1].id, None)],
+                failed: vec![(claimed[2].id, "refused".into())],
+                ..Outcomes::default()
+            },
+        )
+        .await
+        .expect("outcomes");
+    store.cancel_pending(batch.id, 1).await.expect("cancel");
+    let tally = store.batch_tally(batch.id).await.expect("tally");
+    let done = ByStatus {
+        sent: 2,
+        failed: 1,
+        cancelled: 1,
+        ..ByStatus::default()
+    };
+    assert_eq!((tally.messages, tally.partitions), (done, done));
+    assert_eq!(tally.partition_total, 4);
+    assert_eq!(tally.delivery_verdict(), Verdict::Holds, "{tally:?}");
 }
 
 async fn prepared_chunks_drop_duplicates_and_opt_outs(store: Store) {
@@ -1346,6 +1507,7 @@ async fn numbers_shared_by_chunks_written_side_by_side_are_kept_once(store: Stor
         invalid: 0,
         repeats: None,
     };
+    let run = store.begin_preparation_run(batch.id).await.expect("run");
     let mut done_up_to = 0;
     for round in 0..ROUNDS {
         let start = round * per_round;
@@ -1354,12 +1516,14 @@ async fn numbers_shared_by_chunks_written_side_by_side_are_kept_once(store: Stor
             store.write_prepared_chunk_beside(
                 batch.id,
                 chunk(start, a_end),
+                run,
                 Some(r[start]),
                 done_up_to
             ),
             store.write_prepared_chunk_beside(
                 batch.id,
                 chunk(a_end, b_end),
+                run,
                 Some(r[a_end]),
                 done_up_to
             ),
@@ -1473,6 +1637,25 @@ async fn write_held_up(
     write
 }
 
+/// A chunk of a batch's first three recipients `r`, numbered `phone(1)`..`phone(3)`, in
+/// partition 0 with `segments` each.
+fn three_numbers(
+    batch_id: i64,
+    r: &[i64],
+    phone: impl Fn(u32) -> String,
+    segments: i32,
+) -> PreparedChunk {
+    PreparedChunk {
+        messages: (0..3)
+            .map(|i| message(batch_id, 0, r[i], &phone(i as u32 + 1), segments))
+            .collect(),
+        last_recipient_id: r[2],
+        processed: 3,
+        invalid: 0,
+        repeats: None,
+    }
+}
+
 /// Another writer's uncommitted row for `phone` (one segment), in a transaction left open on
 /// `other`.
 async fn hold_number(
@@ -1504,15 +1687,7 @@ fn a_number_committed_while_a_chunk_is_copied_is_kept_once_postgres() {
         let (other, driver) = own_connection(&url).await;
         let (observer, observer_driver) = own_connection(&url).await;
         hold_number(&other, batch.id, r[2], &phone(3)).await;
-        let chunk = PreparedChunk {
-            messages: (0..3)
-                .map(|i| message(batch.id, 0, r[i], &phone(i as u32 + 1), 2))
-                .collect(),
-            last_recipient_id: r[2],
-            processed: 3,
-            invalid: 0,
-            repeats: None,
-        };
+        let chunk = three_numbers(batch.id, &r, phone, 2);
         // The chunk's write waits on the other writer's uncommitted number.
         let write = write_held_up(&store, &observer, batch.id, chunk).await;
         other.batch_execute("COMMIT").await.expect("commit");
@@ -1547,6 +1722,102 @@ fn a_number_committed_while_a_chunk_is_copied_is_kept_once_postgres() {
     });
 }
 
+/// A run that starts while a chunk of the run before it is being written on PostgreSQL: the
+/// chunk, held up on another writer's number, finds a newer run when it comes to record itself,
+/// and rolls back whole. The new run, reading the checkpoint, has nothing behind its back.
+#[test]
+fn a_chunk_of_an_earlier_run_is_rolled_back_postgres() {
+    store_support::run_with_url(Backend::Postgres, |store, url| async move {
+        let phone = |n: u32| format!("+8613400000{n:03}");
+        let (batch, r) =
+            batch_with_recipients(&store, "stale-run", 1, (1..=3).map(phone).collect()).await;
+        let (other, driver) = own_connection(&url).await;
+        let (observer, observer_driver) = own_connection(&url).await;
+        hold_number(&other, batch.id, r[2], &phone(3)).await;
+        let chunk = three_numbers(batch.id, &r, phone, 1);
+        let stale = write_held_up(&store, &observer, batch.id, chunk).await;
+        store
+            .begin_preparation_run(batch.id)
+            .await
+            .expect("a new run starts while the chunk waits");
+        other.batch_execute("ROLLBACK").await.expect("rollback");
+        let refused = stale.await.expect("the write task");
+        assert!(
+            matches!(refused, Err(StoreError::Superseded(_))),
+            "{refused:?}"
+        );
+        assert!(all_messages(&store, batch.id).await.is_empty());
+        let b = store.batch(batch.id).await.expect("batch");
+        assert_eq!((b.processed, b.valid, b.segments), (0, 0, 0));
+        assert_eq!(
+            store.checkpoint(batch.id, "preparation").await.expect("cp"),
+            0
+        );
+        drop((other, observer));
+        driver.await.expect("driver").expect("connection");
+        observer_driver.await.expect("driver").expect("connection");
+    });
+}
+
+/// A run that starts while a chunk of the run before it is recording itself on PostgreSQL
+/// (both wait on the batch's row): whichever goes first, the new run never reads a checkpoint
+/// that the old chunk moves afterwards. Either the chunk commits first and the checkpoint read
+/// after the new run's start includes it, or it finds the newer run and stores nothing.
+#[test]
+fn a_run_starting_beside_a_recording_chunk_sees_it_or_stops_it_postgres() {
+    store_support::run_with_url(Backend::Postgres, |store, url| async move {
+        let phone = |n: u32| format!("+8613300000{n:03}");
+        let (batch, r) =
+            batch_with_recipients(&store, "recording", 1, (1..=3).map(phone).collect()).await;
+        let (other, driver) = own_connection(&url).await;
+        let (observer, observer_driver) = own_connection(&url).await;
+        // Another session holds the batch's row: the chunk's record waits for it.
+        other.batch_execute("BEGIN").await.expect("begin");
+        other
+            .execute(
+                "SELECT 1 FROM batches WHERE id = $1 FOR UPDATE",
+                &[&batch.id],
+            )
+            .await
+            .expect("lock the batch row");
+        let chunk = three_numbers(batch.id, &r, phone, 1);
+        let old = write_held_up(&store, &observer, batch.id, chunk).await;
+        let new_run = tokio::spawn({
+            let store = store.clone();
+            async move {
+                store.begin_preparation_run(batch.id).await.expect("run");
+                store.checkpoint(batch.id, "preparation").await.expect("cp")
+            }
+        });
+        wait_for_sessions(
+            &observer,
+            "wait_event_type = 'Lock'",
+            |n| n >= 2,
+            "the new run never waited on the batch's row",
+        )
+        .await;
+        other.batch_execute("COMMIT").await.expect("commit");
+        let written = old.await.expect("the write task");
+        let checkpoint = new_run.await.expect("the run task");
+        let b = store.batch(batch.id).await.expect("batch");
+        match written {
+            Ok(_) => {
+                assert_eq!(checkpoint, r[2], "the new run reads the chunk's checkpoint");
+                assert_eq!((b.processed, b.valid), (3, 3));
+            }
+            Err(StoreError::Superseded(_)) => {
+                assert_eq!(checkpoint, 0);
+                assert_eq!((b.processed, b.valid), (0, 0));
+                assert!(all_messages(&store, batch.id).await.is_empty());
+            }
+            Err(e) => panic!("the chunk's write failed: {e}"),
+        }
+        drop((other, observer));
+        driver.await.expect("driver").expect("connection");
+        observer_driver.await.expect("driver").expect("connection");
+    });
+}
+
 /// A chunk's write on PostgreSQL dropped half-way (its writer stopped, as a pause stops
 /// preparation) ends its transaction there and then: no session is left holding what it had
 /// written, and the chunk written again is stored whole.
@@ -1556,15 +1827,7 @@ fn a_chunk_write_dropped_half_way_leaves_no_transaction_behind_postgres() {
         let phone = |n: u32| format!("+8613500000{n:03}");
         let (batch, r) =
             batch_with_recipients(&store, "copy-dropped", 1, (1..=3).map(phone).collect()).await;
-        let chunk = || PreparedChunk {
-            messages: (0..3)
-                .map(|i| message(batch.id, 0, r[i], &phone(i as u32 + 1), 1))
-                .collect(),
-            last_recipient_id: r[2],
-            processed: 3,
-            invalid: 0,
-            repeats: None,
-        };
+        let chunk = || three_numbers(batch.id, &r, phone, 1);
         let (other, driver) = own_connection(&url).await;
         let (observer, observer_driver) = own_connection(&url).await;
         // Holds the third number, so that the chunk's write stops half-way and waits.

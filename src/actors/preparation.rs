@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Instant;
 
+use futures_util::stream::FuturesOrdered;
 use futures_util::{StreamExt, TryFutureExt};
 
 use super::gates::Gate;
@@ -16,7 +17,7 @@ use crate::domain::seen::SeenNumbers;
 use crate::domain::sms::analyze;
 use crate::domain::template::Template;
 use crate::store::models::{Batch, NewMessage, Recipient};
-use crate::store::{Backend, PreparedChunk, StoreError};
+use crate::store::{Backend, ChunkWritten, PreparedChunk, StoreError};
 
 /// Chunks read and prepared ahead of those being written.
 const AHEAD: usize = 2;
@@ -44,9 +45,39 @@ impl PreparationError {
     pub fn is_unavailable(&self) -> bool {
         matches!(self, PreparationError::Store(e) if e.is_unavailable())
     }
+
+    /// True when a newer run of the batch's preparation started (`StoreError::Superseded`).
+    pub fn is_superseded(&self) -> bool {
+        matches!(self, PreparationError::Store(StoreError::Superseded(_)))
+    }
+}
+
+/// How the reader of a run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Read {
+    /// It read the batch's last recipient; its id (the run's start if there was none to read).
+    End(i64),
+    /// It stopped before: the gate closed, or the writers stopped taking chunks.
+    Stopped,
+}
+
+/// How the writers of a run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Written {
+    /// Every chunk the reader sent is committed.
+    All,
+    /// The gate closed: the chunks being written were finished, no more were taken.
+    Stopped,
 }
 
 /// Runs (or continues) preparation of a batch until it is done or the gate closes.
+///
+/// The run starts by taking the batch's next run number (`Store::begin_preparation_run`), then
+/// continues from the committed checkpoint. When the gate closes, no new chunk is taken, and
+/// the chunks already being written are finished (committed, or rolled back on an error) before
+/// the run returns: once it has, nothing of it is still writing, and the next run starts from a
+/// checkpoint that will not move behind its back. The run is `Finished` only when its reader
+/// read the last recipient and every chunk it read is committed.
 #[tracing::instrument(skip_all, fields(batch_id = %batch.public_id, step = "preparation"), err)]
 pub async fn run(deps: Deps, batch: Batch, gate: Arc<Gate>) -> Result<StepEnd, PreparationError> {
     let core = &deps.core;
@@ -59,15 +90,19 @@ pub async fn run(deps: Deps, batch: Batch, gate: Arc<Gate>) -> Result<StepEnd, P
     let chunk_size = core.settings.smsbatch.batch_size as i64;
     let max_segments = core.settings.http.max_segments;
     let store = &core.store;
-    let start = store.checkpoint(batch.id, "preparation").await?;
+    let batch_id = batch.id;
+    // First the run's number, then the checkpoint: a chunk of an earlier run is either
+    // committed before the number changes, and counted in the checkpoint read after, or it
+    // finds the number changed and rolls back.
+    let run = store.begin_preparation_run(batch_id).await?;
+    let start = store.checkpoint(batch_id, "preparation").await?;
     // SQLite has one writer at a time anyway.
     let writers = match store.backend() {
         Backend::Postgres => WRITERS,
         Backend::Sqlite => 1,
     };
     // Chunks that writers side by side committed ahead of the checkpoint before a restart.
-    let written = store.chunks_written_after(batch.id, start).await?;
-    let batch_id = batch.id;
+    let written = store.chunks_written_after(batch_id, start).await?;
     // A run that starts on a batch with no messages yet sees every number written: PostgreSQL's
     // chunks then look up, of their numbers, only those this run may have seen before.
     let mut seen = (store.backend() == Backend::Postgres && start == 0 && written.is_empty())
@@ -86,13 +121,13 @@ pub async fn run(deps: Deps, batch: Batch, gate: Arc<Gate>) -> Result<StepEnd, P
         let mut after = start;
         loop {
             if !gate.is_open() {
-                return Ok::<_, PreparationError>(());
+                return Ok::<_, PreparationError>(Read::Stopped);
             }
             let started = Instant::now();
             let rows = store.recipients_after(batch_id, after, chunk_size).await?;
             reading.inc_by(started.elapsed().as_secs_f64());
             let Some(last) = rows.last().map(|r| r.id) else {
-                return Ok(());
+                return Ok(Read::End(after));
             };
             after = last;
             // After a restart, recipients of chunks committed ahead of the checkpoint are done.
@@ -132,9 +167,9 @@ pub async fn run(deps: Deps, batch: Batch, gate: Arc<Gate>) -> Result<StepEnd, P
             .map_err(|e| PreparationError::Join(e.to_string()))?;
             seen = numbers;
             preparing.inc_by(started.elapsed().as_secs_f64());
+            // Fails once the writers closed the channel: they stopped taking chunks.
             if tx.send((first, chunk)).await.is_err() {
-                // The writers stopped.
-                return Ok(());
+                return Ok(Read::Stopped);
             }
         }
     };
@@ -142,53 +177,92 @@ pub async fn run(deps: Deps, batch: Batch, gate: Arc<Gate>) -> Result<StepEnd, P
     // Up to `writers` chunks are written at once, each in its own transaction; results come
     // back in chunk order, which tells how far every chunk is committed (the checkpoint).
     let done_up_to = AtomicI64::new(start);
-    let writes = futures_util::stream::poll_fn(|cx| rx.poll_recv(cx))
-        .map(|(first, chunk)| {
-            let last = chunk.last_recipient_id;
-            let invalid = chunk.invalid;
-            let (range, checkpoint) = if writers > 1 {
-                (Some(first), done_up_to.load(Ordering::Acquire))
-            } else {
-                (None, last)
-            };
-            let writing = writing.clone();
-            let started = Instant::now();
-            store
-                .write_prepared_chunk_beside(batch_id, chunk, range, checkpoint)
-                .map_ok(move |written| {
-                    writing.inc_by(started.elapsed().as_secs_f64());
-                    (last, invalid, written)
-                })
-        })
-        .buffered(writers);
+    let write = |first: i64, chunk: PreparedChunk| {
+        let last = chunk.last_recipient_id;
+        let invalid = chunk.invalid;
+        let (range, checkpoint) = if writers > 1 {
+            (Some(first), done_up_to.load(Ordering::Acquire))
+        } else {
+            (None, last)
+        };
+        let writing = writing.clone();
+        let started = Instant::now();
+        store
+            .write_prepared_chunk_beside(batch_id, chunk, run, range, checkpoint)
+            .map_ok(move |written| {
+                writing.inc_by(started.elapsed().as_secs_f64());
+                (last, invalid, written)
+            })
+    };
     let writer = async {
-        let mut writes = std::pin::pin!(writes);
+        let mut in_flight = FuturesOrdered::new();
+        // Taking chunks until the gate closes, a write fails or the reader ends.
+        let mut taking = true;
+        let mut outcome: Result<Written, PreparationError> = Ok(Written::All);
         loop {
-            if !gate.is_open() {
-                return Ok::<_, PreparationError>(StepEnd::Stopped);
+            tokio::select! {
+                // A chunk written (in chunk order) is counted before anything else is looked at.
+                biased;
+                Some(result) = in_flight.next(), if !in_flight.is_empty() => match result {
+                    Ok((last, invalid, written)) => {
+                        done_up_to.store(last, Ordering::Release);
+                        count_rows(core, invalid, &written);
+                    }
+                    Err(e) => {
+                        // The other chunks being written still finish: nothing is dropped
+                        // half-way.
+                        if outcome.is_ok() {
+                            outcome = Err(PreparationError::from(e));
+                        }
+                        taking = false;
+                        rx.close();
+                    }
+                },
+                () = gate.closed(), if taking => {
+                    taking = false;
+                    outcome = Ok(Written::Stopped);
+                    // The reader's next send fails, however the gate moves from now on.
+                    rx.close();
+                }
+                next = rx.recv(), if taking && in_flight.len() < writers => match next {
+                    Some((first, chunk)) => in_flight.push_back(write(first, chunk)),
+                    None => taking = false,
+                },
             }
-            let Some(result) = writes.next().await else {
-                return Ok(StepEnd::Finished);
-            };
-            let (last, invalid, written) = result?;
-            done_up_to.store(last, Ordering::Release);
-            let rows = &core.metrics.preparation_rows;
-            rows.with_label_values(&["valid"])
-                .inc_by(written.inserted as u64);
-            rows.with_label_values(&["invalid"]).inc_by(invalid as u64);
-            rows.with_label_values(&["duplicate"])
-                .inc_by(written.duplicates as u64);
-            rows.with_label_values(&["opted_out"])
-                .inc_by(written.opted_out as u64);
+            if !taking && in_flight.is_empty() {
+                return outcome;
+            }
         }
     };
-    let ((), end) = tokio::try_join!(reader, writer)?;
-    if end == StepEnd::Finished {
+    let (read, written) = tokio::join!(reader, writer);
+    let (read, written) = (read?, written?);
+    if let (Read::End(last_read), Written::All) = (read, written) {
+        // Every chunk up to the last recipient read is committed: the checkpoint says so, and
+        // the ranges kept for chunks committed ahead of it are gone.
+        store.advance_checkpoint(batch_id, run, last_read).await?;
         store.analyze_messages().await?;
         crate::server::release_freed_memory();
         tracing::info!(batch_id = %batch.public_id, "Preparation finished.");
+        return Ok(StepEnd::Finished);
     }
-    Ok(end)
+    // Stopped early: what is committed in chunk order is the checkpoint of the next run.
+    let committed = done_up_to.load(Ordering::Acquire);
+    if committed > start {
+        store.advance_checkpoint(batch_id, run, committed).await?;
+    }
+    Ok(StepEnd::Stopped)
+}
+
+/// Counts a written chunk's rows in the metrics.
+fn count_rows(core: &super::Core, invalid: i64, written: &ChunkWritten) {
+    let rows = &core.metrics.preparation_rows;
+    rows.with_label_values(&["valid"])
+        .inc_by(written.inserted as u64);
+    rows.with_label_values(&["invalid"]).inc_by(invalid as u64);
+    rows.with_label_values(&["duplicate"])
+        .inc_by(written.duplicates as u64);
+    rows.with_label_values(&["opted_out"])
+        .inc_by(written.opted_out as u64);
 }
 
 /// Validates and renders one chunk of recipients (pure: no I/O). A recipient is invalid when

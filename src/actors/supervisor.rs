@@ -15,6 +15,7 @@ use tokio::sync::oneshot;
 use super::gates::{Gate, GateState};
 use super::registry::SupervisorStopped;
 use super::{Deps, StepEnd, delivery, preparation};
+use crate::domain::counts::Verdict;
 use crate::domain::state::{
     BatchState, Event, Lifecycle, Step, StepStatus, TransitionError, transition,
 };
@@ -88,6 +89,9 @@ struct StepFailure {
     message: String,
     /// The database was out of reach: the step waits for it instead of counting a restart.
     unavailable: bool,
+    /// A newer run of the step started under another supervisor (another instance took the
+    /// batch over): this one lets the batch go.
+    superseded: bool,
 }
 
 impl StepFailure {
@@ -95,6 +99,28 @@ impl StepFailure {
         StepFailure {
             message,
             unavailable,
+            superseded: false,
+        }
+    }
+}
+
+/// Why the batch did something of its own accord, as its condition tells it: a CamelCase
+/// reason and a sentence.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cause {
+    /// The condition's reason (`FailureThresholdExceeded`, `RetriesExhausted`,
+    /// `CountsDoNotAddUp`).
+    pub reason: &'static str,
+    /// The condition's message (and, for a failure, the batch's and the step's `error`).
+    pub message: String,
+}
+
+impl Cause {
+    /// A cause with this reason and message.
+    pub fn new(reason: &'static str, message: impl Into<String>) -> Self {
+        Cause {
+            reason,
+            message: message.into(),
         }
     }
 }
@@ -187,7 +213,7 @@ impl BatchSupervisor {
     fn apply(
         &mut self,
         event: Event,
-        error: Option<String>,
+        cause: Option<Cause>,
     ) -> ResponseActFuture<Self, Result<Batch, ActError>> {
         let store = self.deps.core.store.clone();
         let current = self.batch.clone();
@@ -201,7 +227,7 @@ impl BatchSupervisor {
                     row = store.batch(row.id).await?;
                 }
                 for _ in 0..5 {
-                    let next = project(&row, event, error.as_deref(), restarts)?;
+                    let next = project(&row, event, cause.as_ref(), restarts)?;
                     match store
                         .save_lifecycle(row.id, row.version, &LifecycleUpdate::from(&next))
                         .await
@@ -306,7 +332,10 @@ impl BatchSupervisor {
             Step::Preparation => async move {
                 preparation::run(deps, batch, gate)
                     .await
-                    .map_err(|e| StepFailure::new(e.to_string(), e.is_unavailable()))
+                    .map_err(|e| StepFailure {
+                        superseded: e.is_superseded(),
+                        ..StepFailure::new(e.to_string(), e.is_unavailable())
+                    })
             }
             .boxed_local(),
             Step::Delivery => async move {
@@ -358,15 +387,19 @@ impl BatchSupervisor {
         let state = self.state();
         match msg.outcome {
             Ok(StepEnd::Finished) if state == BatchState::Preparing => {
-                self.restarts = 0;
-                self.apply_own(Event::Prepared, None, ctx);
+                self.verify_end(Step::Preparation, ctx);
             }
             Ok(StepEnd::Finished) if state == BatchState::Delivering => {
-                self.apply_own(Event::Delivered, None, ctx);
+                self.verify_end(Step::Delivery, ctx);
             }
             Ok(StepEnd::TooManyFailures(reason)) if state == BatchState::Delivering => {
                 tracing::warn!(batch_id = %self.batch.public_id, %reason, "Pausing the batch: too many failures.");
-                self.apply_own(Event::Pause, Some(reason), ctx);
+                let cause = Cause::new("FailureThresholdExceeded", reason);
+                self.apply_own(Event::Pause, Some(cause), ctx);
+            }
+            Err(failure) if failure.superseded => {
+                tracing::warn!(batch_id = %self.batch.public_id, error = %failure.message, "A newer run of the batch's step started under another supervisor; letting the batch go.");
+                ctx.stop();
             }
             Err(failure) if matches!(state, BatchState::Preparing | BatchState::Delivering) => {
                 // A statement cut off by an outage does not always say so: ask the database.
@@ -398,6 +431,49 @@ impl BatchSupervisor {
         }
     }
 
+    /// The running step says it finished: its end is saved only once the database's own counts
+    /// say so (`domain::counts`). Preparation with recipients left to read runs again from its
+    /// checkpoint (a restart); counts that do not add up fail the batch with a condition that
+    /// says which rule broke.
+    fn verify_end(&mut self, step: Step, ctx: &mut Context<Self>) {
+        let store = self.deps.core.store.clone();
+        let id = self.batch.id;
+        ctx.wait(
+            async move {
+                let tally = store.batch_tally(id).await?;
+                Ok::<_, StoreError>(match step {
+                    Step::Preparation => tally.preparation_verdict(),
+                    Step::Delivery => tally.delivery_verdict(),
+                })
+            }
+            .into_actor(self)
+            .map(move |verdict, act, ctx| match verdict {
+                Ok(Verdict::Holds) => {
+                    let event = match step {
+                        Step::Preparation => {
+                            act.restarts = 0;
+                            Event::Prepared
+                        }
+                        Step::Delivery => Event::Delivered,
+                    };
+                    act.apply_own(event, None, ctx);
+                }
+                Ok(Verdict::Unfinished(why)) => {
+                    tracing::error!(batch_id = %act.batch.public_id, step = step.as_str(), %why, "Step ended before its work was done.");
+                    act.step_failed(why, false, ctx);
+                }
+                Ok(Verdict::Broken(why)) => {
+                    tracing::error!(batch_id = %act.batch.public_id, step = step.as_str(), %why, "Counts do not add up; failing the batch.");
+                    act.apply_own(Event::Fail, Some(Cause::new("CountsDoNotAddUp", why)), ctx);
+                }
+                Err(e) => {
+                    let down = e.is_unavailable();
+                    act.step_failed(format!("checking the step's counts: {e}"), down, ctx);
+                }
+            }),
+        );
+    }
+
     /// The running step failed. While the database is out of reach, the step waits for it and
     /// runs again, without counting a restart: an outage stops a batch, it does not fail it.
     /// Any other failure restarts the step from its checkpoint with backoff, and fails the
@@ -411,7 +487,11 @@ impl BatchSupervisor {
             self.restarts += 1;
             if self.restarts > settings.retry_count {
                 tracing::error!(batch_id = %self.batch.public_id, %error, failures = self.restarts, "Step failed for good.");
-                self.apply_own(Event::Fail, Some(error), ctx);
+                self.apply_own(
+                    Event::Fail,
+                    Some(Cause::new("RetriesExhausted", error)),
+                    ctx,
+                );
                 return;
             }
             let backoff = Duration::from_millis(
@@ -441,9 +521,9 @@ impl BatchSupervisor {
     /// Applies an event of the batch's own (a step ended, the schedule is due). If the store
     /// cannot save it, it is tried again later, until it is saved or superseded (another
     /// transition cancels the timer): otherwise the batch would sit in a state nobody acts on.
-    fn apply_own(&mut self, event: Event, error: Option<String>, ctx: &mut Context<Self>) {
-        let again = error.clone();
-        ctx.wait(self.apply(event, error).map(move |result, act, ctx| {
+    fn apply_own(&mut self, event: Event, cause: Option<Cause>, ctx: &mut Context<Self>) {
+        let again = cause.clone();
+        ctx.wait(self.apply(event, cause).map(move |result, act, ctx| {
             if let Err(ActError::Store(_)) = result {
                 act.timer = Some(ctx.run_later(DATABASE_RETRY, move |act, ctx| {
                     act.timer = None;
@@ -572,7 +652,7 @@ impl Handler<Drain> for BatchSupervisor {
 pub fn project(
     batch: &Batch,
     event: Event,
-    error: Option<&str>,
+    cause: Option<&Cause>,
     restarts: u32,
 ) -> Result<Batch, TransitionError> {
     let from: BatchState = batch.state.parse().unwrap_or(BatchState::Initial);
@@ -640,9 +720,9 @@ pub fn project(
                 }
             }
             if event == Event::Pause {
-                match error {
+                match cause {
                     // Delivery paused the batch itself.
-                    Some(why) => set("Paused", true, "FailureThresholdExceeded", why.to_string()),
+                    Some(why) => set("Paused", true, why.reason, why.message.clone()),
                     None => set("Paused", true, "Requested", format!("paused while {from}")),
                 }
             } else {
@@ -668,7 +748,9 @@ pub fn project(
             );
         }
         Event::Fail => {
-            let message = error.unwrap_or("step failed").to_string();
+            let (reason, message) = cause.map_or(("RetriesExhausted", "step failed".into()), |c| {
+                (c.reason, c.message.clone())
+            });
             if let Some(step) = from.step() {
                 let step = step_of(&mut steps, step);
                 step.status = StepStatus::Failed.as_str().into();
@@ -676,7 +758,7 @@ pub fn project(
             }
             b.error = Some(message.clone());
             b.finished_at = Some(now);
-            set("Failed", true, "RetriesExhausted", message);
+            set("Failed", true, reason, message);
         }
         Event::Retry => {
             if let Some(step) = next.state.step() {
@@ -880,7 +962,7 @@ mod tests {
         let failed = project(
             &batch(BatchState::Preparing),
             Event::Fail,
-            Some("template: broken"),
+            Some(&Cause::new("RetriesExhausted", "template: broken")),
             4,
         )
         .expect("fail");

@@ -40,6 +40,7 @@ macro_rules! string_enum {
 }
 
 pub mod batch;
+pub mod counts;
 pub mod phone;
 pub mod seen;
 pub mod sms;

@@ -116,7 +116,7 @@ impl From<StoreError> for ApiError {
             StoreError::Conflict(id) => {
                 ApiError::InvalidTransition(format!("batch {id} changed concurrently; retry"))
             }
-            StoreError::Corrupt(_) | StoreError::Migration(_) => {
+            StoreError::Corrupt(_) | StoreError::Migration(_) | StoreError::Superseded(_) => {
                 tracing::error!(error = %e, "Store error.");
                 ApiError::Internal("internal error".into())
             }

@@ -32,8 +32,10 @@ pub(crate) trait BulkInsert {
     /// that are safe to lose whole in a crash (they are redone after it); no-op where commits do
     /// not wait for the disk anyway (SQLite in WAL mode with `synchronous=NORMAL`).
     fn commit_unflushed(&mut self) -> BoxFuture<'_, QueryResult<()>>;
-    /// Adds a written chunk to its batch's counters and moves the preparation checkpoint.
-    fn record_chunk(&mut self, record: ChunkRecord) -> BoxFuture<'_, QueryResult<()>>;
+    /// Adds a written chunk to its batch's counters and moves the preparation checkpoint, if
+    /// the chunk's run is still the batch's newest; answers whether it was (when not, nothing
+    /// is recorded and the caller rolls its transaction back).
+    fn record_chunk(&mut self, record: ChunkRecord) -> BoxFuture<'_, QueryResult<bool>>;
 }
 
 /// What a prepared chunk adds to its batch, recorded in the chunk's transaction.
@@ -55,34 +57,52 @@ pub(crate) struct ChunkRecord {
     /// Where the checkpoint moves, unless it is already further; the kept ranges it has passed
     /// are forgotten.
     pub done_up_to: i64,
+    /// The preparation run writing the chunk (`Store::begin_preparation_run`).
+    pub run: i64,
     pub at: NaiveDateTime,
 }
 
-/// `ChunkRecord` on PostgreSQL, in one statement: the partitions' totals (`$2` indexes, `$3`
-/// counts), the batch's counters (`$4`..`$9`), the chunk's range kept (`$10`, `$11`) while the
-/// checkpoint (`$12`) is behind it, the passed ranges forgotten, and the checkpoint moved forward
-/// only. The counter rows are shared by the writers side by side: locked from this statement to
-/// the commit, not across a dozen round trips.
+/// `ChunkRecord` on PostgreSQL, in one statement: the batch's counters (`$4`..`$9`) if `$14` is
+/// still its newest preparation run, the partitions' totals (`$2` indexes, `$3` counts), the
+/// chunk's range kept (`$10`, `$11`) while the checkpoint (`$12`) is behind it, the passed ranges
+/// forgotten, and the checkpoint moved forward only. Answers 1 when the run was the newest, else
+/// 0, and the caller rolls the whole transaction back.
+///
+/// The batch's row is updated first (the main query reads it; the other sub-statements run
+/// after): its lock is what a new run's `BEGIN_RUN_PG` waits for, so a run that starts either
+/// sees this chunk committed or makes this statement find another run number (PostgreSQL
+/// re-checks an updated row's condition on its newest version). The counter rows are shared by
+/// the writers side by side: locked from this statement to the commit, not across a dozen round
+/// trips, and in the same order by every writer.
 pub(super) const RECORD_CHUNK_PG: &str = "\
-    WITH counted AS ( \
-        UPDATE partitions p SET total = p.total + v.n \
-        FROM unnest($2::int[], $3::bigint[]) AS v(idx, n) \
-        WHERE p.batch_id = $1 AND p.idx = v.idx), \
-    batch AS ( \
+    WITH batch AS ( \
         UPDATE batches SET processed = processed + $4, valid = valid + $5, \
             invalid = invalid + $6, duplicates = duplicates + $7, opted_out = opted_out + $8, \
             segments = segments + $9 \
-        WHERE id = $1), \
+        WHERE id = $1 AND preparation_run = $14 RETURNING 1), \
+    counted AS ( \
+        UPDATE partitions p SET total = p.total + v.n \
+        FROM unnest($2::int[], $3::bigint[]) AS v(idx, n) \
+        WHERE p.batch_id = $1 AND p.idx = v.idx), \
     ahead AS ( \
         INSERT INTO preparation_chunks (batch_id, first_recipient_id, last_recipient_id) \
         SELECT $1, $10, $11 WHERE $10::bigint IS NOT NULL AND $11 > $12), \
     passed AS ( \
-        DELETE FROM preparation_chunks WHERE batch_id = $1 AND last_recipient_id <= $12) \
-    INSERT INTO checkpoints AS c (batch_id, step, position, updated_at) \
-    VALUES ($1, 'preparation', $12, $13) \
-    ON CONFLICT (batch_id, step) DO UPDATE \
-        SET position = EXCLUDED.position, updated_at = EXCLUDED.updated_at \
-        WHERE c.position < EXCLUDED.position";
+        DELETE FROM preparation_chunks WHERE batch_id = $1 AND last_recipient_id <= $12), \
+    moved AS ( \
+        INSERT INTO checkpoints AS c (batch_id, step, position, updated_at) \
+        VALUES ($1, 'preparation', $12, $13) \
+        ON CONFLICT (batch_id, step) DO UPDATE \
+            SET position = EXCLUDED.position, updated_at = EXCLUDED.updated_at \
+            WHERE c.position < EXCLUDED.position) \
+    SELECT count(*) AS recorded FROM batch";
+
+/// What `RECORD_CHUNK_PG` answers.
+#[derive(QueryableByName)]
+struct Recorded {
+    #[diesel(sql_type = sql_types::BigInt)]
+    recorded: i64,
+}
 
 /// Messages go to PostgreSQL as one array per column, unnested by the server: one statement of
 /// a fixed shape (prepared once per connection) whatever the number of rows, instead of a
@@ -198,7 +218,7 @@ impl BulkInsert for AsyncPgConnection {
         })
     }
 
-    fn record_chunk(&mut self, r: ChunkRecord) -> BoxFuture<'_, QueryResult<()>> {
+    fn record_chunk(&mut self, r: ChunkRecord) -> BoxFuture<'_, QueryResult<bool>> {
         Box::pin(async move {
             let (idx, n): (Vec<i32>, Vec<i64>) = r.per_partition.into_iter().unzip();
             let (first, last) = r.ahead.unzip();
@@ -215,8 +235,10 @@ impl BulkInsert for AsyncPgConnection {
                 .bind::<sql_types::Nullable<sql_types::BigInt>, _>(first)
                 .bind::<sql_types::BigInt, _>(last.unwrap_or(r.done_up_to))
                 .bind::<sql_types::BigInt, _>(r.done_up_to)
-                .bind::<sql_types::Timestamp, _>(r.at);
-            Cached(record).execute(self).await.map(drop)
+                .bind::<sql_types::Timestamp, _>(r.at)
+                .bind::<sql_types::BigInt, _>(r.run);
+            let answer: Recorded = Cached(record).get_result(self).await?;
+            Ok(answer.recorded == 1)
         })
     }
 }
@@ -279,9 +301,31 @@ impl BulkInsert for SqliteConn {
         Box::pin(async { Ok(()) })
     }
 
-    fn record_chunk(&mut self, r: ChunkRecord) -> BoxFuture<'_, QueryResult<()>> {
+    fn record_chunk(&mut self, r: ChunkRecord) -> BoxFuture<'_, QueryResult<bool>> {
         let batch_id = r.batch_id;
         Box::pin(async move {
+            // The batch's counters first, under the run check: SQLite has one writer at a
+            // time, so a run that started meanwhile has its number stored already.
+            let counted = Cached(
+                diesel::update(
+                    batches::table
+                        .find(batch_id)
+                        .filter(batches::preparation_run.eq(r.run)),
+                )
+                .set((
+                    batches::processed.eq(batches::processed + r.processed),
+                    batches::valid.eq(batches::valid + r.valid),
+                    batches::invalid.eq(batches::invalid + r.invalid),
+                    batches::duplicates.eq(batches::duplicates + r.duplicates),
+                    batches::opted_out.eq(batches::opted_out + r.opted_out),
+                    batches::segments.eq(batches::segments + r.segments),
+                )),
+            )
+            .execute(self)
+            .await?;
+            if counted == 0 {
+                return Ok(false);
+            }
             for (idx, n) in r.per_partition {
                 Cached(
                     diesel::update(partitions::table.find((batch_id, idx)))
@@ -290,16 +334,6 @@ impl BulkInsert for SqliteConn {
                 .execute(self)
                 .await?;
             }
-            Cached(diesel::update(batches::table.find(batch_id)).set((
-                batches::processed.eq(batches::processed + r.processed),
-                batches::valid.eq(batches::valid + r.valid),
-                batches::invalid.eq(batches::invalid + r.invalid),
-                batches::duplicates.eq(batches::duplicates + r.duplicates),
-                batches::opted_out.eq(batches::opted_out + r.opted_out),
-                batches::segments.eq(batches::segments + r.segments),
-            )))
-            .execute(self)
-            .await?;
             if let Some((first, last)) = r.ahead.filter(|&(_, last)| last > r.done_up_to) {
                 diesel::insert_into(preparation_chunks::table)
                     .values((
@@ -337,7 +371,7 @@ impl BulkInsert for SqliteConn {
             ))
             .execute(self)
             .await?;
-            Ok(())
+            Ok(true)
         })
     }
 }

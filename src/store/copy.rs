@@ -193,8 +193,9 @@ impl Manager for CopyManager {
                     int8.clone(),
                     int8.clone(),
                     int8.clone(),
-                    int8,
+                    int8.clone(),
                     Type::TIMESTAMP,
+                    int8,
                 ],
             )
             .await?;
@@ -229,7 +230,8 @@ impl From<PoolError<tokio_postgres::Error>> for StoreError {
 
 /// `Store::write_prepared_chunk_beside` on PostgreSQL, by `COPY`: in one transaction, the
 /// chunk's numbers looked up (opted out, or already in the batch), the rest copied in, and the
-/// chunk recorded (`RECORD_CHUNK_PG`). `Ok(None)` when the `COPY` met a number already stored:
+/// chunk recorded (`RECORD_CHUNK_PG`). `StoreError::Superseded`, with nothing written, when a newer run than `run` has
+/// started. `Ok(None)` when the `COPY` met a number already stored:
 /// one that another writer committed after the lookup, or one that `chunk.repeats` wrongly left
 /// out. Nothing is written then, and the caller writes the chunk again with `ON CONFLICT`,
 /// which waits for such rows and drops them.
@@ -237,6 +239,7 @@ pub(super) async fn write_chunk(
     pool: &CopyPool,
     batch_id: i64,
     chunk: &mut PreparedChunk,
+    run: i64,
     ahead: Option<(i64, i64)>,
     done_up_to: i64,
 ) -> Result<Option<ChunkWritten>, StoreError> {
@@ -317,7 +320,7 @@ pub(super) async fn write_chunk(
     let last = last.unwrap_or(done_up_to);
     let recorded = conn
         .client
-        .execute(
+        .query_one(
             &conn.record,
             &[
                 &batch_id,
@@ -333,11 +336,18 @@ pub(super) async fn write_chunk(
                 &last,
                 &done_up_to,
                 &now(),
+                &run,
             ],
         )
-        .await;
-    if let Err(e) = recorded {
-        return Err(rollback(conn, e).await);
+        .await
+        .and_then(|row| row.try_get::<_, i64>(0));
+    match recorded {
+        Ok(1) => {}
+        Ok(_) => {
+            conn.end("ROLLBACK").await?;
+            return Err(StoreError::Superseded(batch_id));
+        }
+        Err(e) => return Err(rollback(conn, e).await),
     }
     conn.end("COMMIT").await?;
     Ok(Some(ChunkWritten {

@@ -53,6 +53,10 @@ pub enum StoreError {
     /// A stored value could not be read back.
     #[error("corrupt row: {0}")]
     Corrupt(String),
+    /// A newer run of the batch's preparation started (after a pause, a restart or a take-over
+    /// by another instance): this run's chunk was not written, and it must stop.
+    #[error("a newer preparation run of batch {0} started")]
+    Superseded(i64),
 }
 
 impl StoreError {

@@ -14,6 +14,7 @@ use super::schema::{
 };
 use super::{Pools, Store, StoreError, with_conn, with_tx};
 use crate::domain::batch::MessageStatus;
+use crate::domain::counts::{BatchTally, ByStatus, Prepared};
 use diesel::sql_types;
 
 pub(super) const PENDING: i16 = 0;
@@ -470,29 +471,54 @@ impl Store {
         })
     }
 
-    /// Writes one prepared chunk: drops opted-out numbers, inserts the messages (a number already
-    /// in the batch is a duplicate and is skipped by the unique index), adds the counters and
-    /// moves the checkpoint — all in one transaction, so a restart inserts nothing twice.
+    /// Starts a new run of a batch's preparation and answers its number. From then on only
+    /// this run's chunks are recorded (`write_prepared_chunk_beside`): a chunk of an earlier run
+    /// still being written (a run stopped half-way, aborted, or running on an instance that lost
+    /// the batch) is rolled back. On PostgreSQL this waits for such a chunk that is already
+    /// being recorded, so the checkpoint read after it includes that chunk.
+    pub async fn begin_preparation_run(&self, batch_id: i64) -> Result<i64, StoreError> {
+        with_conn!(self, |conn| {
+            Ok(diesel::update(batches::table.find(batch_id))
+                .set(batches::preparation_run.eq(batches::preparation_run + 1))
+                .returning(batches::preparation_run)
+                .get_result(conn)
+                .await?)
+        })
+    }
+
+    /// Writes one prepared chunk as the batch's newest preparation run: drops opted-out numbers,
+    /// inserts the messages (a number already in the batch is a duplicate and is skipped by the
+    /// unique index), adds the counters and moves the checkpoint — all in one transaction, so a
+    /// restart inserts nothing twice.
     pub async fn write_prepared_chunk(
         &self,
         batch_id: i64,
         chunk: PreparedChunk,
     ) -> Result<ChunkWritten, StoreError> {
+        let run = with_conn!(self, |conn| {
+            batches::table
+                .find(batch_id)
+                .select(batches::preparation_run)
+                .first::<i64>(conn)
+                .await
+        })?;
         let done_up_to = chunk.last_recipient_id;
-        self.write_prepared_chunk_beside(batch_id, chunk, None, done_up_to)
+        self.write_prepared_chunk_beside(batch_id, chunk, run, None, done_up_to)
             .await
     }
 
-    /// `write_prepared_chunk` for writers running side by side, whose chunks may commit out of
-    /// order. With `first_recipient_id`, the chunk's recipient range is recorded with it, so that
-    /// a restart skips the chunk although the checkpoint is behind it (`chunks_written_after`).
-    /// The checkpoint moves to `done_up_to` — the end of the chunks known committed, every
-    /// earlier one included — unless it is already further, and the ranges it has passed are
-    /// forgotten.
+    /// `write_prepared_chunk` for preparation run `run`, whose writers run side by side and
+    /// whose chunks may commit out of order. With `first_recipient_id`, the chunk's recipient
+    /// range is recorded with it, so that a restart skips the chunk although the checkpoint is
+    /// behind it (`chunks_written_after`). The checkpoint moves to `done_up_to` — the end of the
+    /// chunks known committed, every earlier one included — unless it is already further, and
+    /// the ranges it has passed are forgotten. `StoreError::Superseded`, with nothing written,
+    /// when a newer run has started.
     pub async fn write_prepared_chunk_beside(
         &self,
         batch_id: i64,
         mut chunk: PreparedChunk,
+        run: i64,
         first_recipient_id: Option<i64>,
         done_up_to: i64,
     ) -> Result<ChunkWritten, StoreError> {
@@ -501,7 +527,8 @@ impl Store {
         // after the copy looked it up, the chunk is written again below, with `ON CONFLICT`.
         if let Some(pool) = &self.copy {
             let copied =
-                super::copy::write_chunk(pool, batch_id, &mut chunk, ahead, done_up_to).await?;
+                super::copy::write_chunk(pool, batch_id, &mut chunk, run, ahead, done_up_to)
+                    .await?;
             if let Some(written) = copied {
                 return Ok(written);
             }
@@ -547,14 +574,48 @@ impl Store {
                 segments,
                 ahead,
                 done_up_to,
+                run,
                 at: now(),
             })
-            .await?;
+            .await?
+            .then_some(())
+            .ok_or(StoreError::Superseded(batch_id))?;
             Ok(ChunkWritten {
                 inserted,
                 duplicates,
                 opted_out,
             })
+        })
+    }
+
+    /// Moves the preparation checkpoint of run `run` forward to `position` (every chunk up to it
+    /// is committed) and forgets the chunk ranges it passes; `StoreError::Superseded` when a
+    /// newer run has started.
+    pub async fn advance_checkpoint(
+        &self,
+        batch_id: i64,
+        run: i64,
+        position: i64,
+    ) -> Result<(), StoreError> {
+        with_tx!(self, |conn| {
+            // A chunk of no rows: the run's check, the passed ranges and the checkpoint only.
+            conn.record_chunk(ChunkRecord {
+                batch_id,
+                per_partition: Vec::new(),
+                processed: 0,
+                valid: 0,
+                invalid: 0,
+                duplicates: 0,
+                opted_out: 0,
+                segments: 0,
+                ahead: None,
+                done_up_to: position,
+                run,
+                at: now(),
+            })
+            .await?
+            .then_some(())
+            .ok_or(StoreError::Superseded(batch_id))
         })
     }
 
@@ -608,6 +669,85 @@ impl Store {
                     .await?;
             }
             Ok(added)
+        })
+    }
+
+    /// The figures the end of a batch's step is checked against (`domain::counts`): its
+    /// counters, its last recipient, the preparation checkpoint, its message rows counted by
+    /// status, and the partitions' counters of the same.
+    pub async fn batch_tally(&self, batch_id: i64) -> Result<BatchTally, StoreError> {
+        with_conn!(self, |conn| {
+            let batch: Batch = batches::table
+                .find(batch_id)
+                .select(Batch::as_select())
+                .first(conn)
+                .await?;
+            let last_recipient_id: Option<i64> = recipients::table
+                .filter(recipients::batch_id.eq(batch_id))
+                .select(diesel::dsl::max(recipients::id))
+                .first(conn)
+                .await?;
+            let checkpoint: i64 = checkpoints::table
+                .filter(checkpoints::batch_id.eq(batch_id))
+                .filter(checkpoints::step.eq("preparation"))
+                .select(checkpoints::position)
+                .first(conn)
+                .await
+                .optional()?
+                .unwrap_or(0);
+            let rows: Vec<(i16, i64)> = messages::table
+                .filter(messages::batch_id.eq(batch_id))
+                .group_by(messages::status)
+                .select((messages::status, diesel::dsl::count_star()))
+                .load(conn)
+                .await?;
+            let mut by_status = ByStatus::default();
+            for (code, n) in rows {
+                let status = MessageStatus::from_i16(code).ok_or_else(|| {
+                    StoreError::Corrupt(format!("message status {code} of batch {batch_id}"))
+                })?;
+                *match status {
+                    MessageStatus::Pending => &mut by_status.pending,
+                    MessageStatus::Sending => &mut by_status.sending,
+                    MessageStatus::Sent => &mut by_status.sent,
+                    MessageStatus::Delivered => &mut by_status.delivered,
+                    MessageStatus::Failed => &mut by_status.failed,
+                    MessageStatus::Cancelled => &mut by_status.cancelled,
+                } += n;
+            }
+            let parts: Vec<Partition> = partitions::table
+                .filter(partitions::batch_id.eq(batch_id))
+                .select(Partition::as_select())
+                .load(conn)
+                .await?;
+            let sum = |f: fn(&Partition) -> i64| parts.iter().map(f).sum::<i64>();
+            let partition_total = sum(|p| p.total);
+            let counted = ByStatus {
+                pending: 0,
+                sending: 0,
+                sent: sum(|p| p.sent),
+                delivered: sum(|p| p.delivered),
+                failed: sum(|p| p.failed),
+                cancelled: sum(|p| p.cancelled),
+            };
+            Ok(BatchTally {
+                counters: Prepared {
+                    recipients: batch.recipients,
+                    processed: batch.processed,
+                    valid: batch.valid,
+                    invalid: batch.invalid,
+                    duplicates: batch.duplicates,
+                    opted_out: batch.opted_out,
+                },
+                last_recipient_id,
+                checkpoint,
+                messages: by_status,
+                partitions: ByStatus {
+                    pending: partition_total - counted.done(),
+                    ..counted
+                },
+                partition_total,
+            })
         })
     }
 

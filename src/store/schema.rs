@@ -33,6 +33,7 @@ diesel::table! {
         started_at -> Nullable<Timestamp>,
         finished_at -> Nullable<Timestamp>,
         failure_threshold -> Double,
+        preparation_run -> BigInt,
     }
 }
 

@@ -66,8 +66,14 @@ pub struct Rng {
 }
 
 impl Rng {
-    /// The generator of test `test`; prints its seed and how to replay it.
+    /// The generator of test `test` of the fault suite; prints its seed and how to replay it.
     pub fn for_test(test: &str) -> Self {
+        Self::for_test_in("faults", test)
+    }
+
+    /// The generator of test `test` of the test binary `binary` (`tests/{binary}.rs`); prints
+    /// its seed and how to replay it.
+    pub fn for_test_in(binary: &str, test: &str) -> Self {
         let seed = match std::env::var(SEED_VAR) {
             Ok(value) => value
                 .trim()
@@ -82,7 +88,7 @@ impl Rng {
             }
         };
         eprintln!(
-            "{test}: seed {seed} (replay: {SEED_VAR}={seed} cargo nextest run --test faults \
+            "{test}: seed {seed} (replay: {SEED_VAR}={seed} cargo nextest run --test {binary} \
              -E 'test(={test})')"
         );
         // splitmix64 of the seed: a zero or small seed still starts from a well-mixed state.
