@@ -733,6 +733,15 @@ pub fn project(
                     "Requested",
                     format!("cancelled while {from}"),
                 );
+                // A paused batch that is cancelled is no longer paused.
+                if from == BatchState::Paused {
+                    set(
+                        "Paused",
+                        false,
+                        "Cancelled",
+                        "cancelled while paused".into(),
+                    );
+                }
             }
         }
         Event::Resume => {
@@ -826,6 +835,7 @@ fn set_condition(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::state::EVERY_EVENT;
 
     fn batch(state: BatchState) -> Batch {
         let now = chrono::Utc::now().naive_utc();
@@ -983,6 +993,174 @@ mod tests {
         assert_eq!(retried.steps().preparation.status, "running");
         assert_eq!(retried.steps().preparation.error, None);
         assert_eq!(condition(&conditions(&retried), "Failed").status, "False");
+    }
+
+    /// A xorshift64 generator: the property test's sequences, replayable from their seed.
+    struct Xorshift(u64);
+
+    impl Xorshift {
+        fn below(&mut self, n: usize) -> usize {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            (self.0 % n as u64) as usize
+        }
+    }
+
+    /// What a step's record must say in a batch at rest in `state` (resuming into or failed
+    /// from `resume_to`).
+    fn expected_steps(
+        state: BatchState,
+        resume_to: Option<BatchState>,
+    ) -> (&'static str, &'static str) {
+        use BatchState::*;
+        match (state, resume_to) {
+            (Initial, _) => ("initial", "initial"),
+            (Scheduled, _) | (Paused, Some(Scheduled)) => ("ready", "ready"),
+            (Preparing, _) => ("running", "ready"),
+            (Paused, Some(Preparing)) => ("paused", "ready"),
+            (Failed, Some(Preparing)) => ("failed", "ready"),
+            (Delivering, _) => ("completed", "running"),
+            (Paused, Some(Delivering)) => ("completed", "paused"),
+            (Failed, Some(Delivering)) => ("completed", "failed"),
+            (Completed, _) => ("completed", "completed"),
+            (state, resume_to) => panic!("no batch rests in {state:?} with {resume_to:?}"),
+        }
+    }
+
+    /// The step bookkeeping over random sequences of every event, allowed or not: each step's
+    /// status, the batch's times and error, and its conditions always agree with the state the
+    /// state machine says the batch is in, and a refused event changes nothing.
+    #[test]
+    fn bookkeeping_follows_the_state_over_random_event_sequences() {
+        // Every sequence starts from a new batch.
+        let mut seen: std::collections::HashSet<(BatchState, Option<BatchState>)> =
+            [(BatchState::Initial, None)].into();
+        for seed in 1..=3000u64 {
+            let mut rng = Xorshift(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+            let mut b = batch(BatchState::Initial);
+            // Cancelled from a batch that had run: its steps as they were.
+            let mut before_cancel: Option<(String, String)> = None;
+            for _ in 0..rng.below(40) + 1 {
+                let event = EVERY_EVENT[rng.below(EVERY_EVENT.len())];
+                let cause = (rng.below(2) == 0).then(|| Cause::new("Because", "a reason"));
+                let from = Lifecycle {
+                    state: b.state.parse().expect("state"),
+                    resume_to: b
+                        .resume_to
+                        .as_deref()
+                        .map(|s| s.parse().expect("resume_to")),
+                };
+                let allowed = transition(from, event);
+                let steps_before = b.steps();
+                match project(&b, event, cause.as_ref(), 2) {
+                    Err(refused) => {
+                        assert_eq!(Err(refused), allowed, "seed {seed}: {from:?} + {event:?}");
+                        continue;
+                    }
+                    Ok(next) => {
+                        let lc = allowed.expect("project allows only what the state machine does");
+                        assert_eq!(next.state, lc.state.as_str(), "seed {seed}");
+                        assert_eq!(
+                            next.resume_to.as_deref(),
+                            lc.resume_to.map(BatchState::as_str)
+                        );
+                        b = next;
+                    }
+                }
+                let state: BatchState = b.state.parse().expect("state");
+                let resume_to: Option<BatchState> = b
+                    .resume_to
+                    .as_deref()
+                    .map(|s| s.parse().expect("resume_to"));
+                seen.insert((state, resume_to));
+                let steps = b.steps();
+                let got = (
+                    steps.preparation.status.as_str(),
+                    steps.delivery.status.as_str(),
+                );
+                let context =
+                    format!("seed {seed}: {from:?} + {event:?} -> {state:?}/{resume_to:?}");
+                if state == BatchState::Cancelled {
+                    // A cancel stops whatever ran: nothing runs, the rest stays as it was.
+                    let (p, d) = before_cancel.get_or_insert_with(|| {
+                        let stop = |s: &str| {
+                            if s == "running" {
+                                "paused".to_owned()
+                            } else {
+                                s.to_owned()
+                            }
+                        };
+                        (
+                            stop(&steps_before.preparation.status),
+                            stop(&steps_before.delivery.status),
+                        )
+                    });
+                    assert_eq!(got, (p.as_str(), d.as_str()), "{context}");
+                } else {
+                    assert_eq!(got, expected_steps(state, resume_to), "{context}");
+                }
+                let running: Vec<&str> = [("preparation", got.0), ("delivery", got.1)]
+                    .into_iter()
+                    .filter(|(_, status)| *status == "running")
+                    .map(|(name, _)| name)
+                    .collect();
+                assert_eq!(
+                    running,
+                    state
+                        .step()
+                        .map(Step::as_str)
+                        .into_iter()
+                        .collect::<Vec<_>>(),
+                    "{context}"
+                );
+                for (record, status) in [(&steps.preparation, got.0), (&steps.delivery, got.1)] {
+                    if status != "initial" && status != "ready" {
+                        assert!(
+                            record.started_at.is_some(),
+                            "{context}: a step that ran has its start"
+                        );
+                    }
+                    assert_eq!(
+                        record.finished_at.is_some(),
+                        status == "completed",
+                        "{context}"
+                    );
+                    assert_eq!(record.error.is_some(), status == "failed", "{context}");
+                }
+                assert_eq!(b.finished_at.is_some(), state.is_final(), "{context}");
+                assert_eq!(b.error.is_some(), state == BatchState::Failed, "{context}");
+                if state == BatchState::Failed {
+                    let expected = cause.as_ref().map_or("step failed", |c| c.message.as_str());
+                    assert_eq!(b.error.as_deref(), Some(expected), "{context}");
+                }
+                let all = conditions(&b);
+                let is_true = |kind: &str| all.iter().any(|c| c.kind == kind && c.status == "True");
+                for (kind, holds) in [
+                    ("Paused", state == BatchState::Paused),
+                    ("Failed", state == BatchState::Failed),
+                    ("Cancelled", state == BatchState::Cancelled),
+                    ("Delivered", state == BatchState::Completed),
+                    ("Prepared", got.0 == "completed"),
+                ] {
+                    assert_eq!(is_true(kind), holds, "{context}: {kind} in {all:?}");
+                }
+                let kinds: std::collections::HashSet<&str> =
+                    all.iter().map(|c| c.kind.as_str()).collect();
+                assert_eq!(
+                    kinds.len(),
+                    all.len(),
+                    "{context}: one condition of each type"
+                );
+            }
+        }
+        // Every state the machine can rest in was reached.
+        for state in BatchState::ALL {
+            assert!(
+                seen.iter().any(|(s, _)| *s == state),
+                "{state:?} never reached"
+            );
+        }
     }
 
     #[test]
