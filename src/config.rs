@@ -214,6 +214,9 @@ pub struct BatchSettings {
     pub replan_after_ms: u64,
     /// Capacity of each supervisor's and of the registry's mailbox.
     pub supervisor_mailbox: usize,
+    /// How long a stop (SIGTERM, Ctrl-C) waits in all for work in flight to finish or
+    /// checkpoint (ms): a step still busy then is left to continue after the next start.
+    pub shutdown_timeout_ms: u64,
     /// `at_most_once` or `at_least_once`.
     pub redelivery: Redelivery,
     /// Region for numbers written without `+` (ISO 3166 code).
@@ -243,6 +246,7 @@ impl Default for BatchSettings {
             lease_ms: 15_000,
             poll_ms: 250,
             supervisor_mailbox: 64,
+            shutdown_timeout_ms: 20_000,
             redelivery: Redelivery::AtMostOnce,
             default_region: "CN".into(),
             failure_threshold: 0.1,
@@ -492,6 +496,10 @@ impl Settings {
         )?;
         positive("smsbatch.replan_after_ms", self.smsbatch.replan_after_ms)?;
         positive("smsbatch.poll_ms", self.smsbatch.poll_ms)?;
+        positive(
+            "smsbatch.shutdown_timeout_ms",
+            self.smsbatch.shutdown_timeout_ms,
+        )?;
         positive("smsbatch.failure_window", self.smsbatch.failure_window)?;
         if !(0.0..=1.0).contains(&self.smsbatch.failure_threshold) {
             return Err(ConfigError::Invalid {

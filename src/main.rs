@@ -43,13 +43,20 @@ fn main() -> ExitCode {
         println!("smsbatch: migrations applied");
         return ExitCode::SUCCESS;
     }
-    let result = actix::System::new().block_on(smsbatch::server::serve(settings));
-    std::io::stdout().flush().ok();
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
+    let system = actix::System::new();
+    let result = system.block_on(smsbatch::server::serve(settings));
+    let code = match result {
+        Ok(()) => 0,
         Err(e) => {
             eprintln!("smsbatch: {e:#}");
-            ExitCode::from(1)
+            1
         }
-    }
+    };
+    std::io::stdout().flush().ok();
+    std::io::stderr().flush().ok();
+    // The process ends here, without dropping the runtime: dropping it would wait for every
+    // blocking call still running (a SQLite statement waiting out its busy timeout behind a
+    // step that the stop left), past the shutdown timeout. Everything that must outlive the
+    // process is committed in the database already.
+    std::process::exit(code)
 }

@@ -20,8 +20,8 @@ use crate::telemetry::Metrics;
 use crate::transport::rabbitmq::{BrokerLink, LinkActor, RabbitTransport};
 use crate::transport::{InProcess, Transport};
 
-/// How long shutdown waits for work in flight.
-const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a stop may take past its deadline to give the instance's leases back.
+const LEASE_RELEASE: Duration = Duration::from_secs(1);
 
 /// Tunes glibc's malloc for a long-running service whose memory must not follow the size of a
 /// batch; to be called before the process starts threads. Each setting is left to glibc where
@@ -138,6 +138,7 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
     );
 
     let store_for_shutdown = store.clone();
+    let shutdown_timeout = Duration::from_millis(settings.smsbatch.shutdown_timeout_ms);
     let state = AppState {
         broker: broker.clone(),
         store,
@@ -153,7 +154,7 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
             .configure(move |cfg| routes(cfg, state))
     })
     .disable_signals()
-    .shutdown_timeout(SHUTDOWN_TIMEOUT.as_secs());
+    .shutdown_timeout(shutdown_timeout.as_secs());
     if settings.http.workers > 0 {
         server = server.workers(settings.http.workers);
     }
@@ -169,20 +170,48 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
 
     wait_for_signal().await;
     tracing::info!("Stopping: no new work; draining what is in flight.");
-    registry.send(Shutdown(SHUTDOWN_TIMEOUT)).await.ok();
+    // One deadline for the whole stop: a step that cannot finish or checkpoint in time (stuck
+    // on a lock, a database that does not answer) is left as it is, and the next start
+    // continues it from its checkpoint.
+    let deadline = tokio::time::Instant::now() + shutdown_timeout;
+    // The registry answers by the deadline itself (saying what it could not drain), unless its
+    // mailbox is stuck: a moment's grace for its answer.
+    let answered = deadline + Duration::from_millis(250);
+    if tokio::time::timeout_at(answered, registry.send(Shutdown(deadline.into_std())))
+        .await
+        .is_err()
+    {
+        tracing::warn!("Shutdown timeout reached with work still in flight.");
+    }
     if let Some(broker) = &broker
-        && tokio::time::timeout(SHUTDOWN_TIMEOUT, broker.shut_down())
+        && tokio::time::timeout_at(deadline, broker.shut_down())
             .await
             .is_err()
     {
         tracing::warn!("Broker link did not settle its tasks in time.");
     }
-    // Give the leases back at once, so another instance takes the batches over without waiting
-    // for them to expire.
-    if let Err(e) = store_for_shutdown.forget_instance(&instance).await {
-        tracing::warn!(error = %e, "Leases not released; they expire on their own.");
+    // Give the leases back, so another instance takes the batches over without waiting for them
+    // to expire: worth a moment past the deadline, not more. The release runs as a task of its
+    // own, left behind if it takes longer: a SQLite statement cannot be dropped half-way on this
+    // runtime (diesel-async waits for it with `block_in_place`, which the current-thread
+    // runtime refuses), and the process ends without waiting for it.
+    let release = deadline.max(tokio::time::Instant::now() + LEASE_RELEASE);
+    let forget = actix::spawn(async move { store_for_shutdown.forget_instance(&instance).await });
+    match tokio::time::timeout_at(release, forget).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => {
+            tracing::warn!(error = %e, "Leases not released; they expire on their own.")
+        }
+        Ok(Err(_)) | Err(_) => {
+            tracing::warn!("Leases not released in time; they expire on their own.")
+        }
     }
-    handle.stop(true).await;
+    if tokio::time::timeout_at(release, handle.stop(true))
+        .await
+        .is_err()
+    {
+        handle.stop(false).await;
+    }
     serving.await.ok();
     tracing::info!("Stopped.");
     Ok(())

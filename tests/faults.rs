@@ -29,13 +29,14 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+use common::faults::DEADLINE;
 use common::faults::{
     CLAIM_SIZE, Expect, GATEWAY_RETRIES, Instances, PrivatePostgres, PrivateRabbit, ROWS,
     Recipients, Redelivery, Rng, SEND_CONCURRENCY, WORKERS, audit, delivered, lease_owner,
     prepared, start_batch, start_server, state, wait_completed, wait_for, wait_ready_status,
 };
 use common::sink::{Answer, Sink};
-use common::{Backend, TestDb, TestServer, text};
+use common::{Backend, TestDb, TestServer, eventually, text};
 
 /// Server kills per SIGKILL scenario.
 const KILLS: u64 = 5;
@@ -518,6 +519,96 @@ fn sigterm_mid_delivery_drains() {
         sink.total()
     );
 
+    server.restart();
+    wait_completed(&server, &id);
+    let expect = Expect {
+        stops: 1,
+        ..Expect::clean()
+    };
+    audit(test, &server, &id, &recipients, &sink, &expect);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 7. SIGTERM with a step stuck
+// ---------------------------------------------------------------------------------------------
+
+/// The shutdown timeout of the stuck-step scenarios (`smsbatch.shutdown_timeout_ms`).
+const STUCK_SHUTDOWN: Duration = Duration::from_secs(4);
+/// What a stop may take beyond its timeout: the lease release's second, and the process's own
+/// start and end.
+const STOP_MARGIN: Duration = Duration::from_secs(5);
+
+#[test]
+fn sigterm_with_preparation_stuck_exits_in_time_postgres() {
+    sigterm_with_preparation_stuck(
+        "sigterm_with_preparation_stuck_exits_in_time_postgres",
+        Backend::Postgres,
+    );
+}
+
+#[test]
+fn sigterm_with_preparation_stuck_exits_in_time_sqlite() {
+    sigterm_with_preparation_stuck(
+        "sigterm_with_preparation_stuck_exits_in_time_sqlite",
+        Backend::Sqlite,
+    );
+}
+
+/// SIGTERM while preparation is stuck: at a random point of it, the test takes a lock that
+/// every write of the step waits on (the messages table on PostgreSQL, the database's write lock
+/// on SQLite) and sends SIGTERM once the step has stopped moving. The server cannot drain the
+/// step, says so, and still exits 0 within its shutdown timeout (the contract of
+/// `smsbatch.shutdown_timeout_ms`). Once the lock is gone, the restarted server continues the
+/// step from its checkpoint and the batch completes with exact counts.
+fn sigterm_with_preparation_stuck(test: &str, backend: Backend) {
+    let mut rng = Rng::for_test(test);
+    let recipients = Recipients::generate(ROWS);
+    let sink = Sink::start();
+    let db = TestDb::new(backend);
+    let timeout = STUCK_SHUTDOWN.as_millis().to_string();
+    let mut server = start_server(
+        &db,
+        &sink,
+        &[("SMSBATCH__SMSBATCH__SHUTDOWN_TIMEOUT_MS", timeout.as_str())],
+    );
+    let id = start_batch(&server, test, &recipients);
+
+    let at = rng.share(recipients.rows, 5, 60);
+    let batch = wait_for(&server, &id, &format!("prepared {at}"), |b| {
+        reached(b, Step::Preparation, at)
+    });
+    assert_eq!(state(&batch), "preparing", "{batch:#}");
+    let lock = db.hold_write_lock();
+    // Stuck: preparation stops moving (its chunk's write waits on the lock).
+    let mut last = prepared(&server.batch(&id));
+    eventually("preparation stuck on the lock", DEADLINE, || {
+        thread::sleep(Duration::from_millis(1500));
+        let now = prepared(&server.batch(&id));
+        let moved = now != last;
+        last = now;
+        if moved {
+            Err(format!("still moving: {now} prepared"))
+        } else {
+            Ok(())
+        }
+    });
+    let (code, took) = server.terminate();
+    let output = server.output_tail();
+    assert_eq!(code, Some(0), "SIGTERM exits 0; output:\n{output}");
+    assert!(
+        took <= STUCK_SHUTDOWN + STOP_MARGIN,
+        "SIGTERM took {took:?}, past the shutdown timeout of {STUCK_SHUTDOWN:?}; output:\n{output}"
+    );
+    assert!(
+        output.contains("Shutdown timeout reached with work still in flight"),
+        "the step could not be drained, and the server says so; output:\n{output}"
+    );
+    eprintln!(
+        "{test}: preparation stuck at {last} of {} prepared; SIGTERM exited 0 after {took:?}",
+        recipients.rows
+    );
+
+    lock.release();
     server.restart();
     wait_completed(&server, &id);
     let expect = Expect {

@@ -47,10 +47,10 @@ pub struct SupervisorStopped {
 #[rtype(result = "Result<usize, StoreError>")]
 pub struct Recover;
 
-/// At shutdown: stop sending and wait (up to the timeout) for every child to stop.
+/// At shutdown: stop sending and wait (until the deadline) for every child to stop.
 #[derive(Debug, Message)]
 #[rtype(result = "()")]
-pub struct Shutdown(pub Duration);
+pub struct Shutdown(pub std::time::Instant);
 
 /// Finds, spawns and recovers supervisors.
 pub struct BatchRegistry {
@@ -425,7 +425,7 @@ impl Handler<Shutdown> for BatchRegistry {
             .collect();
         Box::pin(async move {
             let all = futures_util::future::join_all(drains);
-            if tokio::time::timeout(msg.0, all).await.is_err() {
+            if tokio::time::timeout_at(msg.0.into(), all).await.is_err() {
                 tracing::warn!("Shutdown timeout reached with work still in flight.");
             }
         })

@@ -155,6 +155,77 @@ impl TestDb {
     }
 }
 
+/// A lock the test holds on its database behind the server's back, until released or dropped:
+/// on PostgreSQL `LOCK TABLE messages IN SHARE MODE` (every write of a message waits), on
+/// SQLite the database's write lock (`BEGIN IMMEDIATE`: every writer waits). How a test makes a
+/// step stuck without stopping the database.
+pub struct HeldLock {
+    release: Option<std::sync::mpsc::Sender<()>>,
+    holder: Option<thread::JoinHandle<()>>,
+}
+
+impl TestDb {
+    /// Takes the lock of `HeldLock` and returns once it is held.
+    pub fn hold_write_lock(&self) -> HeldLock {
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let (held, is_held) = std::sync::mpsc::channel::<()>();
+        let url = self.url.clone();
+        let backend = self.backend;
+        let holder = thread::spawn(move || match backend {
+            Backend::Sqlite => {
+                use diesel::Connection as _;
+                use diesel::connection::SimpleConnection as _;
+                let mut conn =
+                    diesel::SqliteConnection::establish(url.trim_start_matches("sqlite://"))
+                        .expect("open the SQLite file");
+                conn.batch_execute("PRAGMA busy_timeout=60000; BEGIN IMMEDIATE")
+                    .expect("take SQLite's write lock");
+                let _ = held.send(());
+                let _ = released.recv();
+                conn.batch_execute("COMMIT")
+                    .expect("release the write lock");
+            }
+            Backend::Postgres | Backend::PostgresRabbitmq => {
+                with_pg_client(&url, async |client| {
+                    client
+                        .batch_execute("BEGIN; LOCK TABLE messages IN SHARE MODE")
+                        .await?;
+                    let _ = held.send(());
+                    // Waits on a blocking thread, so that the connection stays driven.
+                    let _ = tokio::task::spawn_blocking(move || released.recv()).await;
+                    client.batch_execute("COMMIT").await
+                })
+                .expect("hold the messages table");
+            }
+        });
+        is_held.recv().expect("the lock is taken");
+        HeldLock {
+            release: Some(release),
+            holder: Some(holder),
+        }
+    }
+}
+
+impl HeldLock {
+    /// Lets go of the lock and waits until it is released.
+    pub fn release(mut self) {
+        self.let_go();
+    }
+
+    fn let_go(&mut self) {
+        drop(self.release.take());
+        if let Some(holder) = self.holder.take() {
+            let _ = holder.join();
+        }
+    }
+}
+
+impl Drop for HeldLock {
+    fn drop(&mut self) {
+        self.let_go();
+    }
+}
+
 impl Drop for TestDb {
     fn drop(&mut self) {
         if let Some(dir) = &self.sqlite_dir {
