@@ -4,9 +4,9 @@
 //! Each scenario sends two 50,000-recipient batches (CSV upload: 0.5% invalid numbers, 1%
 //! duplicates), each through its own HTTP sink (the `http` provider), and throws bursts of
 //! random lifecycle actions at them from `CLIENTS` client threads, through every instance of
-//! the scenario, with a random quiet spell after each burst; every burst ends with one more
-//! resume of each batch, as the team's last click would. The second batch may be cancelled in
-//! one of the bursts. Once both batches are final, the audit proves what matters: the first
+//! the scenario, with a random quiet spell after each burst (shorter while a batch prepares);
+//! every burst ends with one more resume of each batch, as the team's last click would. The
+//! second batch may be cancelled in one of the bursts. Once both batches are final, the audit proves what matters: the first
 //! batch `completed`, the second `completed` or `cancelled`, API.md's counting rules exact, one
 //! message per valid recipient, and every message the service calls `sent` accepted by its sink
 //! exactly once, none of the others handed to it at all.
@@ -208,7 +208,11 @@ fn storm(test: &str, backend: Backend, instances: usize) {
             );
         }
         burst += 1;
-        thread::sleep(Duration::from_millis(rng.between(0, 1500)));
+        // Short spells while a batch prepares (its most fragile moments, and its shortest
+        // step), longer ones while they deliver.
+        let preparing = now.iter().any(|b| state(b) == "preparing");
+        let quiet = if preparing { 300 } else { 1500 };
+        thread::sleep(Duration::from_millis(rng.between(0, quiet)));
     }
     eprintln!("{test}: {burst} bursts; batch states before them {bursts_in:?}");
 
