@@ -50,6 +50,9 @@ on_both_backends!(cancel_mid_delivery_cancels_the_rest
 on_both_backends!(failing_step_fails_the_batch_and_retry_resumes_it
     => failing_step_fails_the_batch_and_retry_resumes_it_sqlite,
        failing_step_fails_the_batch_and_retry_resumes_it_postgres);
+on_both_backends!(counts_that_do_not_add_up_fail_the_batch
+    => counts_that_do_not_add_up_fail_the_batch_sqlite,
+       counts_that_do_not_add_up_fail_the_batch_postgres);
 on_both_backends!(sigterm_drains_and_restart_finishes_exactly
     => sigterm_drains_and_restart_finishes_exactly_sqlite,
        sigterm_drains_and_restart_finishes_exactly_postgres,
@@ -1406,6 +1409,50 @@ fn failing_step_fails_the_batch_and_retry_resumes_it(backend: Backend) {
         "completed",
         "{done:#}"
     );
+}
+
+/// A batch whose rows stop agreeing with its counters (here: a sent message turned `failed`
+/// behind the service's back while it delivers) is not declared `completed` on the counters'
+/// word: at the end of delivery the supervisor counts the rows, and the batch goes `failed` with
+/// a condition that says which count did not add up.
+fn counts_that_do_not_add_up_fail_the_batch(backend: Backend) {
+    let db = TestDb::new(backend);
+    let server = TestServer::start(
+        &db,
+        &[
+            ("SMSBATCH__PROVIDERS__SIMULATOR__LATENCY_MS", "2"),
+            ("SMSBATCH__SMSBATCH__WORKER_COUNT", "1"),
+            ("SMSBATCH__SMSBATCH__SEND_CONCURRENCY", "1"),
+        ],
+    );
+    let id = server.create_batch(&small_batch("tampered", 2000));
+    server.action_ok(&id, "start", "preparing");
+    server.wait_until(&id, "sending (results.sent > 0)", LONG, has_sent);
+    db.execute(&format!(
+        "UPDATE messages SET status = 4, error = 'tampered' WHERE id = (SELECT min(m.id) \
+         FROM messages m JOIN batches b ON b.id = m.batch_id \
+         WHERE b.public_id = '{id}' AND m.status = 2)"
+    ));
+    let failed = server.wait_for_state(&id, &["failed"], LONG);
+    assert_eq!(text(&failed, "/resume_to"), "delivering", "{failed:#}");
+    assert_eq!(
+        text(&failed, "/steps/delivery/status"),
+        "failed",
+        "{failed:#}"
+    );
+    let condition = failed["conditions"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["type"] == "Failed"))
+        .unwrap_or_else(|| panic!("a Failed condition: {failed:#}"));
+    assert_eq!(condition["status"], "True", "{condition:#}");
+    assert_eq!(condition["reason"], "CountsDoNotAddUp", "{condition:#}");
+    let message = text(condition, "/message");
+    assert!(
+        message.contains("1999 messages are sent but the counters say 2000")
+            && message.contains("1 messages are failed but the counters say 0"),
+        "the condition names the counts: {message}"
+    );
+    assert_eq!(text(&failed, "/error"), message, "{failed:#}");
 }
 
 /// SIGTERM mid-delivery drains: the server stops sending, puts what it had claimed back,
