@@ -9,6 +9,7 @@ pub mod actors;
 pub mod config;
 pub mod domain;
 pub mod http;
+pub mod memory;
 pub mod provider;
 pub mod server;
 pub mod store;

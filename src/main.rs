@@ -23,7 +23,7 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
-    smsbatch::server::tune_allocator();
+    smsbatch::memory::tune_allocator();
     let cli = Cli::parse();
     let settings = match Settings::load() {
         Ok(s) => s,

@@ -23,60 +23,6 @@ use crate::transport::{InProcess, Transport};
 /// How long a stop may take past its deadline to give the instance's leases back.
 const LEASE_RELEASE: Duration = Duration::from_secs(1);
 
-/// Tunes glibc's malloc for a long-running service whose memory must not follow the size of a
-/// batch; to be called before the process starts threads. Each setting is left to glibc where
-/// the operator set its environment variable.
-///
-/// - Arenas capped at one per core (`MALLOC_ARENA_MAX`). glibc lets threads create up to eight
-///   arenas per core, each keeping memory it freed: the service's threads (actix's, tokio's
-///   blocking pool's) spread a long batch's allocations over more arenas than a short batch
-///   reaches (`bench`, PostgreSQL in-process: peak 25.8 MB at 10,000 recipients, 31.8 MB at
-///   1,000,000; with two arenas 24.5 and 27.9 MB).
-/// - Blocks of 128 KiB and more mapped on their own and unmapped when freed, and the heap's
-///   free top returned beyond 128 KiB (`MALLOC_MMAP_THRESHOLD_`, `MALLOC_TRIM_THRESHOLD_`).
-///   Those are glibc's defaults, but glibc raises both each time it unmaps a block, up to
-///   32 MiB: from then on a chunk's buffers (its rows, the statement's arrays) came from the
-///   heap and stayed with the process after being freed, more of them the longer the batch
-///   (`bench`, PostgreSQL + RabbitMQ: peak 32.5–32.7 MB at 10,000 recipients, 38.5–40.7 MB at
-///   1,000,000; with the thresholds fixed 33.1 and 37.1–37.9 MB).
-pub fn tune_allocator() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
-        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-        let arenas = libc::c_int::try_from(cores).unwrap_or(libc::c_int::MAX);
-        let block = 128 * 1024;
-        for (variable, parameter, value) in [
-            ("MALLOC_ARENA_MAX", libc::M_ARENA_MAX, arenas),
-            ("MALLOC_MMAP_THRESHOLD_", libc::M_MMAP_THRESHOLD, block),
-            ("MALLOC_TRIM_THRESHOLD_", libc::M_TRIM_THRESHOLD, block),
-        ] {
-            if std::env::var_os(variable).is_none() {
-                // SAFETY: `mallopt` sets one of the allocator's parameters and touches nothing
-                // else; it is documented as safe to call at any time, and this runs before
-                // other threads exist.
-                unsafe {
-                    libc::mallopt(parameter, value);
-                }
-            }
-        }
-    }
-}
-
-/// Hands the allocator's free memory back to the system (glibc's `malloc_trim`), at the end of
-/// a phase of a batch that went through many allocations (an upload, a preparation, a batch's
-/// run). glibc returns only the free top of its main heap by itself: what a phase freed below
-/// it stayed with the process and the next phase's peak came on top (`bench`, PostgreSQL +
-/// RabbitMQ, `--pauses 0`: peak 31.7–33.0 MB at 10,000 recipients and 36.3–38.2 MB at
-/// 1,000,000 before; 31.1–31.5 and 35.2–36.1 MB after).
-pub fn release_freed_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: `malloc_trim` only returns free pages of the allocator's heaps to the system; it
-    // takes the allocator's own locks and is safe to call from any thread at any time.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
-
 /// Runs the service inside the current actix `System` until a stop signal.
 pub async fn serve(settings: Settings) -> anyhow::Result<()> {
     let settings = Arc::new(settings);

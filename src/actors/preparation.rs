@@ -241,7 +241,7 @@ pub async fn run(deps: Deps, batch: Batch, gate: Arc<Gate>) -> Result<StepEnd, P
         // the ranges kept for chunks committed ahead of it are gone.
         store.advance_checkpoint(batch_id, run, last_read).await?;
         store.analyze_messages().await?;
-        crate::server::release_freed_memory();
+        crate::memory::release_freed_memory();
         tracing::info!(batch_id = %batch.public_id, "Preparation finished.");
         return Ok(StepEnd::Finished);
     }

@@ -601,7 +601,7 @@ impl Actor for BatchSupervisor {
         self.deps.core.gates.remove(self.batch.id);
         // What the batch's delivery went through is free now: back to the system, so that an
         // idle service holds no more than it did before the batch.
-        crate::server::release_freed_memory();
+        crate::memory::release_freed_memory();
         if let Err(e) = self.registry.try_send(SupervisorStopped {
             batch_id: self.batch.id,
             generation: self.registration,

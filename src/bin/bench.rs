@@ -49,7 +49,7 @@ struct Args {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if args.serve {
-        smsbatch::server::tune_allocator();
+        smsbatch::memory::tune_allocator();
         let settings = smsbatch::config::Settings::load()?;
         smsbatch::telemetry::init_tracing(&settings.log);
         smsbatch::store::migrate(settings.database.url.expose())?;

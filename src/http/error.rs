@@ -112,17 +112,19 @@ impl ResponseError for ApiError {
 
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
+        // Only an outage is worth a retry (503); anything else the store says is a bug or a
+        // corrupt row, and answers 500 with the cause in the log.
         match e {
             StoreError::Conflict(id) => {
                 ApiError::InvalidTransition(format!("batch {id} changed concurrently; retry"))
             }
-            StoreError::Corrupt(_) | StoreError::Migration(_) | StoreError::Superseded(_) => {
-                tracing::error!(error = %e, "Store error.");
-                ApiError::Internal("internal error".into())
-            }
-            StoreError::Query(_) | StoreError::Pool(_) => {
+            e if e.is_unavailable() => {
                 tracing::error!(error = %e, "Store unavailable.");
                 ApiError::Unavailable("database unavailable".into())
+            }
+            e => {
+                tracing::error!(error = %e, "Store error.");
+                ApiError::Internal("internal error".into())
             }
         }
     }

@@ -767,7 +767,7 @@ async fn upload_recipients(
         };
     };
     let (imported, ()) = tokio::join!(import, feed);
-    crate::server::release_freed_memory();
+    crate::memory::release_freed_memory();
     let (accepted, total) = imported?;
     tracing::info!(batch_id = %id, accepted, total, "Recipients uploaded.");
     Ok(HttpResponse::Ok().json(UploadResult { accepted, total }))

@@ -61,7 +61,8 @@ pub enum StoreError {
 
 impl StoreError {
     /// True when the database could not be reached (no connection, a connection lost, a server
-    /// shutting down or starting up): the work should wait for it and go on, not fail.
+    /// shutting down or starting up, SQLite locked past its busy timeout): the work should wait
+    /// for it and go on, not fail, and a request may be retried (503).
     pub fn is_unavailable(&self) -> bool {
         use diesel::result::{DatabaseErrorKind, Error};
         match self {
@@ -71,13 +72,15 @@ impl StoreError {
                 _,
             )) => true,
             // diesel keeps no SQLSTATE: these are PostgreSQL's messages for 57P01
-            // (admin_shutdown), 57P02 (crash_shutdown) and 57P03 (cannot_connect_now).
+            // (admin_shutdown), 57P02 (crash_shutdown) and 57P03 (cannot_connect_now), and
+            // SQLite's for a write lock still held when the busy timeout ran out (SQLITE_BUSY).
             StoreError::Query(Error::DatabaseError(_, info)) => {
                 let message = info.message();
                 [
                     "terminating connection due to administrator command",
                     "terminating connection because of crash of another server process",
                     "the database system is",
+                    "database is locked",
                 ]
                 .iter()
                 .any(|m| message.contains(m))
@@ -335,6 +338,7 @@ mod tests {
                 DatabaseErrorKind::Unknown,
                 "the database system is starting up",
             ),
+            db_error(DatabaseErrorKind::Unknown, "database is locked"),
         ];
         for e in &outages {
             assert!(e.is_unavailable(), "{e}");
