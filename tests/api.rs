@@ -50,6 +50,9 @@ on_both_backends!(cancel_mid_delivery_cancels_the_rest
 on_both_backends!(failing_step_fails_the_batch_and_retry_resumes_it
     => failing_step_fails_the_batch_and_retry_resumes_it_sqlite,
        failing_step_fails_the_batch_and_retry_resumes_it_postgres);
+on_both_backends!(a_corrupt_state_is_an_internal_error
+    => a_corrupt_state_is_an_internal_error_sqlite,
+       a_corrupt_state_is_an_internal_error_postgres);
 on_both_backends!(counts_that_do_not_add_up_fail_the_batch
     => counts_that_do_not_add_up_fail_the_batch_sqlite,
        counts_that_do_not_add_up_fail_the_batch_postgres);
@@ -1409,6 +1412,32 @@ fn failing_step_fails_the_batch_and_retry_resumes_it(backend: Backend) {
         "completed",
         "{done:#}"
     );
+}
+
+/// A batch row whose state names no state (written behind the service's back) is not read as
+/// some default state: the batch answers 500 `internal` (the cause in the server's log), its
+/// actions too, and the service goes on serving the other batches.
+fn a_corrupt_state_is_an_internal_error(backend: Backend) {
+    let db = TestDb::new(backend);
+    let server = TestServer::start(&db, &[]);
+    let id = server.create_batch(&small_batch("corrupt", 3));
+    let other = server.create_batch(&small_batch("sound", 3));
+    db.execute(&format!(
+        "UPDATE batches SET state = 'halfway' WHERE public_id = '{id}'"
+    ));
+    let reply = server.get_json(&format!("/v1/batches/{id}"));
+    assert_error(&reply, 500, "internal", "GET of the corrupt batch");
+    assert_error(
+        &server.action(&id, "start"),
+        500,
+        "internal",
+        "start of the corrupt batch",
+    );
+    assert_eq!(server.batch(&other)["state"], "initial");
+    server.action_ok(&other, "start", "preparing");
+    server.wait_for_state(&other, &["completed"], SHORT);
+    let (status, body) = server.get_json("/healthz");
+    assert_eq!(status, 200, "{body:#}");
 }
 
 /// A batch whose rows stop agreeing with its counters (here: a sent message turned `failed`

@@ -9,9 +9,11 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use chrono::{Duration as ChronoDuration, NaiveDateTime, Timelike, Utc};
-use smsbatch::domain::batch::MessageStatus;
+use smsbatch::domain::batch::{MessageStatus, MessageType};
+use smsbatch::domain::lifecycle::{Condition, Conditions, Steps};
+use smsbatch::domain::state::{BatchState, StepStatus};
 use smsbatch::store::models::{
-    Batch, LifecycleUpdate, MessageRow, NewBatch, NewMessage, Partition, Steps,
+    Batch, LifecycleUpdate, MessageRow, NewBatch, NewMessage, Partition,
 };
 use smsbatch::store::{
     Backend as StoreBackend, BatchRecord, ChunkWritten, ImportError, Outcomes, PreparedChunk,
@@ -112,11 +114,11 @@ on_both_backends!(count_by_state_and_ping
 // Helpers
 // ---------------------------------------------------------------------------------------------
 
-const PENDING: i16 = 0;
-const SENDING: i16 = 1;
-const SENT: i16 = 2;
-const FAILED: i16 = 4;
-const CANCELLED: i16 = 5;
+const PENDING: MessageStatus = MessageStatus::Pending;
+const SENDING: MessageStatus = MessageStatus::Sending;
+const SENT: MessageStatus = MessageStatus::Sent;
+const FAILED: MessageStatus = MessageStatus::Failed;
+const CANCELLED: MessageStatus = MessageStatus::Cancelled;
 
 fn now() -> NaiveDateTime {
     Utc::now().naive_utc()
@@ -167,7 +169,7 @@ async fn create(store: &Store, name: &str, partition_count: i32) -> Batch {
 /// Moves a batch to `state` through `save_lifecycle` at its current version.
 async fn set_state(store: &Store, id: i64, state: &str) -> Batch {
     let batch = store.batch(id).await.expect("batch");
-    let mut update = LifecycleUpdate::from(&batch);
+    let mut update = LifecycleUpdate::from(&batch.bookkeeping());
     update.state = state.to_owned();
     update.updated_at = now();
     store
@@ -245,7 +247,7 @@ async fn message_by_id(store: &Store, batch_id: i64, id: i64) -> MessageRow {
 }
 
 /// (id, status) of every message of a batch, in id order.
-async fn statuses(store: &Store, batch_id: i64) -> Vec<(i64, i16)> {
+async fn statuses(store: &Store, batch_id: i64) -> Vec<(i64, MessageStatus)> {
     all_messages(store, batch_id)
         .await
         .iter()
@@ -332,10 +334,10 @@ async fn create_find_and_list_batches(store: Store) {
     assert_eq!(b.content, "Hi {{name}}");
     assert_eq!(b.url.as_deref(), Some("https://shop.example/x"));
     assert_eq!(b.provider, "simulator");
-    assert_eq!(b.message_type, "marketing");
+    assert_eq!(b.message_type, MessageType::Marketing);
     assert_eq!(b.schedule_at, None);
     assert_eq!(b.partition_count, 3);
-    assert_eq!(b.state, "initial");
+    assert_eq!(b.state, BatchState::Initial);
     assert_eq!(b.resume_to, None);
     assert_eq!(b.version, 0);
     assert_eq!(b.recipients, 4);
@@ -353,7 +355,7 @@ async fn create_find_and_list_batches(store: Store) {
     );
     assert_eq!(b.error, None);
     assert_eq!((b.started_at, b.finished_at), (None, None));
-    assert_eq!(b.steps(), Steps::default());
+    assert_eq!(b.steps, Steps::default());
     let zero = |idx| Partition {
         batch_id: b.id,
         idx,
@@ -374,7 +376,7 @@ async fn create_find_and_list_batches(store: Store) {
         .expect("the batch is found by its public id");
     assert_eq!(found.batch.id, b.id);
     assert_eq!(found.batch.recipients, 4);
-    assert_eq!(found.batch.state, "initial");
+    assert_eq!(found.batch.state, BatchState::Initial);
     assert_eq!(found.partitions, created.partitions);
     assert!(
         store
@@ -465,7 +467,11 @@ async fn create_find_and_list_batches(store: Store) {
         .await
         .expect("scheduled");
     assert_eq!(public_ids(&scheduled), vec![all[3].clone(), all[1].clone()]);
-    assert!(scheduled.iter().all(|r| r.batch.state == "scheduled"));
+    assert!(
+        scheduled
+            .iter()
+            .all(|r| r.batch.state == BatchState::Scheduled)
+    );
     let first = store
         .list_batches(Some("scheduled"), None, 1)
         .await
@@ -501,7 +507,7 @@ async fn create_find_and_list_batches(store: Store) {
     );
     assert_eq!(
         store
-            .batches_in_states(&["scheduled", "initial"])
+            .batches_in_states(&[BatchState::Scheduled, BatchState::Initial])
             .await
             .expect("batches_in_states")
             .iter()
@@ -525,12 +531,19 @@ async fn save_lifecycle_checks_the_version(store: Store) {
     assert_eq!(batch.version, 0);
 
     let mut steps = Steps::default();
-    steps.preparation.status = "ready".into();
+    steps.preparation.status = StepStatus::Ready;
     let started = whole_second(ChronoDuration::zero());
-    let mut update = LifecycleUpdate::from(&batch);
+    let mut update = LifecycleUpdate::from(&batch.bookkeeping());
     update.state = "scheduled".into();
     update.steps = serde_json::to_string(&steps).expect("steps as JSON");
-    update.conditions = r#"[{"type":"Scheduled"}]"#.into();
+    let conditions = Conditions(vec![Condition {
+        kind: "Scheduled".into(),
+        status: "True".into(),
+        reason: "Requested".into(),
+        message: "waits for its time".into(),
+        last_transition_time: started.and_utc(),
+    }]);
+    update.conditions = serde_json::to_string(&conditions).expect("conditions as JSON");
     update.error = Some("transient hiccup".into());
     update.started_at = Some(started);
     let saved = store
@@ -538,9 +551,9 @@ async fn save_lifecycle_checks_the_version(store: Store) {
         .await
         .expect("save at the current version");
     assert_eq!(saved.version, 1);
-    assert_eq!(saved.state, "scheduled");
-    assert_eq!(saved.steps(), steps);
-    assert_eq!(saved.conditions, r#"[{"type":"Scheduled"}]"#);
+    assert_eq!(saved.state, BatchState::Scheduled);
+    assert_eq!(saved.steps, steps);
+    assert_eq!(saved.conditions, conditions);
     assert_eq!(saved.error.as_deref(), Some("transient hiccup"));
     assert_eq!(saved.started_at, Some(started));
     assert_eq!(saved.recipients, 3, "the recipients count is kept");
@@ -577,7 +590,7 @@ async fn save_lifecycle_checks_the_version(store: Store) {
         .await
         .expect("write_prepared_chunk");
     assert_eq!(written.inserted, 2);
-    let mut next = LifecycleUpdate::from(&saved); // read before the counters moved
+    let mut next = LifecycleUpdate::from(&saved.bookkeeping()); // read before the counters moved
     next.state = "preparing".into();
     next.error = None; // None clears the column
     next.updated_at = now();
@@ -586,7 +599,7 @@ async fn save_lifecycle_checks_the_version(store: Store) {
         .await
         .expect("save at version 1");
     assert_eq!(saved2.version, 2);
-    assert_eq!(saved2.state, "preparing");
+    assert_eq!(saved2.state, BatchState::Preparing);
     assert_eq!(saved2.error, None, "a None error clears the stored one");
     assert_eq!(
         (
@@ -651,7 +664,7 @@ async fn import_commits_and_accumulates(store: Store) {
         batch.version + 1,
         "an import bumps the version"
     );
-    assert_eq!(after1.state, "initial");
+    assert_eq!(after1.state, BatchState::Initial);
 
     let phones = recipient_phones(&store, batch.id).await;
     let mut expected: Vec<String> = recipients(0, 2).into_iter().map(|r| r.0).collect();
@@ -838,7 +851,7 @@ async fn import_into_started_batch_stores_nothing(store: Store) {
         after.version, scheduled.version,
         "nothing was written to the batch"
     );
-    assert_eq!(after.state, "scheduled");
+    assert_eq!(after.state, BatchState::Scheduled);
     assert_eq!(
         recipient_phones(&store, batch.id).await,
         vec!["+8613800000000".to_owned(), "+8613800000001".to_owned()],
@@ -917,7 +930,7 @@ async fn import_racing_a_transition_has_one_winner(store: Store) {
         let store = store.clone();
         let batch = batch.clone();
         tokio::spawn(async move {
-            let mut update = LifecycleUpdate::from(&batch);
+            let mut update = LifecycleUpdate::from(&batch.bookkeeping());
             update.state = "scheduled".into();
             store.save_lifecycle(batch.id, batch.version, &update).await
         })
@@ -935,7 +948,7 @@ async fn import_racing_a_transition_has_one_winner(store: Store) {
             assert_eq!(phones.len(), 7);
         }
         (Err(ImportError::NotInitial), Ok(saved)) => {
-            assert_eq!(saved.state, "scheduled");
+            assert_eq!(saved.state, BatchState::Scheduled);
             assert_eq!((after.state.as_str(), after.recipients), ("scheduled", 2));
             assert_eq!(phones.len(), 2, "the refused upload stored nothing");
         }
@@ -2160,7 +2173,7 @@ async fn claim_moves_pending_to_sending_once(store: Store) {
     rest1.sort_by_key(|m| m.id);
     assert_eq!(rest1.iter().map(|m| m.id).collect::<Vec<_>>(), p1);
 
-    let expected: Vec<(i64, i16)> = ids
+    let expected: Vec<(i64, MessageStatus)> = ids
         .iter()
         .map(|id| (*id, if *id == p0[5] { PENDING } else { SENDING }))
         .collect();
@@ -3076,7 +3089,7 @@ async fn leases_go_to_one_instance_at_a_time(store: Store) {
     let lease = Duration::from_secs(60);
     // Only active batches need a supervisor.
     assert!(store.unsupervised_batches().await.expect("none").is_empty());
-    let mut update = LifecycleUpdate::from(&batch);
+    let mut update = LifecycleUpdate::from(&batch.bookkeeping());
     update.state = "delivering".into();
     let batch = store
         .save_lifecycle(batch.id, batch.version, &update)

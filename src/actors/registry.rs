@@ -15,9 +15,11 @@ use std::time::Duration;
 use actix::prelude::*;
 
 use super::Deps;
-use super::supervisor::{Act, ActError, Action, BatchSupervisor, Drain, project};
+use super::supervisor::{Act, ActError, BatchSupervisor, Drain};
 use crate::config::Redelivery;
-use crate::store::models::{Batch, LifecycleUpdate};
+use crate::domain::lifecycle::{Action, project};
+use crate::domain::state::{BatchState, Lifecycle, transition};
+use crate::store::models::Batch;
 use crate::store::{Store, StoreError};
 
 /// Applies an operator's action to a batch (by public id); answers the batch as saved.
@@ -312,23 +314,22 @@ impl Handler<Command> for BatchRegistry {
 }
 
 /// Saves an action on a batch that another instance supervises: the same state machine and
-/// version check as a supervisor's; the owner acts on the new state when it next looks.
-async fn apply_remotely(
-    store: &Store,
-    mut batch: Batch,
-    action: Action,
-) -> Result<Batch, ActError> {
-    for _ in 0..5 {
-        let next = project(&batch, action.event(&batch), None, 0)?;
-        let mut update = LifecycleUpdate::from(&next);
-        update.restarts = batch.restarts;
-        match store.save_lifecycle(batch.id, batch.version, &update).await {
-            Ok(saved) => return Ok(saved),
-            Err(StoreError::Conflict(_)) => batch = store.batch(batch.id).await?,
-            Err(e) => return Err(e.into()),
-        }
-    }
-    Err(StoreError::Conflict(batch.public_id).into())
+/// version check as a supervisor's (the batch's restarts are the supervisor's to count); the
+/// owner acts on the new state when it next looks.
+async fn apply_remotely(store: &Store, batch: Batch, action: Action) -> Result<Batch, ActError> {
+    store
+        .save_transition(batch, |b| {
+            let restarts = u32::try_from(b.restarts).unwrap_or(0);
+            let event = action.event(b.schedule_at);
+            Ok::<_, ActError>(project(
+                &b.bookkeeping(),
+                &b.prepared(),
+                event,
+                None,
+                restarts,
+            )?)
+        })
+        .await
 }
 
 async fn load(store: &crate::store::Store, public_id: &str) -> Result<Batch, ActError> {
@@ -342,7 +343,11 @@ async fn load(store: &crate::store::Store, public_id: &str) -> Result<Batch, Act
 /// Checks an action against the state machine for a batch as stored (the same check a
 /// supervisor makes before it saves a transition).
 fn check(batch: &Batch, action: Action) -> Result<(), ActError> {
-    project(batch, action.event(batch), None, 0)?;
+    let lifecycle = Lifecycle {
+        state: batch.state,
+        resume_to: batch.resume_to,
+    };
+    transition(lifecycle, action.event(batch.schedule_at))?;
     Ok(())
 }
 
@@ -385,7 +390,11 @@ impl Handler<Recover> for BatchRegistry {
                 // Batches that need no supervisor may still hold claims of a dead process:
                 // settle them (the claims of live instances are theirs to finish).
                 for batch in store
-                    .batches_in_states(&["paused", "cancelled", "failed"])
+                    .batches_in_states(&[
+                        BatchState::Paused,
+                        BatchState::Cancelled,
+                        BatchState::Failed,
+                    ])
                     .await?
                 {
                     let parts = store.partitions(batch.id).await?;
@@ -393,7 +402,7 @@ impl Handler<Recover> for BatchRegistry {
                         continue;
                     }
                     settle_orphans(&store, &batch, &instance, lease, resend, None).await?;
-                    if batch.state == "cancelled" {
+                    if batch.state == BatchState::Cancelled {
                         store.cancel_pending(batch.id, batch.partition_count).await?;
                     }
                 }

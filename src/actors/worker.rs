@@ -59,9 +59,9 @@ async fn gate_for(core: &Core, batch_id: i64) -> Result<Arc<Gate>, TransportErro
         return Ok(gate);
     }
     let batch = core.store.batch(batch_id).await.map_err(task_error)?;
-    let state = match batch.state.parse::<BatchState>() {
-        Ok(BatchState::Delivering) => GateState::Open,
-        Ok(BatchState::Cancelled) => GateState::Cancelled,
+    let state = match batch.state {
+        BatchState::Delivering => GateState::Open,
+        BatchState::Cancelled => GateState::Cancelled,
         _ => GateState::Held,
     };
     Ok(Arc::new(Gate::new(state, batch.provider)))

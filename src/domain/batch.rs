@@ -125,7 +125,7 @@ string_enum!(MessageStatus {
 
 impl MessageStatus {
     /// The code stored in the database. These numbers are persisted: never renumber them.
-    pub fn as_i16(self) -> i16 {
+    pub const fn as_i16(self) -> i16 {
         match self {
             MessageStatus::Pending => 0,
             MessageStatus::Sending => 1,

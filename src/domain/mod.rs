@@ -13,7 +13,7 @@ macro_rules! string_enum {
             pub const ALL: [$ty; [$($name),+].len()] = [$($ty::$variant),+];
 
             /// The name used in the API and in the database.
-            pub fn as_str(self) -> &'static str {
+            pub const fn as_str(self) -> &'static str {
                 match self {
                     $($ty::$variant => $name),+
                 }
@@ -41,6 +41,7 @@ macro_rules! string_enum {
 
 pub mod batch;
 pub mod counts;
+pub mod lifecycle;
 pub mod phone;
 pub mod seen;
 pub mod sms;

@@ -23,9 +23,9 @@ use serde::Deserialize;
 use utoipa::{IntoParams, ToSchema};
 
 use crate::actors::registry::{BatchRegistry, Command};
-use crate::actors::supervisor::Action;
 use crate::config::Settings;
 use crate::domain::batch::{BatchName, MessageStatus, MessageType, PartitionCount};
+use crate::domain::lifecycle::Action;
 use crate::domain::sms;
 use crate::domain::state::BatchState;
 use crate::domain::template::Template;
@@ -717,7 +717,7 @@ async fn upload_recipients(
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no batch {id}")))?
         .batch;
-    if batch.state != BatchState::Initial.as_str() {
+    if batch.state != BatchState::Initial {
         return Err(ApiError::InvalidTransition(format!(
             "recipients can be added only in state initial, not {}",
             batch.state

@@ -73,7 +73,12 @@ pub struct PartitionStatus;
 
 impl PartitionStatus {
     /// Every status `views::PartitionView` can show.
-    pub const ALL: [&'static str; 4] = ["initial", "running", "paused", "completed"];
+    pub const ALL: [&'static str; 4] = [
+        StepStatus::Initial.as_str(),
+        StepStatus::Running.as_str(),
+        StepStatus::Paused.as_str(),
+        StepStatus::Completed.as_str(),
+    ];
 }
 
 impl PartialSchema for PartitionStatus {
@@ -296,7 +301,7 @@ mod tests {
 
     #[test]
     fn condition_schema_matches_its_serialisation() {
-        let real = serde_json::to_value(crate::actors::supervisor::Condition {
+        let real = serde_json::to_value(crate::domain::lifecycle::Condition {
             kind: "Prepared".into(),
             status: "True".into(),
             reason: "Completed".into(),

@@ -4,8 +4,8 @@ use chrono::{DateTime, NaiveDateTime, Utc};
 use serde::Serialize;
 use utoipa::ToSchema;
 
-use crate::actors::supervisor::Condition;
 use crate::domain::batch::{MessageStatus, MessageType, Progress};
+use crate::domain::lifecycle::Condition;
 use crate::domain::state::{BatchState, Step, StepStatus};
 use crate::domain::template::Template;
 use crate::store::BatchRecord;
@@ -167,8 +167,7 @@ impl BatchView {
             sum(|p| p.cancelled),
         );
         let done = sent + delivered + failed + cancelled;
-        let state: BatchState = b.state.parse().unwrap_or(BatchState::Initial);
-        let resume_to: Option<BatchState> = b.resume_to.as_deref().and_then(|s| s.parse().ok());
+        let (state, resume_to) = (b.state, b.resume_to);
         let current_step = match state {
             BatchState::Scheduled | BatchState::Preparing => Some("preparation"),
             BatchState::Delivering => Some("delivery"),
@@ -179,8 +178,8 @@ impl BatchView {
             },
             _ => None,
         };
-        let steps = b.steps();
-        let delivery_status = steps.delivery.status.as_str();
+        let steps = &b.steps;
+        let delivery_status = steps.delivery.status;
         BatchView {
             id: b.public_id.clone(),
             name: b.name.clone(),
@@ -189,16 +188,16 @@ impl BatchView {
             url: b.url.clone(),
             contains_url: Template::parse(&b.content).is_ok_and(|t| t.contains_url()),
             provider: b.provider.clone(),
-            message_type: b.message_type.clone(),
+            message_type: b.message_type.as_str().to_owned(),
             schedule_at: b.schedule_at.map(utc),
             partition_count: b.partition_count,
             failure_threshold: b.failure_threshold,
-            state: b.state.clone(),
-            resume_to: b.resume_to.clone(),
+            state: state.as_str().to_owned(),
+            resume_to: resume_to.map(|s| s.as_str().to_owned()),
             current_step,
             steps: StepsView {
                 preparation: StepView {
-                    status: steps.preparation.status.clone(),
+                    status: steps.preparation.status.as_str().to_owned(),
                     started_at: steps.preparation.started_at,
                     finished_at: steps.preparation.finished_at,
                     progress: Progress::new(
@@ -210,7 +209,7 @@ impl BatchView {
                     error: steps.preparation.error.clone(),
                 },
                 delivery: StepView {
-                    status: steps.delivery.status.clone(),
+                    status: steps.delivery.status.as_str().to_owned(),
                     started_at: steps.delivery.started_at,
                     finished_at: steps.delivery.finished_at,
                     progress: Progress::new(b.valid, done, sent + delivered, failed),
@@ -235,15 +234,16 @@ impl BatchView {
                 .map(|p| PartitionView {
                     index: p.idx,
                     status: if p.total > 0 && p.done() >= p.total {
-                        "completed"
+                        StepStatus::Completed
                     } else {
                         match delivery_status {
-                            "running" => "running",
-                            "paused" => "paused",
-                            "completed" => "completed",
-                            _ => "initial",
+                            s @ (StepStatus::Running
+                            | StepStatus::Paused
+                            | StepStatus::Completed) => s,
+                            _ => StepStatus::Initial,
                         }
-                    },
+                    }
+                    .as_str(),
                     total: p.total,
                     sent: p.sent,
                     delivered: p.delivered,
@@ -251,7 +251,7 @@ impl BatchView {
                     cancelled: p.cancelled,
                 })
                 .collect(),
-            conditions: serde_json::from_str(&b.conditions).unwrap_or_default(),
+            conditions: b.conditions.0.clone(),
             error: b.error.clone(),
             created_at: utc(b.created_at),
             updated_at: utc(b.updated_at),
@@ -299,9 +299,7 @@ impl From<MessageRow> for MessageView {
         MessageView {
             id: m.id.to_string(),
             phone: m.phone,
-            status: MessageStatus::from_i16(m.status)
-                .map(MessageStatus::as_str)
-                .unwrap_or("unknown"),
+            status: m.status.as_str(),
             segments: m.segments,
             attempts: m.attempts,
             provider_message_id: m.provider_message_id,

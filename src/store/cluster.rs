@@ -9,12 +9,18 @@ use diesel::upsert::excluded;
 use diesel_async::RunQueryDsl;
 
 use super::models::Batch;
-use super::queries::{FAILED, PENDING, SENDING, now};
+use super::queries::now;
 use super::schema::{batches, instances, leases, messages, partitions};
+use super::types::{FAILED, PENDING, SENDING};
 use super::{Store, StoreError, UNKNOWN_OUTCOME, with_conn, with_tx};
+use crate::domain::state::BatchState;
 
 /// The states in which a batch needs a supervisor.
-pub const ACTIVE_STATES: [&str; 3] = ["scheduled", "preparing", "delivering"];
+pub const ACTIVE_STATES: [BatchState; 3] = [
+    BatchState::Scheduled,
+    BatchState::Preparing,
+    BatchState::Delivering,
+];
 
 fn after(d: Duration) -> NaiveDateTime {
     now() + chrono::Duration::from_std(d).unwrap_or_else(|_| chrono::Duration::seconds(15))
@@ -142,16 +148,17 @@ impl Store {
     /// Active batches whose lease is missing or expired: nobody supervises them.
     pub async fn unsupervised_batches(&self) -> Result<Vec<Batch>, StoreError> {
         let at = now();
-        with_conn!(self, |conn| {
-            Ok(batches::table
+        let ids: Vec<i64> = with_conn!(self, |conn| {
+            batches::table
                 .left_join(leases::table)
-                .filter(batches::state.eq_any(ACTIVE_STATES))
+                .filter(batches::state.eq_any(ACTIVE_STATES.map(BatchState::as_str)))
                 .filter(leases::expires_at.is_null().or(leases::expires_at.lt(at)))
                 .order(batches::id)
-                .select(Batch::as_select())
+                .select(batches::id)
                 .load(conn)
-                .await?)
-        })
+                .await
+        })?;
+        self.readable_batches(ids).await
     }
 
     /// Instances whose heartbeat is younger than `lease`.

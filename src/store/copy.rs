@@ -18,6 +18,7 @@ use tokio_postgres::types::Type;
 use super::StoreError;
 use super::bulk::RECORD_CHUNK_PG;
 use super::queries::{ChunkWritten, ImportError, PreparedChunk, UploadChunk, now, tally_inserted};
+use crate::domain::state::BatchState;
 
 const COPY_RECIPIENTS: &str = "COPY recipients (batch_id, phone, vars) FROM STDIN (FORMAT binary)";
 
@@ -25,7 +26,7 @@ const COPY_RECIPIENTS: &str = "COPY recipients (batch_id, phone, vars) FROM STDI
 const COUNT_UPLOAD: &str = "\
     UPDATE batches SET recipients = recipients + $1, version = version + 1, \
         updated_at = $2::text::timestamp \
-    WHERE id = $3 AND state = 'initial' RETURNING recipients";
+    WHERE id = $3 AND state = $4 RETURNING recipients";
 
 /// The error diesel-async makes of the same tokio-postgres error (no SQLSTATE: the command never
 /// reached the server; else the server's message), so that `StoreError::is_unavailable` tells an
@@ -97,7 +98,10 @@ async fn copy_in<E: Send>(
     writer.finish().await.map_err(store)?;
     let at = now().format("%Y-%m-%d %H:%M:%S%.6f").to_string();
     let total: i64 = client
-        .query_opt(COUNT_UPLOAD, &[&accepted, &at, &batch_id])
+        .query_opt(
+            COUNT_UPLOAD,
+            &[&accepted, &at, &batch_id, &BatchState::Initial.as_str()],
+        )
         .await
         .map_err(store)?
         .ok_or(ImportError::NotInitial)?

@@ -10,6 +10,7 @@ mod copy;
 pub mod models;
 mod queries;
 pub mod schema;
+mod types;
 
 use std::path::Path;
 use std::time::Duration;
@@ -40,7 +41,7 @@ pub type SqliteConn = SyncConnectionWrapper<SqliteConnection>;
 pub enum StoreError {
     /// A query failed.
     #[error("database query failed: {0}")]
-    Query(#[from] diesel::result::Error),
+    Query(#[source] diesel::result::Error),
     /// No connection could be had.
     #[error("database unavailable: {0}")]
     Pool(String),
@@ -86,6 +87,19 @@ impl StoreError {
                 .any(|m| message.contains(m))
             }
             _ => false,
+        }
+    }
+}
+
+impl From<diesel::result::Error> for StoreError {
+    /// A value that does not read back as its type (a state no state has, steps that are no
+    /// JSON of steps) is a corrupt row, not a failed query.
+    fn from(e: diesel::result::Error) -> Self {
+        match e {
+            diesel::result::Error::DeserializationError(cause) => {
+                StoreError::Corrupt(cause.to_string())
+            }
+            e => StoreError::Query(e),
         }
     }
 }

@@ -1,12 +1,16 @@
 //! Rows as diesel reads and writes them: `Batch` / `NewBatch` / `LifecycleUpdate` and friends.
 
-use chrono::{DateTime, NaiveDateTime, Utc};
+use chrono::NaiveDateTime;
 use diesel::prelude::*;
-use serde::{Deserialize, Serialize};
 
 use super::schema::{batches, messages, partitions, recipients};
+use super::types::to_json;
+use crate::domain::batch::{MessageStatus, MessageType};
+use crate::domain::counts::Prepared;
+use crate::domain::lifecycle::{Bookkeeping, Conditions, Steps};
+use crate::domain::state::BatchState;
 
-/// A batch row.
+/// A batch row, its states, steps and conditions typed (`store::types`).
 #[derive(Debug, Clone, Queryable, Selectable)]
 #[diesel(table_name = batches)]
 pub struct Batch {
@@ -17,14 +21,13 @@ pub struct Batch {
     pub content: String,
     pub url: Option<String>,
     pub provider: String,
-    pub message_type: String,
+    pub message_type: MessageType,
     pub schedule_at: Option<NaiveDateTime>,
     pub partition_count: i32,
-    pub state: String,
-    pub resume_to: Option<String>,
+    pub state: BatchState,
+    pub resume_to: Option<BatchState>,
     pub version: i64,
-    /// JSON of `Steps`.
-    pub steps: String,
+    pub steps: Steps,
     pub recipients: i64,
     pub processed: i64,
     pub valid: i64,
@@ -33,7 +36,7 @@ pub struct Batch {
     pub opted_out: i64,
     pub segments: i64,
     pub restarts: i32,
-    pub conditions: String,
+    pub conditions: Conditions,
     pub error: Option<String>,
     pub created_at: NaiveDateTime,
     pub updated_at: NaiveDateTime,
@@ -78,14 +81,14 @@ pub struct LifecycleUpdate {
     pub finished_at: Option<NaiveDateTime>,
 }
 
-impl From<&Batch> for LifecycleUpdate {
-    fn from(b: &Batch) -> Self {
+impl From<&Bookkeeping> for LifecycleUpdate {
+    fn from(b: &Bookkeeping) -> Self {
         LifecycleUpdate {
-            state: b.state.clone(),
-            resume_to: b.resume_to.clone(),
-            steps: b.steps.clone(),
+            state: b.state.as_str().to_owned(),
+            resume_to: b.resume_to.map(|s| s.as_str().to_owned()),
+            steps: to_json(&b.steps),
             restarts: b.restarts,
-            conditions: b.conditions.clone(),
+            conditions: to_json(&b.conditions),
             error: b.error.clone(),
             updated_at: b.updated_at,
             started_at: b.started_at,
@@ -94,44 +97,32 @@ impl From<&Batch> for LifecycleUpdate {
     }
 }
 
-/// One step's bookkeeping, kept as JSON in `batches.steps`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct StepRecord {
-    /// `initial, ready, running, paused, completed, failed`.
-    pub status: String,
-    /// When it first ran.
-    pub started_at: Option<DateTime<Utc>>,
-    /// When it completed.
-    pub finished_at: Option<DateTime<Utc>>,
-    /// Why it failed.
-    pub error: Option<String>,
-}
-
-impl Default for StepRecord {
-    fn default() -> Self {
-        StepRecord {
-            status: "initial".into(),
-            started_at: None,
-            finished_at: None,
-            error: None,
+impl Batch {
+    /// What a state transition reads and writes of the batch.
+    pub fn bookkeeping(&self) -> Bookkeeping {
+        Bookkeeping {
+            state: self.state,
+            resume_to: self.resume_to,
+            steps: self.steps.clone(),
+            conditions: self.conditions.clone(),
+            error: self.error.clone(),
+            restarts: self.restarts,
+            started_at: self.started_at,
+            finished_at: self.finished_at,
+            updated_at: self.updated_at,
         }
     }
-}
 
-/// Both steps of a batch.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct Steps {
-    /// Recipients → messages.
-    pub preparation: StepRecord,
-    /// Messages → providers.
-    pub delivery: StepRecord,
-}
-
-impl Batch {
-    /// The steps' bookkeeping (defaults when the column is empty).
-    pub fn steps(&self) -> Steps {
-        serde_json::from_str(&self.steps).unwrap_or_default()
+    /// The batch's counters of preparation.
+    pub fn prepared(&self) -> Prepared {
+        Prepared {
+            recipients: self.recipients,
+            processed: self.processed,
+            valid: self.valid,
+            invalid: self.invalid,
+            duplicates: self.duplicates,
+            opted_out: self.opted_out,
+        }
     }
 }
 
@@ -174,7 +165,7 @@ pub struct NewMessage {
 pub struct MessageRow {
     pub id: i64,
     pub phone: String,
-    pub status: i16,
+    pub status: MessageStatus,
     pub segments: i32,
     pub attempts: i32,
     pub provider_message_id: Option<String>,

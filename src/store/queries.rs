@@ -15,38 +15,36 @@ use super::schema::{
 use super::{Pools, Store, StoreError, with_conn, with_tx};
 use crate::domain::batch::MessageStatus;
 use crate::domain::counts::{BatchTally, ByStatus, Prepared};
+use crate::domain::lifecycle::Bookkeeping;
+use crate::domain::state::BatchState;
 use diesel::sql_types;
 
-pub(super) const PENDING: i16 = 0;
-pub(super) const SENDING: i16 = 1;
-pub(super) const SENT: i16 = 2;
-pub(super) const FAILED: i16 = 4;
-pub(super) const CANCELLED: i16 = 5;
+use super::types::{CANCELLED, FAILED, PENDING, SENDING, SENT};
 
 /// Rows per multi-row INSERT: keeps every statement under SQLite's and PostgreSQL's bind limits.
 const INSERT_CHUNK: usize = 1000;
 
 /// The messages of a slice marked sent (with their provider ids): `$1` ids, `$2` provider ids,
-/// `$3` batch, `$4` partition, `$5` now. Only messages still `sending` (1) become `sent` (2);
-/// `done` has a row for each.
-macro_rules! record_sent_cte {
-    () => {
+/// `$3` batch, `$4` partition, `$5` now. Only messages still `sending` become `sent`; `done` has
+/// a row for each.
+fn record_sent_cte() -> String {
+    format!(
         "WITH done AS ( \
-            UPDATE messages m SET status = 2, provider_message_id = v.pid, error = NULL, \
+            UPDATE messages m SET status = {SENT}, provider_message_id = v.pid, error = NULL, \
                    updated_at = $5 \
             FROM unnest($1::bigint[], $2::text[]) AS v(id, pid) \
-            WHERE m.id = v.id AND m.batch_id = $3 AND m.partition = $4 AND m.status = 1 \
+            WHERE m.id = v.id AND m.batch_id = $3 AND m.partition = $4 AND m.status = {SENDING} \
             RETURNING 1) "
-    };
+    )
 }
 
 /// Marks a slice's messages sent and counts them in the partition's counters, in one statement
 /// (parameters as in `record_sent_cte`).
-const RECORD_SENT_PG: &str = concat!(
-    record_sent_cte!(),
-    "UPDATE partitions SET sent = sent + (SELECT count(*) FROM done) \
-     WHERE batch_id = $3 AND idx = $4"
-);
+static RECORD_SENT_PG: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    record_sent_cte()
+        + "UPDATE partitions SET sent = sent + (SELECT count(*) FROM done) \
+           WHERE batch_id = $3 AND idx = $4"
+});
 
 /// The claim of up to `limit` due messages of a task's range on PostgreSQL (`Store::claim`),
 /// with the placeholders of the batch, the partition, the time, the range's first and last id
@@ -62,14 +60,14 @@ const RECORD_SENT_PG: &str = concat!(
 fn claim_pg(placeholders: [&str; 6], limit: i64) -> String {
     let [batch, partition, at, first, last, claimer] = placeholders;
     format!(
-        "UPDATE messages SET status = 1, attempts = attempts + 1, claimed_by = {claimer}, \
+        "UPDATE messages SET status = {SENDING}, attempts = attempts + 1, claimed_by = {claimer}, \
                 updated_at = {at} \
          WHERE id IN ( \
             SELECT id FROM messages \
             WHERE batch_id = {batch} AND partition = {partition} AND id BETWEEN {first} AND {last} \
-              AND status = 0 AND (next_attempt_at IS NULL OR next_attempt_at <= {at}) \
+              AND status = {PENDING} AND (next_attempt_at IS NULL OR next_attempt_at <= {at}) \
             ORDER BY id LIMIT {limit}) \
-           AND status = 0 \
+           AND status = {PENDING} \
          RETURNING id, phone, body, attempts"
     )
 }
@@ -78,13 +76,10 @@ fn claim_pg(placeholders: [&str; 6], limit: i64) -> String {
 /// statement: `$6`..`$7` the task's remaining range, `$8` the claimer. The two updates touch
 /// different rows (`sending` ones, then `pending` ones).
 fn record_sent_and_claim_pg(limit: i64) -> String {
-    concat!(
-        record_sent_cte!(),
-        ", counted AS ( \
+    record_sent_cte()
+        + ", counted AS ( \
             UPDATE partitions SET sent = sent + (SELECT count(*) FROM done) \
             WHERE batch_id = $3 AND idx = $4) "
-    )
-    .to_owned()
         + &claim_pg(["$3", "$4", "$5", "$6", "$7", "$8"], limit)
 }
 
@@ -333,17 +328,36 @@ impl Store {
         })
     }
 
-    /// Batches in any of the given states, oldest first.
-    pub async fn batches_in_states(&self, states: &[&str]) -> Result<Vec<Batch>, StoreError> {
-        let states: Vec<String> = states.iter().map(|s| s.to_string()).collect();
-        with_conn!(self, |conn| {
-            Ok(batches::table
+    /// Batches in any of the given states, oldest first (rows that do not read back are left
+    /// out, see `readable_batches`).
+    pub async fn batches_in_states(&self, states: &[BatchState]) -> Result<Vec<Batch>, StoreError> {
+        let states: Vec<&str> = states.iter().map(|s| s.as_str()).collect();
+        let ids: Vec<i64> = with_conn!(self, |conn| {
+            batches::table
                 .filter(batches::state.eq_any(&states))
                 .order(batches::id)
-                .select(Batch::as_select())
+                .select(batches::id)
                 .load(conn)
-                .await?)
-        })
+                .await
+        })?;
+        self.readable_batches(ids).await
+    }
+
+    /// The batches of `ids`, in that order, leaving out (with an error in the log) a row that
+    /// does not read back: for the scans of recovery and take-over, which one corrupt batch
+    /// must not stop for all the others.
+    pub(super) async fn readable_batches(&self, ids: Vec<i64>) -> Result<Vec<Batch>, StoreError> {
+        let mut batches = Vec::with_capacity(ids.len());
+        for id in ids {
+            match self.batch(id).await {
+                Ok(batch) => batches.push(batch),
+                Err(StoreError::Corrupt(e)) => {
+                    tracing::error!(batch = id, error = %e, "Batch row does not read back; left alone.");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(batches)
     }
 
     /// Counts of batches by state, for the metrics.
@@ -377,6 +391,28 @@ impl Store {
             .optional()?
             .ok_or_else(|| StoreError::Conflict(id.to_string()))
         })
+    }
+
+    /// Saves the transition that `plan` makes of the batch as stored, under the optimistic
+    /// version check: after a concurrent change the row is read again and planned anew, five
+    /// times at most, then `StoreError::Conflict`. What the supervisor and the registry save.
+    pub async fn save_transition<E: From<StoreError>>(
+        &self,
+        mut row: Batch,
+        plan: impl Fn(&Batch) -> Result<Bookkeeping, E>,
+    ) -> Result<Batch, E> {
+        for _ in 0..5 {
+            let next = plan(&row)?;
+            match self
+                .save_lifecycle(row.id, row.version, &LifecycleUpdate::from(&next))
+                .await
+            {
+                Ok(saved) => return Ok(saved),
+                Err(StoreError::Conflict(_)) => row = self.batch(row.id).await?,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(StoreError::Conflict(row.public_id).into())
     }
 
     /// Stores an upload's recipients in one transaction: chunks arrive on `rx` and `Ok(None)` ends
@@ -420,7 +456,7 @@ impl Store {
             let total: Option<i64> = diesel::update(
                 batches::table
                     .filter(batches::id.eq(batch_id))
-                    .filter(batches::state.eq("initial")),
+                    .filter(batches::state.eq(BatchState::Initial.as_str())),
             )
             .set((
                 batches::recipients.eq(batches::recipients + accepted),
@@ -953,7 +989,7 @@ impl Store {
             let mut conn = pool.get().await?;
             let (ids, provider_ids): (Vec<i64>, Vec<Option<String>>) =
                 outcomes.sent.iter().cloned().unzip();
-            let record = diesel::sql_query(RECORD_SENT_PG)
+            let record = diesel::sql_query(RECORD_SENT_PG.as_str())
                 .bind::<sql_types::Array<sql_types::BigInt>, _>(ids)
                 .bind::<sql_types::Array<sql_types::Nullable<sql_types::Text>>, _>(provider_ids)
                 .bind::<sql_types::BigInt, _>(batch_id)
