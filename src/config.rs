@@ -2,7 +2,6 @@
 //! `SMSBATCH__SECTION__KEY` environment variables. Every key has a default that serves the
 //! embedded case, so an empty or missing `default.yaml` still starts the service.
 
-use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
@@ -10,7 +9,9 @@ use serde::Deserialize;
 
 use crate::domain::batch::PartitionCount;
 use crate::domain::phone::Region;
-use crate::provider::http::IDEMPOTENCY_KEY;
+use crate::provider::ProviderSettings;
+use crate::provider::SettingError;
+use crate::secret::{Secret, redact_url};
 
 /// Why the configuration could not be loaded; the message always names the key.
 #[derive(Debug, thiserror::Error)]
@@ -21,6 +22,15 @@ pub enum ConfigError {
     /// A value has the right type but is out of range.
     #[error("configuration key `{key}`: {reason}")]
     Invalid { key: String, reason: String },
+}
+
+impl From<SettingError> for ConfigError {
+    fn from(e: SettingError) -> Self {
+        ConfigError::Invalid {
+            key: e.key,
+            reason: e.reason,
+        }
+    }
 }
 
 /// The whole configuration tree.
@@ -255,93 +265,6 @@ impl Default for BatchSettings {
     }
 }
 
-/// `providers.*`
-#[derive(Debug, Clone, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct ProviderSettings {
-    /// The provider of batches that do not name one.
-    pub default: String,
-    /// The built-in simulator.
-    pub simulator: SimulatorSettings,
-    /// JSON-over-HTTP gateways by name (`providers.http.<name>.*`); a batch selects one by its
-    /// name. Names are lower case, so that environment variables can reach them.
-    pub http: BTreeMap<String, HttpProviderSettings>,
-}
-
-impl Default for ProviderSettings {
-    fn default() -> Self {
-        Self {
-            default: "simulator".into(),
-            simulator: SimulatorSettings::default(),
-            http: BTreeMap::new(),
-        }
-    }
-}
-
-/// The name of the built-in simulator provider.
-pub const SIMULATOR: &str = "simulator";
-
-/// `providers.http.<name>.*`: one JSON-over-HTTP gateway (`src/provider/http.rs`).
-#[derive(Clone, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct HttpProviderSettings {
-    /// The `http://` or `https://` URL every message is POSTed to. A secret: gateways often
-    /// take a key in the query string.
-    pub url: Secret,
-    /// Headers sent with every request (e.g. `Authorization`); their values are secrets.
-    pub headers: BTreeMap<String, Secret>,
-    /// Timeout of one request, connection included, in milliseconds.
-    pub timeout_ms: u64,
-    /// Field of a 2xx JSON answer that holds the gateway's message id: a top-level field name,
-    /// or a JSON pointer such as `/data/message_id`.
-    pub id_field: String,
-    /// Messages per second (token bucket); 0 means unlimited.
-    pub rate_limit: u32,
-}
-
-impl Default for HttpProviderSettings {
-    fn default() -> Self {
-        Self {
-            url: Secret::default(),
-            headers: BTreeMap::new(),
-            timeout_ms: 5000,
-            id_field: "id".into(),
-            rate_limit: 0,
-        }
-    }
-}
-
-impl fmt::Debug for HttpProviderSettings {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("HttpProviderSettings")
-            .field("url", &redact_http_url(self.url.expose()))
-            .field("headers", &self.headers)
-            .field("timeout_ms", &self.timeout_ms)
-            .field("id_field", &self.id_field)
-            .field("rate_limit", &self.rate_limit)
-            .finish()
-    }
-}
-
-/// An HTTP URL safe to log: the password and the query string replaced by `***`.
-pub fn redact_http_url(url: &str) -> String {
-    let redacted = redact_url(url);
-    match redacted.split_once('?') {
-        Some((base, _)) => format!("{base}?***"),
-        None => redacted,
-    }
-}
-
-/// `providers.simulator.*`
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct SimulatorSettings {
-    /// Simulated latency of each call, in milliseconds.
-    pub latency_ms: u64,
-    /// Messages per second (token bucket); 0 means unlimited.
-    pub rate_limit: u32,
-}
-
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -368,51 +291,6 @@ impl Default for LogSettings {
             format: LogFormat::Pretty,
             level: "info".into(),
         }
-    }
-}
-
-/// A string that never prints: tokens and URLs with passwords.
-#[derive(Clone, Default, Deserialize, PartialEq, Eq)]
-#[serde(transparent)]
-pub struct Secret(String);
-
-impl Secret {
-    /// Wraps a value.
-    pub fn new(value: impl Into<String>) -> Self {
-        Self(value.into())
-    }
-    /// The value itself, for the one place that needs it.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-    /// True when no value is set.
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Secret(***)")
-    }
-}
-
-/// A URL with its password replaced by `***`, safe to log.
-pub fn redact_url(url: &str) -> String {
-    let Some(scheme_end) = url.find("://") else {
-        return url.to_string();
-    };
-    let rest = &url[scheme_end + 3..];
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    let authority = &rest[..authority_end];
-    match (authority.rfind('@'), authority.find(':')) {
-        (Some(at), Some(colon)) if colon < at => format!(
-            "{}{}:***{}",
-            &url[..scheme_end + 3],
-            &authority[..colon],
-            &rest[at..]
-        ),
-        _ => url.to_string(),
     }
 }
 
@@ -547,82 +425,13 @@ impl Settings {
             self.smsbatch.supervisor_mailbox as u64,
         )?;
         self.region()?;
-        self.validate_providers()?;
+        crate::provider::configure(&self.providers)?;
         tracing_subscriber::EnvFilter::try_new(&self.log.level).map_err(|e| {
             ConfigError::Invalid {
                 key: "log.level".into(),
                 reason: e.to_string(),
             }
         })?;
-        Ok(())
-    }
-
-    fn validate_providers(&self) -> Result<(), ConfigError> {
-        let providers = &self.providers;
-        for (name, http) in &providers.http {
-            let invalid = |field: &str, reason: String| ConfigError::Invalid {
-                key: format!("providers.http.{name}{field}"),
-                reason,
-            };
-            if name == SIMULATOR {
-                return Err(invalid("", "the name of the built-in simulator".into()));
-            }
-            if name.is_empty()
-                || !name
-                    .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
-            {
-                return Err(invalid(
-                    "",
-                    "a provider name is lower-case letters, digits, `_` and `-`".into(),
-                ));
-            }
-            let url = http.url.expose();
-            if url.is_empty() {
-                return Err(invalid(".url", "must be set".into()));
-            }
-            match reqwest::Url::parse(url) {
-                Ok(parsed) if matches!(parsed.scheme(), "http" | "https") => {}
-                Ok(_) => {
-                    return Err(invalid(
-                        ".url",
-                        format!(
-                            "`{}` is not an http:// or https:// URL",
-                            redact_http_url(url)
-                        ),
-                    ));
-                }
-                Err(e) => {
-                    return Err(invalid(
-                        ".url",
-                        format!("`{}` is not a URL ({e})", redact_http_url(url)),
-                    ));
-                }
-            }
-            for (header, value) in &http.headers {
-                let key = format!(".headers.{header}");
-                let parsed = reqwest::header::HeaderName::from_bytes(header.as_bytes())
-                    .map_err(|_| invalid(&key, "not a valid header name".into()))?;
-                if parsed == IDEMPOTENCY_KEY {
-                    return Err(invalid(&key, "set by the provider for each message".into()));
-                }
-                // The value is a secret: the reason never quotes it.
-                reqwest::header::HeaderValue::from_str(value.expose())
-                    .map_err(|_| invalid(&key, "not a valid header value".into()))?;
-            }
-            if http.timeout_ms == 0 {
-                return Err(invalid(".timeout_ms", "must be at least 1".into()));
-            }
-            if http.id_field.is_empty() {
-                return Err(invalid(".id_field", "must not be empty".into()));
-            }
-        }
-        if providers.default != SIMULATOR && !providers.http.contains_key(&providers.default) {
-            return Err(ConfigError::Invalid {
-                key: "providers.default".into(),
-                reason: format!("unknown provider `{}`", providers.default),
-            });
-        }
         Ok(())
     }
 
@@ -650,7 +459,21 @@ impl Settings {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
+    use crate::provider::http::HttpProviderSettings;
+    use crate::provider::kinds;
+    use crate::provider::simulator::SimulatorSettings;
+
+    fn simulator(s: &Settings) -> SimulatorSettings {
+        kinds::read("providers.simulator", s.providers.kinds.get("simulator"))
+            .expect("simulator settings")
+    }
+
+    fn gateways(s: &Settings) -> BTreeMap<String, HttpProviderSettings> {
+        crate::provider::http::Kind::gateways(s.providers.kinds.get("http")).expect("gateways")
+    }
 
     fn vars(pairs: &[(&str, &str)]) -> config::Map<String, String> {
         pairs
@@ -671,7 +494,7 @@ mod tests {
         assert_eq!(s.transport.kind, TransportKind::InProcess);
         assert_eq!(s.transport.queue, "smsbatch.delivery");
         assert!(s.admin.token.is_empty());
-        assert_eq!(s.providers.simulator.latency_ms, 0);
+        assert_eq!(simulator(&s).latency_ms, 0);
         assert_eq!(s.smsbatch.redelivery, Redelivery::AtMostOnce);
     }
 
@@ -690,7 +513,7 @@ mod tests {
         )
         .expect("loads");
         assert_eq!(s.http.bind, "127.0.0.1:0");
-        assert_eq!(s.providers.simulator.latency_ms, 7);
+        assert_eq!(simulator(&s).latency_ms, 7);
         assert_eq!(s.transport.kind, TransportKind::Rabbitmq);
         assert_eq!(s.smsbatch.redelivery, Redelivery::AtLeastOnce);
         assert_eq!(s.admin.token.expose(), "s3cret");
@@ -725,6 +548,16 @@ mod tests {
                 "transport.kind",
             ),
             ("SMSBATCH__PROVIDERS__DEFAULT", "nope", "providers.default"),
+            (
+                "SMSBATCH__PROVIDERS__PIGEON__LOFT",
+                "roof",
+                "providers.pigeon",
+            ),
+            (
+                "SMSBATCH__PROVIDERS__SIMULATOR__LATENCY_MS",
+                "slow",
+                "providers.simulator",
+            ),
         ];
         for (var, value, key) in cases {
             let err = Settings::load_from(&empty_dir(), None, Some(vars(&[(var, value)])))
@@ -762,14 +595,15 @@ mod tests {
         .expect("loads");
         std::fs::remove_dir_all(&dir).ok();
         assert_eq!(s.providers.default, "gw");
-        let gw = &s.providers.http["gw"];
+        let gateways = gateways(&s);
+        let gw = &gateways["gw"];
         assert_eq!(gw.url.expose(), "https://sms.example/send?key=k3y");
         assert_eq!(gw.timeout_ms, 750);
         assert_eq!(gw.id_field, "id");
         assert_eq!(gw.headers["Authorization"].expose(), "Bearer file");
         // Environment variables are lower-cased (and `_` stays `_`) by the config crate.
         assert_eq!(gw.headers["x_api_key"].expose(), "12345");
-        let sink = &s.providers.http["sink"];
+        let sink = &gateways["sink"];
         assert_eq!(sink.timeout_ms, 5000);
         assert_eq!(sink.id_field, "/data/id");
         let printed = format!("{s:?}");
@@ -876,18 +710,5 @@ mod tests {
             .to_string();
         assert!(err.contains("wrker_count"), "{err}");
         std::fs::remove_dir_all(&dir).ok();
-    }
-
-    #[test]
-    fn redacts_passwords_only() {
-        assert_eq!(
-            redact_url("postgres://app:hunter2@db:5432/sms"),
-            "postgres://app:***@db:5432/sms"
-        );
-        assert_eq!(
-            redact_url("postgres://postgres@127.0.0.1/x"),
-            "postgres://postgres@127.0.0.1/x"
-        );
-        assert_eq!(redact_url("sqlite://data/x.db"), "sqlite://data/x.db");
     }
 }

@@ -11,6 +11,7 @@ pub mod domain;
 pub mod http;
 pub mod memory;
 pub mod provider;
+pub mod secret;
 pub mod server;
 pub mod store;
 pub mod telemetry;

@@ -12,9 +12,10 @@ use tracing_actix_web::TracingLogger;
 use crate::actors::registry::{BatchRegistry, Recover, Shutdown};
 use crate::actors::worker::PartitionWorker;
 use crate::actors::{Core, Deps, gates::Gates};
-use crate::config::{Settings, TransportKind, redact_url};
+use crate::config::{Settings, TransportKind};
 use crate::http::{AppState, routes};
 use crate::provider::Providers;
+use crate::secret::redact_url;
 use crate::store::Store;
 use crate::telemetry::Metrics;
 use crate::transport::rabbitmq::{BrokerLink, LinkActor, RabbitTransport};
@@ -46,7 +47,7 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
         instance: instance.clone(),
     };
     let workers = (0..settings.smsbatch.worker_count)
-        .map(|_| PartitionWorker::new(core.clone()).start())
+        .map(|_| PartitionWorker::new(core.clone()).start().recipient())
         .collect();
     let pool = Arc::new(InProcess::new(
         workers,

@@ -88,15 +88,9 @@ pub async fn run(deps: Deps, batch: Batch, gate: Arc<Gate>) -> Result<StepEnd, D
             // the quiet spell are stranded (a claim whose answer was lost).
             let stranded_before = (!deps.core.gates.is_working_on(batch.id))
                 .then(|| crate::store::before(replan_after));
-            super::registry::settle_orphans(
-                store,
-                &batch,
-                &deps.core.instance,
-                lease,
-                resend,
-                stranded_before,
-            )
-            .await?;
+            store
+                .settle_orphans(&batch, &deps.core.instance, lease, resend, stranded_before)
+                .await?;
             full_round = true;
             last_progress = Instant::now();
         }

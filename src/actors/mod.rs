@@ -14,11 +14,29 @@ use std::sync::Arc;
 
 use crate::config::Settings;
 use crate::domain::phone::Region;
+use crate::domain::state::TransitionError;
 use crate::provider::Providers;
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 use crate::telemetry::Metrics;
 use crate::transport::Transport;
 use gates::Gates;
+
+/// Why an action was refused or failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ActError {
+    /// No such batch.
+    #[error("no batch {0}")]
+    NotFound(String),
+    /// Not allowed in the batch's state.
+    #[error(transparent)]
+    Invalid(#[from] TransitionError),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The supervisor is gone (shutting down).
+    #[error("batch supervisor unavailable: {0}")]
+    Unavailable(String),
+}
 
 /// What every actor of the process shares.
 #[derive(Clone)]

@@ -14,8 +14,9 @@ use std::time::Duration;
 
 use actix::prelude::*;
 
+use super::ActError;
 use super::Deps;
-use super::supervisor::{Act, ActError, BatchSupervisor, Drain};
+use super::supervisor::{Act, BatchSupervisor, Drain, SupervisorStopped};
 use crate::config::Redelivery;
 use crate::domain::lifecycle::{Action, project};
 use crate::domain::state::{BatchState, Lifecycle, transition};
@@ -32,16 +33,6 @@ pub struct Command {
     pub action: Action,
     /// Set on the one resend after the supervisor stopped under the command.
     pub resent: bool,
-}
-
-/// A supervisor stopped (its batch reached a final state, or the process stops).
-#[derive(Debug, Message)]
-#[rtype(result = "()")]
-pub struct SupervisorStopped {
-    /// The batch's internal id.
-    pub batch_id: i64,
-    /// Which supervisor of that batch stopped (a newer one stays registered).
-    pub generation: u64,
 }
 
 /// At start-up: settle what the previous run left in flight and resume active batches.
@@ -169,43 +160,12 @@ async fn take_over(
         if !store.acquire_lease(batch.id, instance, lease).await? {
             continue;
         }
-        settle_orphans(store, &batch, instance, lease, resend, None).await?;
+        store
+            .settle_orphans(&batch, instance, lease, resend, None)
+            .await?;
         taken.push(batch);
     }
     Ok(taken)
-}
-
-/// Settles the messages of a batch that dead instances left `sending`.
-///
-/// `instance` (the caller's) always counts as live, whatever its heartbeat row says: instance ids
-/// are new in every process, so the claims under this one belong to this process's workers, which
-/// record or release them. A heartbeat row can read stale while the process is alive (its upkeep
-/// waited on a busy database longer than the lease), and settling then would fail calls that are
-/// still in flight and lose their outcomes.
-///
-/// With `stranded_before`, the caller knows that none of its workers carries out a task of the
-/// batch: its own claims last touched before that time are stranded (a claim whose answer was
-/// lost) and are settled too. A task started after the caller looked claims with a later time.
-pub(super) async fn settle_orphans(
-    store: &Store,
-    batch: &Batch,
-    instance: &str,
-    lease: Duration,
-    resend: bool,
-    stranded_before: Option<chrono::NaiveDateTime>,
-) -> Result<(), StoreError> {
-    let mut live = store.live_instances(lease).await?;
-    if !live.iter().any(|i| i == instance) {
-        live.push(instance.to_owned());
-    }
-    let stranded = stranded_before.map(|before| (instance, before));
-    let settled = store
-        .settle_orphaned_claims(batch.id, batch.partition_count, resend, &live, stranded)
-        .await?;
-    if settled > 0 {
-        tracing::warn!(batch_id = %batch.public_id, messages = settled, resend, "Settled messages left sending by an instance that died, or stranded by a lost claim.");
-    }
-    Ok(())
 }
 
 impl Actor for BatchRegistry {
@@ -265,7 +225,8 @@ impl Handler<Command> for BatchRegistry {
                         if owner.is_none_or(|o| o == instance)
                             && store.acquire_lease(batch.id, &instance, lease).await?
                         {
-                            settle_orphans(&store, &batch, &instance, lease, resend_messages, None)
+                            store
+                                .settle_orphans(&batch, &instance, lease, resend_messages, None)
                                 .await?;
                             return Ok(Route::Spawn(batch));
                         }
@@ -401,7 +362,7 @@ impl Handler<Recover> for BatchRegistry {
                     if parts.iter().all(|p| p.done() >= p.total) {
                         continue;
                     }
-                    settle_orphans(&store, &batch, &instance, lease, resend, None).await?;
+                    store.settle_orphans(&batch, &instance, lease, resend, None).await?;
                     if batch.state == BatchState::Cancelled {
                         store.cancel_pending(batch.id, batch.partition_count).await?;
                     }

@@ -10,30 +10,23 @@ use actix::prelude::*;
 use futures_util::FutureExt;
 use tokio::sync::oneshot;
 
+use super::ActError;
 use super::gates::{Gate, GateState};
-use super::registry::SupervisorStopped;
 use super::{Deps, StepEnd, delivery, preparation};
 use crate::domain::counts::Verdict;
 use crate::domain::lifecycle::{Action, Cause, project};
-use crate::domain::state::{BatchState, Event, Step, TransitionError};
+use crate::domain::state::{BatchState, Event, Step};
 use crate::store::StoreError;
 use crate::store::models::Batch;
 
-/// Why an action was refused or failed.
-#[derive(Debug, thiserror::Error)]
-pub enum ActError {
-    /// No such batch.
-    #[error("no batch {0}")]
-    NotFound(String),
-    /// Not allowed in the batch's state.
-    #[error(transparent)]
-    Invalid(#[from] TransitionError),
-    /// The store failed.
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    /// The supervisor is gone (shutting down).
-    #[error("batch supervisor unavailable: {0}")]
-    Unavailable(String),
+/// A supervisor stopped (its batch reached a final state, or the process stops).
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct SupervisorStopped {
+    /// The batch's internal id.
+    pub batch_id: i64,
+    /// Which supervisor of that batch stopped (a newer one stays registered).
+    pub generation: u64,
 }
 
 /// Asks the supervisor to apply an operator's action; answers the batch as saved.

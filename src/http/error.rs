@@ -3,10 +3,12 @@
 use actix_web::http::StatusCode;
 use actix_web::{HttpResponse, ResponseError};
 
-use crate::actors::supervisor::ActError;
+use crate::actors::ActError;
 use crate::store::{ImportError, StoreError};
-
-use super::openapi::{ErrorBody, ErrorDetail};
+use serde::Serialize;
+use utoipa::openapi::RefOr;
+use utoipa::openapi::schema::{ObjectBuilder, Schema, Type};
+use utoipa::{PartialSchema, ToSchema};
 
 /// An error answer of the admin API.
 #[derive(Debug, thiserror::Error)]
@@ -152,6 +154,40 @@ impl From<ImportError<ApiError>> for ApiError {
             ImportError::Store(s) => s.into(),
         }
     }
+}
+
+/// The machine-readable code of an error answer.
+pub struct ErrorCode;
+
+impl PartialSchema for ErrorCode {
+    fn schema() -> RefOr<Schema> {
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .description(Some(
+                "What went wrong, for programs; the message says it for people.",
+            ))
+            .enum_values(Some(ApiError::CODES))
+            .into()
+    }
+}
+
+impl ToSchema for ErrorCode {}
+
+/// Every 4xx and 5xx answer (API.md "Errors"); `ApiError` renders itself as this.
+#[derive(Serialize, ToSchema)]
+pub struct ErrorBody {
+    /// The error.
+    pub error: ErrorDetail,
+}
+
+/// The error of an [`ErrorBody`].
+#[derive(Serialize, ToSchema)]
+pub struct ErrorDetail {
+    /// What went wrong, for programs.
+    #[schema(value_type = ErrorCode)]
+    pub code: &'static str,
+    /// What went wrong, for people.
+    pub message: String,
 }
 
 #[cfg(test)]

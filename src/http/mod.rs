@@ -34,7 +34,8 @@ use crate::store::Store;
 use crate::store::models::NewBatch;
 use crate::telemetry::Metrics;
 pub use error::ApiError;
-use openapi::{ErrorBody, Health, Readiness, ReadinessChecks};
+use error::ErrorBody;
+use openapi::{Health, Readiness, ReadinessChecks};
 use views::{BatchPage, BatchView, MessagePage, MessageView, UploadResult};
 
 /// What every handler shares.

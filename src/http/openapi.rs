@@ -19,7 +19,7 @@ use utoipa::{Modify, OpenApi, PartialSchema, ToSchema};
 use crate::domain::batch::{MessageStatus, MessageType};
 use crate::domain::state::{BatchState, Step, StepStatus};
 
-use super::error::ApiError;
+use super::error::ErrorBody;
 
 /// The name of the security scheme every `/v1/` operation requires when `admin.token` is set
 /// (the handlers' `security(("bearer" = []))` attributes take it only as a literal).
@@ -127,40 +127,6 @@ pub struct ConditionDoc {
     pub message: String,
     /// When the status last changed.
     pub last_transition_time: chrono::DateTime<chrono::Utc>,
-}
-
-/// The machine-readable code of an error answer.
-pub struct ErrorCode;
-
-impl PartialSchema for ErrorCode {
-    fn schema() -> RefOr<Schema> {
-        ObjectBuilder::new()
-            .schema_type(Type::String)
-            .description(Some(
-                "What went wrong, for programs; the message says it for people.",
-            ))
-            .enum_values(Some(ApiError::CODES))
-            .into()
-    }
-}
-
-impl ToSchema for ErrorCode {}
-
-/// Every 4xx and 5xx answer (API.md "Errors"); `ApiError` renders itself as this.
-#[derive(Serialize, ToSchema)]
-pub struct ErrorBody {
-    /// The error.
-    pub error: ErrorDetail,
-}
-
-/// The error of an [`ErrorBody`].
-#[derive(Serialize, ToSchema)]
-pub struct ErrorDetail {
-    /// What went wrong, for programs.
-    #[schema(value_type = ErrorCode)]
-    pub code: &'static str,
-    /// What went wrong, for people.
-    pub message: String,
 }
 
 /// `GET /healthz`.

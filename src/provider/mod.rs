@@ -1,8 +1,10 @@
-//! SMS providers: the `SmsProvider` trait, the rate limiter in front of each provider, the
-//! built-in `simulator`, and the generic JSON-over-HTTP `http` gateways.
+//! SMS providers: the `SmsProvider` trait, the rate limiter in front of each provider, and the
+//! kinds (`kinds.rs`): the built-in `simulator` and the generic JSON-over-HTTP `http` gateways.
 
 pub mod http;
-mod simulator;
+pub mod kinds;
+pub mod registry;
+pub mod simulator;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -15,7 +17,8 @@ use futures_util::future::BoxFuture;
 pub use http::HttpProvider;
 pub use simulator::Simulator;
 
-use crate::config::{ProviderSettings, SIMULATOR};
+pub use kinds::{BuildError, SettingError};
+pub use registry::{ProviderSettings, configure};
 
 /// One SMS to hand to a provider.
 #[derive(Debug, Clone)]
@@ -82,27 +85,16 @@ pub struct Providers {
 }
 
 impl Providers {
-    /// Builds the providers the configuration names: the simulator and each `http` gateway.
-    pub fn from_settings(settings: &ProviderSettings) -> Result<Self, http::BuildError> {
+    /// Builds every provider the configuration names (`kinds::configure`).
+    pub fn from_settings(settings: &ProviderSettings) -> Result<Self, BuildError> {
         let mut by_name = HashMap::new();
-        let sim = &settings.simulator;
-        by_name.insert(
-            SIMULATOR.to_string(),
-            Arc::new(Provider {
-                name: SIMULATOR.into(),
-                gateway: Arc::new(Simulator::new(Duration::from_millis(sim.latency_ms))),
-                limiter: RateLimiter::new(sim.rate_limit),
-            }),
-        );
-        for (name, gateway) in &settings.http {
-            by_name.insert(
-                name.clone(),
-                Arc::new(Provider {
-                    name: name.clone(),
-                    gateway: Arc::new(HttpProvider::new(name, gateway)?),
-                    limiter: RateLimiter::new(gateway.rate_limit),
-                }),
-            );
+        for configured in configure(settings)? {
+            let provider = Provider {
+                gateway: configured.settings.build(&configured.name)?,
+                limiter: RateLimiter::new(configured.rate_limit),
+                name: configured.name,
+            };
+            by_name.insert(provider.name.clone(), Arc::new(provider));
         }
         Ok(Providers {
             by_name: Arc::new(by_name),

@@ -1,11 +1,54 @@
 //! The `simulator` provider: deterministic by number, so that tests and demos can rely on it
 //! (API.md, "The simulator provider").
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
+use serde::Deserialize;
 
+use super::kinds::{self, Build, BuildError, Configured, SettingError};
 use super::{Accepted, OutgoingSms, ProviderError, SmsProvider};
+
+/// The name of the built-in simulator provider (also its kind's key).
+pub const NAME: &str = "simulator";
+
+/// `providers.simulator.*`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SimulatorSettings {
+    /// Simulated latency of each call, in milliseconds.
+    pub latency_ms: u64,
+    /// Messages per second (token bucket); 0 means unlimited.
+    pub rate_limit: u32,
+}
+
+impl Build for SimulatorSettings {
+    fn build(&self, _name: &str) -> Result<Arc<dyn SmsProvider>, BuildError> {
+        Ok(Arc::new(Simulator::new(Duration::from_millis(
+            self.latency_ms,
+        ))))
+    }
+}
+
+/// The `simulator` kind: one provider, `simulator`, always there.
+pub struct Kind;
+
+impl kinds::Kind for Kind {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn configure(&self, table: Option<&config::Value>) -> Result<Vec<Configured>, SettingError> {
+        let settings: SimulatorSettings = kinds::read("providers.simulator", table)?;
+        Ok(vec![Configured {
+            name: NAME.into(),
+            key: "providers.simulator".into(),
+            rate_limit: settings.rate_limit,
+            settings: Arc::new(settings),
+        }])
+    }
+}
 
 /// Succeeds, except numbers ending `0001` (permanent failure) and `0002` (transient failure on
 /// the first attempt only), after a fixed latency.

@@ -17,7 +17,7 @@ use tokio_postgres::types::Type;
 
 use super::StoreError;
 use super::bulk::RECORD_CHUNK_PG;
-use super::queries::{ChunkWritten, ImportError, PreparedChunk, UploadChunk, now, tally_inserted};
+use super::records::{ChunkWritten, ImportError, PreparedChunk, UploadChunk, now, tally_inserted};
 use crate::domain::state::BatchState;
 
 const COPY_RECIPIENTS: &str = "COPY recipients (batch_id, phone, vars) FROM STDIN (FORMAT binary)";

@@ -3,12 +3,17 @@
 //! SQLite (diesel-async's `SyncConnectionWrapper`); backend-specific SQL sits in clearly named
 //! functions.
 
+mod batches;
 mod bulk;
 mod cached;
-mod cluster;
 mod copy;
+mod leases;
+mod messages;
 pub mod models;
-mod queries;
+mod opt_outs;
+mod preparation;
+mod recipients;
+mod records;
 pub mod schema;
 mod types;
 
@@ -27,8 +32,8 @@ use diesel_async::{AsyncConnection, SimpleAsyncConnection};
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
 use futures_util::FutureExt;
 
-pub use cluster::{ACTIVE_STATES, before};
-pub use queries::*;
+pub use leases::{ACTIVE_STATES, before};
+pub use records::*;
 
 const PG_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/postgres");
 const SQLITE_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/sqlite");

@@ -2,25 +2,24 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use actix::Addr;
+use actix::Recipient;
 use futures_util::future::BoxFuture;
 
 use super::{DeliveryTask, TaskReport, Transport, TransportError};
-use crate::actors::worker::PartitionWorker;
 use crate::telemetry::Metrics;
 
 /// Round-robins tasks over the local workers with `send().await`, which waits while the chosen
 /// worker's mailbox is full.
 pub struct InProcess {
-    workers: Vec<Addr<PartitionWorker>>,
+    workers: Vec<Recipient<DeliveryTask>>,
     next: AtomicUsize,
     mailbox: usize,
     metrics: Metrics,
 }
 
 impl InProcess {
-    /// A transport over these workers, each with a mailbox of `mailbox` tasks.
-    pub fn new(workers: Vec<Addr<PartitionWorker>>, mailbox: usize, metrics: Metrics) -> Self {
+    /// A transport over these workers (the partition workers' addresses), each with a mailbox of `mailbox` tasks.
+    pub fn new(workers: Vec<Recipient<DeliveryTask>>, mailbox: usize, metrics: Metrics) -> Self {
         InProcess {
             workers,
             next: AtomicUsize::new(0),

@@ -26,7 +26,8 @@ use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProper
 use tokio::sync::watch;
 
 use super::{DeliveryTask, InProcess, TaskReport, Transport, TransportError};
-use crate::config::{TransportSettings, redact_url};
+use crate::config::TransportSettings;
+use crate::secret::redact_url;
 use crate::telemetry::Metrics;
 
 /// Longest wait between two connection attempts.

@@ -9,10 +9,10 @@ use diesel::upsert::excluded;
 use diesel_async::RunQueryDsl;
 
 use super::models::Batch;
-use super::queries::now;
+use super::records::{UNKNOWN_OUTCOME, now};
 use super::schema::{batches, instances, leases, messages, partitions};
 use super::types::{FAILED, PENDING, SENDING};
-use super::{Store, StoreError, UNKNOWN_OUTCOME, with_conn, with_tx};
+use super::{Store, StoreError, with_conn, with_tx};
 use crate::domain::state::BatchState;
 
 /// The states in which a batch needs a supervisor.
@@ -236,5 +236,38 @@ impl Store {
             })?;
         }
         Ok(total)
+    }
+
+    /// Settles the messages of a batch that dead instances left `sending`.
+    ///
+    /// `instance` (the caller's) always counts as live, whatever its heartbeat row says: instance ids
+    /// are new in every process, so the claims under this one belong to this process's workers, which
+    /// record or release them. A heartbeat row can read stale while the process is alive (its upkeep
+    /// waited on a busy database longer than the lease), and settling then would fail calls that are
+    /// still in flight and lose their outcomes.
+    ///
+    /// With `stranded_before`, the caller knows that none of its workers carries out a task of the
+    /// batch: its own claims last touched before that time are stranded (a claim whose answer was
+    /// lost) and are settled too. A task started after the caller looked claims with a later time.
+    pub async fn settle_orphans(
+        &self,
+        batch: &Batch,
+        instance: &str,
+        lease: Duration,
+        resend: bool,
+        stranded_before: Option<chrono::NaiveDateTime>,
+    ) -> Result<(), StoreError> {
+        let mut live = self.live_instances(lease).await?;
+        if !live.iter().any(|i| i == instance) {
+            live.push(instance.to_owned());
+        }
+        let stranded = stranded_before.map(|before| (instance, before));
+        let settled = self
+            .settle_orphaned_claims(batch.id, batch.partition_count, resend, &live, stranded)
+            .await?;
+        if settled > 0 {
+            tracing::warn!(batch_id = %batch.public_id, messages = settled, resend, "Settled messages left sending by an instance that died, or stranded by a lost claim.");
+        }
+        Ok(())
     }
 }

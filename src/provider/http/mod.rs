@@ -21,8 +21,12 @@ use reqwest::StatusCode;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 use serde::Serialize;
 
+mod settings;
+
+pub use settings::{HttpProviderSettings, Kind};
+
+use super::kinds::BuildError;
 use super::{Accepted, OutgoingSms, ProviderError, SmsProvider};
-use crate::config::HttpProviderSettings;
 
 /// The header that carries a message's idempotency key: its message id.
 pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
@@ -32,14 +36,6 @@ pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
 const MAX_ANSWER_BYTES: usize = 64 * 1024;
 /// Most characters of a refusal's body kept in the message's error text.
 const MAX_ERROR_TEXT: usize = 200;
-
-/// Why an `http` provider could not be built from its settings.
-#[derive(Debug, thiserror::Error)]
-#[error("provider `{name}`: {reason}")]
-pub struct BuildError {
-    name: String,
-    reason: String,
-}
 
 /// The request body.
 #[derive(Serialize)]
@@ -229,7 +225,7 @@ fn chain(error: &dyn std::error::Error) -> String {
 }
 
 #[cfg(test)]
-#[path = "../../tests/common/sink.rs"]
+#[path = "../../../tests/common/sink.rs"]
 mod sink;
 
 #[cfg(test)]
@@ -238,7 +234,7 @@ mod tests {
 
     use super::sink::{Answer, Sink};
     use super::*;
-    use crate::config::Secret;
+    use crate::secret::Secret;
 
     fn settings(url: &str) -> HttpProviderSettings {
         HttpProviderSettings {

@@ -1,0 +1,306 @@
+//! Batches: creating, reading, listing and saving a batch's lifecycle, and the tally that
+//! checks its counters.
+
+use std::collections::BTreeMap;
+
+use diesel::prelude::*;
+use diesel_async::RunQueryDsl;
+
+use super::bulk::BulkInsert;
+use super::models::*;
+use super::records::{BatchRecord, INSERT_CHUNK};
+use super::schema::{batches, checkpoints, messages, partitions, recipients};
+use super::{Store, StoreError, with_conn, with_tx};
+use crate::domain::batch::MessageStatus;
+use crate::domain::counts::{BatchTally, ByStatus, Prepared};
+use crate::domain::lifecycle::Bookkeeping;
+use crate::domain::state::BatchState;
+
+impl Store {
+    /// Creates a batch in state `initial` with its partitions and inline recipients, atomically.
+    pub async fn create_batch(
+        &self,
+        new: NewBatch,
+        inline: Vec<(String, Option<String>)>,
+    ) -> Result<BatchRecord, StoreError> {
+        with_tx!(self, |conn| {
+            let batch: Batch = diesel::insert_into(batches::table)
+                .values(&new)
+                .returning(Batch::as_returning())
+                .get_result(conn)
+                .await?;
+            conn.insert_partitions(batch.id, batch.partition_count)
+                .await?;
+            let count = inline.len() as i64;
+            for chunk in inline.chunks(INSERT_CHUNK) {
+                let rows: Vec<NewRecipient> = chunk
+                    .iter()
+                    .map(|(phone, vars)| NewRecipient {
+                        batch_id: batch.id,
+                        phone: phone.clone(),
+                        vars: vars.clone(),
+                    })
+                    .collect();
+                conn.insert_recipients(rows).await?;
+            }
+            let batch: Batch = diesel::update(batches::table.find(batch.id))
+                .set(batches::recipients.eq(count))
+                .returning(Batch::as_returning())
+                .get_result(conn)
+                .await?;
+            let partitions = partitions::table
+                .filter(partitions::batch_id.eq(batch.id))
+                .order(partitions::idx)
+                .select(Partition::as_select())
+                .load(conn)
+                .await?;
+            Ok(BatchRecord { batch, partitions })
+        })
+    }
+
+    /// A batch by its public id, with its partitions.
+    pub async fn find_batch(&self, public_id: &str) -> Result<Option<BatchRecord>, StoreError> {
+        with_conn!(self, |conn| {
+            let Some(batch) = batches::table
+                .filter(batches::public_id.eq(public_id))
+                .select(Batch::as_select())
+                .first(conn)
+                .await
+                .optional()?
+            else {
+                return Ok(None);
+            };
+            let partitions = partitions::table
+                .filter(partitions::batch_id.eq(batch.id))
+                .order(partitions::idx)
+                .select(Partition::as_select())
+                .load(conn)
+                .await?;
+            Ok(Some(BatchRecord { batch, partitions }))
+        })
+    }
+
+    /// A batch row by its internal id.
+    pub async fn batch(&self, id: i64) -> Result<Batch, StoreError> {
+        with_conn!(self, |conn| {
+            Ok(batches::table
+                .find(id)
+                .select(Batch::as_select())
+                .first(conn)
+                .await?)
+        })
+    }
+
+    /// Batches newest first, optionally in one state, after a cursor (a public id).
+    pub async fn list_batches(
+        &self,
+        state: Option<&str>,
+        after: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<BatchRecord>, StoreError> {
+        with_conn!(self, |conn| {
+            let mut query = batches::table.select(Batch::as_select()).into_boxed();
+            if let Some(state) = state {
+                query = query.filter(batches::state.eq(state.to_string()));
+            }
+            if let Some(after) = after {
+                let cursor: Option<i64> = batches::table
+                    .filter(batches::public_id.eq(after))
+                    .select(batches::id)
+                    .first(conn)
+                    .await
+                    .optional()?;
+                query = query.filter(batches::id.lt(cursor.unwrap_or(0)));
+            }
+            let rows: Vec<Batch> = query
+                .order(batches::id.desc())
+                .limit(limit)
+                .load(conn)
+                .await?;
+            let ids: Vec<i64> = rows.iter().map(|b| b.id).collect();
+            let mut parts: BTreeMap<i64, Vec<Partition>> = BTreeMap::new();
+            for p in partitions::table
+                .filter(partitions::batch_id.eq_any(&ids))
+                .order((partitions::batch_id, partitions::idx))
+                .select(Partition::as_select())
+                .load(conn)
+                .await?
+            {
+                parts.entry(p.batch_id).or_default().push(p);
+            }
+            Ok(rows
+                .into_iter()
+                .map(|batch| BatchRecord {
+                    partitions: parts.remove(&batch.id).unwrap_or_default(),
+                    batch,
+                })
+                .collect())
+        })
+    }
+
+    /// Batches in any of the given states, oldest first (rows that do not read back are left
+    /// out, see `readable_batches`).
+    pub async fn batches_in_states(&self, states: &[BatchState]) -> Result<Vec<Batch>, StoreError> {
+        let states: Vec<&str> = states.iter().map(|s| s.as_str()).collect();
+        let ids: Vec<i64> = with_conn!(self, |conn| {
+            batches::table
+                .filter(batches::state.eq_any(&states))
+                .order(batches::id)
+                .select(batches::id)
+                .load(conn)
+                .await
+        })?;
+        self.readable_batches(ids).await
+    }
+
+    /// The batches of `ids`, in that order, leaving out (with an error in the log) a row that
+    /// does not read back: for the scans of recovery and take-over, which one corrupt batch
+    /// must not stop for all the others.
+    pub(super) async fn readable_batches(&self, ids: Vec<i64>) -> Result<Vec<Batch>, StoreError> {
+        let mut batches = Vec::with_capacity(ids.len());
+        for id in ids {
+            match self.batch(id).await {
+                Ok(batch) => batches.push(batch),
+                Err(StoreError::Corrupt(e)) => {
+                    tracing::error!(batch = id, error = %e, "Batch row does not read back; left alone.");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(batches)
+    }
+
+    /// Counts of batches by state, for the metrics.
+    pub async fn count_batches_by_state(&self) -> Result<Vec<(String, i64)>, StoreError> {
+        with_conn!(self, |conn| {
+            Ok(batches::table
+                .group_by(batches::state)
+                .select((batches::state, diesel::dsl::count_star()))
+                .load(conn)
+                .await?)
+        })
+    }
+
+    /// Saves a transition if the row is still at `version`; returns the row as saved.
+    pub async fn save_lifecycle(
+        &self,
+        id: i64,
+        version: i64,
+        update: &LifecycleUpdate,
+    ) -> Result<Batch, StoreError> {
+        with_conn!(self, |conn| {
+            diesel::update(
+                batches::table
+                    .filter(batches::id.eq(id))
+                    .filter(batches::version.eq(version)),
+            )
+            .set((update, batches::version.eq(version + 1)))
+            .returning(Batch::as_returning())
+            .get_result(conn)
+            .await
+            .optional()?
+            .ok_or_else(|| StoreError::Conflict(id.to_string()))
+        })
+    }
+
+    /// Saves the transition that `plan` makes of the batch as stored, under the optimistic
+    /// version check: after a concurrent change the row is read again and planned anew, five
+    /// times at most, then `StoreError::Conflict`. What the supervisor and the registry save.
+    pub async fn save_transition<E: From<StoreError>>(
+        &self,
+        mut row: Batch,
+        plan: impl Fn(&Batch) -> Result<Bookkeeping, E>,
+    ) -> Result<Batch, E> {
+        for _ in 0..5 {
+            let next = plan(&row)?;
+            match self
+                .save_lifecycle(row.id, row.version, &LifecycleUpdate::from(&next))
+                .await
+            {
+                Ok(saved) => return Ok(saved),
+                Err(StoreError::Conflict(_)) => row = self.batch(row.id).await?,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(StoreError::Conflict(row.public_id).into())
+    }
+
+    /// The figures the end of a batch's step is checked against (`domain::counts`): its
+    /// counters, its last recipient, the preparation checkpoint, its message rows counted by
+    /// status, and the partitions' counters of the same.
+    pub async fn batch_tally(&self, batch_id: i64) -> Result<BatchTally, StoreError> {
+        with_conn!(self, |conn| {
+            let batch: Batch = batches::table
+                .find(batch_id)
+                .select(Batch::as_select())
+                .first(conn)
+                .await?;
+            let last_recipient_id: Option<i64> = recipients::table
+                .filter(recipients::batch_id.eq(batch_id))
+                .select(diesel::dsl::max(recipients::id))
+                .first(conn)
+                .await?;
+            let checkpoint: i64 = checkpoints::table
+                .filter(checkpoints::batch_id.eq(batch_id))
+                .filter(checkpoints::step.eq("preparation"))
+                .select(checkpoints::position)
+                .first(conn)
+                .await
+                .optional()?
+                .unwrap_or(0);
+            let rows: Vec<(i16, i64)> = messages::table
+                .filter(messages::batch_id.eq(batch_id))
+                .group_by(messages::status)
+                .select((messages::status, diesel::dsl::count_star()))
+                .load(conn)
+                .await?;
+            let mut by_status = ByStatus::default();
+            for (code, n) in rows {
+                let status = MessageStatus::from_i16(code).ok_or_else(|| {
+                    StoreError::Corrupt(format!("message status {code} of batch {batch_id}"))
+                })?;
+                *match status {
+                    MessageStatus::Pending => &mut by_status.pending,
+                    MessageStatus::Sending => &mut by_status.sending,
+                    MessageStatus::Sent => &mut by_status.sent,
+                    MessageStatus::Delivered => &mut by_status.delivered,
+                    MessageStatus::Failed => &mut by_status.failed,
+                    MessageStatus::Cancelled => &mut by_status.cancelled,
+                } += n;
+            }
+            let parts: Vec<Partition> = partitions::table
+                .filter(partitions::batch_id.eq(batch_id))
+                .select(Partition::as_select())
+                .load(conn)
+                .await?;
+            let sum = |f: fn(&Partition) -> i64| parts.iter().map(f).sum::<i64>();
+            let partition_total = sum(|p| p.total);
+            let counted = ByStatus {
+                pending: 0,
+                sending: 0,
+                sent: sum(|p| p.sent),
+                delivered: sum(|p| p.delivered),
+                failed: sum(|p| p.failed),
+                cancelled: sum(|p| p.cancelled),
+            };
+            Ok(BatchTally {
+                counters: Prepared {
+                    recipients: batch.recipients,
+                    processed: batch.processed,
+                    valid: batch.valid,
+                    invalid: batch.invalid,
+                    duplicates: batch.duplicates,
+                    opted_out: batch.opted_out,
+                },
+                last_recipient_id,
+                checkpoint,
+                messages: by_status,
+                partitions: ByStatus {
+                    pending: partition_total - counted.done(),
+                    ..counted
+                },
+                partition_total,
+            })
+        })
+    }
+}

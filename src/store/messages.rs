@@ -1,0 +1,494 @@
+//! Messages: partitions and task ranges, claims, outcomes recorded with their counters,
+//! cancelling and listing.
+
+use std::collections::BTreeMap;
+
+use chrono::NaiveDateTime;
+use diesel::prelude::*;
+use diesel::sql_types;
+use diesel_async::RunQueryDsl;
+
+use super::cached::Cached;
+use super::models::*;
+use super::records::{INSERT_CHUNK, Outcomes, now};
+use super::schema::{messages, partitions};
+use super::types::{CANCELLED, FAILED, PENDING, SENDING, SENT};
+use super::{Pools, Store, StoreError, with_conn, with_tx};
+use crate::domain::batch::MessageStatus;
+
+/// The messages of a slice marked sent (with their provider ids): `$1` ids, `$2` provider ids,
+/// `$3` batch, `$4` partition, `$5` now. Only messages still `sending` become `sent`; `done` has
+/// a row for each.
+fn record_sent_cte() -> String {
+    format!(
+        "WITH done AS ( \
+            UPDATE messages m SET status = {SENT}, provider_message_id = v.pid, error = NULL, \
+                   updated_at = $5 \
+            FROM unnest($1::bigint[], $2::text[]) AS v(id, pid) \
+            WHERE m.id = v.id AND m.batch_id = $3 AND m.partition = $4 AND m.status = {SENDING} \
+            RETURNING 1) "
+    )
+}
+
+/// Marks a slice's messages sent and counts them in the partition's counters, in one statement
+/// (parameters as in `record_sent_cte`).
+static RECORD_SENT_PG: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    record_sent_cte()
+        + "UPDATE partitions SET sent = sent + (SELECT count(*) FROM done) \
+           WHERE batch_id = $3 AND idx = $4"
+});
+
+/// The claim of up to `limit` due messages of a task's range on PostgreSQL (`Store::claim`),
+/// with the placeholders of the batch, the partition, the time, the range's first and last id
+/// and the claimer.
+///
+/// The limit is written into the text, not bound. PostgreSQL keeps running custom plans of a
+/// prepared statement (planned anew at every run) while its generic plan is estimated costlier,
+/// and with a bound limit the generic plan assumes a tenth of the range's estimated rows: at
+/// 1,000,000 messages 125 for a slice of 64, so every claim was planned again (0.5–0.6 ms of
+/// PostgreSQL's time per slice, server log). With the limit in the text the generic plan is
+/// taken, as it already was for smaller batches. A worker's limit is its claim size, so each
+/// connection prepares one or two such texts.
+fn claim_pg(placeholders: [&str; 6], limit: i64) -> String {
+    let [batch, partition, at, first, last, claimer] = placeholders;
+    format!(
+        "UPDATE messages SET status = {SENDING}, attempts = attempts + 1, claimed_by = {claimer}, \
+                updated_at = {at} \
+         WHERE id IN ( \
+            SELECT id FROM messages \
+            WHERE batch_id = {batch} AND partition = {partition} AND id BETWEEN {first} AND {last} \
+              AND status = {PENDING} AND (next_attempt_at IS NULL OR next_attempt_at <= {at}) \
+            ORDER BY id LIMIT {limit}) \
+           AND status = {PENDING} \
+         RETURNING id, phone, body, attempts"
+    )
+}
+
+/// `RECORD_SENT_PG`, then the claim of the task's next slice (`claim_pg`) in the same
+/// statement: `$6`..`$7` the task's remaining range, `$8` the claimer. The two updates touch
+/// different rows (`sending` ones, then `pending` ones).
+fn record_sent_and_claim_pg(limit: i64) -> String {
+    record_sent_cte()
+        + ", counted AS ( \
+            UPDATE partitions SET sent = sent + (SELECT count(*) FROM done) \
+            WHERE batch_id = $3 AND idx = $4) "
+        + &claim_pg(["$3", "$4", "$5", "$6", "$7", "$8"], limit)
+}
+
+impl Store {
+    /// Partition counters of a batch.
+    pub async fn partitions(&self, batch_id: i64) -> Result<Vec<Partition>, StoreError> {
+        with_conn!(self, |conn| {
+            Ok(partitions::table
+                .filter(partitions::batch_id.eq(batch_id))
+                .order(partitions::idx)
+                .select(Partition::as_select())
+                .load(conn)
+                .await?)
+        })
+    }
+
+    /// The lowest and highest message id of a batch's partition, if it has any messages: the
+    /// range a full delivery round hands out in spans (two probes of the partition's index).
+    pub async fn message_id_bounds(
+        &self,
+        batch_id: i64,
+        partition: i32,
+    ) -> Result<Option<(i64, i64)>, StoreError> {
+        with_conn!(self, |conn| {
+            let (low, high): (Option<i64>, Option<i64>) = messages::table
+                .filter(messages::batch_id.eq(batch_id))
+                .filter(messages::partition.eq(partition))
+                .select((
+                    diesel::dsl::min(messages::id),
+                    diesel::dsl::max(messages::id),
+                ))
+                .first(conn)
+                .await?;
+            Ok(low.zip(high))
+        })
+    }
+
+    /// The ids of the next due pending messages of a partition after `after`, at most `limit`:
+    /// one delivery task's worth. With `retries_only`, only messages waiting for a retry.
+    pub async fn next_task_ids(
+        &self,
+        batch_id: i64,
+        partition: i32,
+        after: i64,
+        limit: i64,
+        retries_only: bool,
+    ) -> Result<Vec<i64>, StoreError> {
+        let at = now();
+        with_conn!(self, |conn| {
+            let mut query = messages::table
+                .filter(messages::batch_id.eq(batch_id))
+                .filter(messages::status.eq(PENDING))
+                .filter(messages::partition.eq(partition))
+                .filter(messages::id.gt(after))
+                .filter(
+                    messages::next_attempt_at
+                        .is_null()
+                        .or(messages::next_attempt_at.le(at)),
+                )
+                .select(messages::id)
+                .into_boxed();
+            if retries_only {
+                query = query.filter(messages::next_attempt_at.is_not_null());
+            }
+            Ok(query.order(messages::id).limit(limit).load(conn).await?)
+        })
+    }
+
+    /// When the earliest pending retry of a batch falls due, if any message waits for one.
+    pub async fn earliest_retry(&self, batch_id: i64) -> Result<Option<NaiveDateTime>, StoreError> {
+        with_conn!(self, |conn| {
+            Ok(messages::table
+                .filter(messages::batch_id.eq(batch_id))
+                .filter(messages::status.eq(PENDING))
+                .filter(messages::next_attempt_at.is_not_null())
+                .select(diesel::dsl::min(messages::next_attempt_at))
+                .first::<Option<NaiveDateTime>>(conn)
+                .await?)
+        })
+    }
+
+    /// Claims up to `limit` due messages of a task's range, in id order, with one conditional
+    /// update (`pending → sending`), so a task handed out twice sends nothing twice. The status
+    /// is checked again on the row itself, so two claimers racing for a row cannot both win.
+    pub async fn claim(
+        &self,
+        batch_id: i64,
+        partition: i32,
+        first_id: i64,
+        last_id: i64,
+        limit: i64,
+        claimer: &str,
+    ) -> Result<Vec<ClaimedMessage>, StoreError> {
+        let at = now();
+        // One statement, so one round trip and no explicit transaction: the sub-select picks the
+        // slice, and the outer condition re-checks each row as it is locked.
+        let mut claimed: Vec<ClaimedMessage> = match &self.pools {
+            Pools::Pg(pool) => {
+                let mut conn = pool.get().await?;
+                let claim = claim_pg(["$1", "$2", "$3", "$4", "$5", "$6"], limit);
+                let statement = diesel::sql_query(claim)
+                    .bind::<sql_types::BigInt, _>(batch_id)
+                    .bind::<sql_types::Integer, _>(partition)
+                    .bind::<sql_types::Timestamp, _>(at)
+                    .bind::<sql_types::BigInt, _>(first_id)
+                    .bind::<sql_types::BigInt, _>(last_id)
+                    .bind::<sql_types::Text, _>(claimer);
+                Cached(statement).load(&mut conn).await?
+            }
+            Pools::Sqlite(pool) => {
+                let mut conn = pool.get().await?;
+                let conn: &mut super::SqliteConn = &mut conn;
+                let slice = diesel::alias!(messages as slice);
+                let due = slice
+                    .filter(slice.field(messages::batch_id).eq(batch_id))
+                    .filter(slice.field(messages::partition).eq(partition))
+                    .filter(slice.field(messages::id).between(first_id, last_id))
+                    .filter(slice.field(messages::status).eq(PENDING))
+                    .filter(
+                        slice
+                            .field(messages::next_attempt_at)
+                            .is_null()
+                            .or(slice.field(messages::next_attempt_at).le(at)),
+                    )
+                    .order(slice.field(messages::id))
+                    .limit(limit)
+                    .select(slice.field(messages::id));
+                let claim = diesel::update(
+                    messages::table
+                        .filter(messages::id.eq_any(due))
+                        .filter(messages::status.eq(PENDING)),
+                )
+                .set((
+                    messages::status.eq(SENDING),
+                    messages::attempts.eq(messages::attempts + 1),
+                    messages::claimed_by.eq(claimer),
+                    messages::updated_at.eq(at),
+                ))
+                .returning((
+                    messages::id,
+                    messages::phone,
+                    messages::body,
+                    messages::attempts,
+                ));
+                Cached(claim).get_results(conn).await?
+            }
+        };
+        claimed.sort_unstable_by_key(|m| m.id);
+        Ok(claimed)
+    }
+
+    /// Records a slice that was sent whole and claims the task's next slice, in one statement
+    /// on PostgreSQL: one commit, so one wait for the disk, per slice instead of two, and the
+    /// claim is durable before any of its messages reaches a provider, as with `claim`. `None`
+    /// where this does not apply (SQLite, or a slice with other outcomes): record, then claim.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn record_sent_and_claim(
+        &self,
+        batch_id: i64,
+        partition: i32,
+        outcomes: &Outcomes,
+        first_id: i64,
+        last_id: i64,
+        limit: i64,
+        claimer: &str,
+    ) -> Result<Option<Vec<ClaimedMessage>>, StoreError> {
+        let Pools::Pg(pool) = &self.pools else {
+            return Ok(None);
+        };
+        if outcomes.is_empty() || outcomes.len() != outcomes.sent.len() {
+            return Ok(None);
+        }
+        let mut conn = pool.get().await?;
+        let (ids, provider_ids): (Vec<i64>, Vec<Option<String>>) =
+            outcomes.sent.iter().cloned().unzip();
+        let statement = diesel::sql_query(record_sent_and_claim_pg(limit))
+            .bind::<sql_types::Array<sql_types::BigInt>, _>(ids)
+            .bind::<sql_types::Array<sql_types::Nullable<sql_types::Text>>, _>(provider_ids)
+            .bind::<sql_types::BigInt, _>(batch_id)
+            .bind::<sql_types::Integer, _>(partition)
+            .bind::<sql_types::Timestamp, _>(now())
+            .bind::<sql_types::BigInt, _>(first_id)
+            .bind::<sql_types::BigInt, _>(last_id)
+            .bind::<sql_types::Text, _>(claimer);
+        let mut claimed: Vec<ClaimedMessage> = Cached(statement).load(&mut conn).await?;
+        claimed.sort_unstable_by_key(|m| m.id);
+        Ok(Some(claimed))
+    }
+
+    /// Records a task's outcomes and the partition's counters in one transaction. Only messages
+    /// still `sending` change.
+    pub async fn record_outcomes(
+        &self,
+        batch_id: i64,
+        partition: i32,
+        outcomes: &Outcomes,
+    ) -> Result<(), StoreError> {
+        if outcomes.is_empty() {
+            return Ok(());
+        }
+        let at = now();
+        if let (Pools::Pg(pool), true) = (&self.pools, outcomes.len() == outcomes.sent.len()) {
+            // The common case — every message of the slice sent — in one statement.
+            let mut conn = pool.get().await?;
+            let (ids, provider_ids): (Vec<i64>, Vec<Option<String>>) =
+                outcomes.sent.iter().cloned().unzip();
+            let record = diesel::sql_query(RECORD_SENT_PG.as_str())
+                .bind::<sql_types::Array<sql_types::BigInt>, _>(ids)
+                .bind::<sql_types::Array<sql_types::Nullable<sql_types::Text>>, _>(provider_ids)
+                .bind::<sql_types::BigInt, _>(batch_id)
+                .bind::<sql_types::Integer, _>(partition)
+                .bind::<sql_types::Timestamp, _>(at);
+            Cached(record).execute(&mut conn).await?;
+            return Ok(());
+        }
+        with_tx!(self, |conn| {
+            let mut sent = 0i64;
+            let mut failed = 0i64;
+            let mut cancelled = 0i64;
+            // Sent messages without a provider id share one statement; the rest carry their own.
+            let (plain, with_id): (Vec<_>, Vec<_>) =
+                outcomes.sent.iter().partition(|(_, pid)| pid.is_none());
+            let plain: Vec<i64> = plain.iter().map(|(id, _)| *id).collect();
+            for ids in plain.chunks(INSERT_CHUNK) {
+                sent += diesel::update(
+                    messages::table
+                        .filter(messages::id.eq_any(ids))
+                        .filter(messages::batch_id.eq(batch_id))
+                        .filter(messages::partition.eq(partition))
+                        .filter(messages::status.eq(SENDING)),
+                )
+                .set((
+                    messages::status.eq(SENT),
+                    messages::error.eq(None::<String>),
+                    messages::updated_at.eq(at),
+                ))
+                .execute(conn)
+                .await? as i64;
+            }
+            for (id, pid) in with_id {
+                sent += diesel::update(
+                    messages::table
+                        .filter(messages::id.eq(*id))
+                        .filter(messages::batch_id.eq(batch_id))
+                        .filter(messages::partition.eq(partition))
+                        .filter(messages::status.eq(SENDING)),
+                )
+                .set((
+                    messages::status.eq(SENT),
+                    messages::provider_message_id.eq(pid),
+                    messages::error.eq(None::<String>),
+                    messages::updated_at.eq(at),
+                ))
+                .execute(conn)
+                .await? as i64;
+            }
+            let mut by_error: BTreeMap<&str, Vec<i64>> = BTreeMap::new();
+            for (id, err) in &outcomes.failed {
+                by_error.entry(err.as_str()).or_default().push(*id);
+            }
+            for (err, ids) in by_error {
+                for ids in ids.chunks(INSERT_CHUNK) {
+                    failed += diesel::update(
+                        messages::table
+                            .filter(messages::id.eq_any(ids))
+                            .filter(messages::batch_id.eq(batch_id))
+                            .filter(messages::partition.eq(partition))
+                            .filter(messages::status.eq(SENDING)),
+                    )
+                    .set((
+                        messages::status.eq(FAILED),
+                        messages::error.eq(err),
+                        messages::updated_at.eq(at),
+                    ))
+                    .execute(conn)
+                    .await? as i64;
+                }
+            }
+            let mut by_retry: BTreeMap<(NaiveDateTime, &str), Vec<i64>> = BTreeMap::new();
+            for (id, due, err) in &outcomes.retry {
+                by_retry.entry((*due, err.as_str())).or_default().push(*id);
+            }
+            for ((due, err), ids) in by_retry {
+                for ids in ids.chunks(INSERT_CHUNK) {
+                    diesel::update(
+                        messages::table
+                            .filter(messages::id.eq_any(ids))
+                            .filter(messages::batch_id.eq(batch_id))
+                            .filter(messages::partition.eq(partition))
+                            .filter(messages::status.eq(SENDING)),
+                    )
+                    .set((
+                        messages::status.eq(PENDING),
+                        messages::next_attempt_at.eq(Some(due)),
+                        messages::error.eq(err),
+                        messages::updated_at.eq(at),
+                    ))
+                    .execute(conn)
+                    .await?;
+                }
+            }
+            for ids in outcomes.released.chunks(INSERT_CHUNK) {
+                // Released messages did not reach the provider: the claim's attempt is undone.
+                diesel::update(
+                    messages::table
+                        .filter(messages::id.eq_any(ids))
+                        .filter(messages::batch_id.eq(batch_id))
+                        .filter(messages::partition.eq(partition))
+                        .filter(messages::status.eq(SENDING)),
+                )
+                .set((
+                    messages::status.eq(PENDING),
+                    messages::attempts.eq(messages::attempts - 1),
+                    messages::updated_at.eq(at),
+                ))
+                .execute(conn)
+                .await?;
+            }
+            for ids in outcomes.cancelled.chunks(INSERT_CHUNK) {
+                cancelled += diesel::update(
+                    messages::table
+                        .filter(messages::id.eq_any(ids))
+                        .filter(messages::batch_id.eq(batch_id))
+                        .filter(messages::partition.eq(partition))
+                        .filter(messages::status.eq(SENDING)),
+                )
+                .set((messages::status.eq(CANCELLED), messages::updated_at.eq(at)))
+                .execute(conn)
+                .await? as i64;
+            }
+            if sent + failed + cancelled > 0 {
+                diesel::update(partitions::table.find((batch_id, partition)))
+                    .set((
+                        partitions::sent.eq(partitions::sent + sent),
+                        partitions::failed.eq(partitions::failed + failed),
+                        partitions::cancelled.eq(partitions::cancelled + cancelled),
+                    ))
+                    .execute(conn)
+                    .await?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Marks every message of a batch still `pending` as `cancelled`; returns how many.
+    pub async fn cancel_pending(
+        &self,
+        batch_id: i64,
+        partition_count: i32,
+    ) -> Result<i64, StoreError> {
+        let mut total = 0;
+        for partition in 0..partition_count {
+            total += self
+                .move_partition(batch_id, partition, PENDING, CANCELLED)
+                .await?;
+        }
+        Ok(total)
+    }
+
+    /// Moves every message of one partition from one status to another, with its counters.
+    async fn move_partition(
+        &self,
+        batch_id: i64,
+        partition: i32,
+        from: i16,
+        to: i16,
+    ) -> Result<i64, StoreError> {
+        let at = now();
+        with_tx!(self, |conn| {
+            let target = messages::table
+                .filter(messages::batch_id.eq(batch_id))
+                .filter(messages::partition.eq(partition))
+                .filter(messages::status.eq(from));
+            let moved = diesel::update(target)
+                .set((messages::status.eq(to), messages::updated_at.eq(at)))
+                .execute(conn)
+                .await? as i64;
+            if moved > 0 {
+                let row = partitions::table.find((batch_id, partition));
+                match to {
+                    FAILED => {
+                        diesel::update(row)
+                            .set(partitions::failed.eq(partitions::failed + moved))
+                            .execute(conn)
+                            .await?;
+                    }
+                    CANCELLED => {
+                        diesel::update(row)
+                            .set(partitions::cancelled.eq(partitions::cancelled + moved))
+                            .execute(conn)
+                            .await?;
+                    }
+                    _ => {}
+                }
+            }
+            Ok(moved)
+        })
+    }
+
+    /// A page of a batch's messages in id order, optionally of one status.
+    pub async fn list_messages(
+        &self,
+        batch_id: i64,
+        status: Option<MessageStatus>,
+        after: i64,
+        limit: i64,
+    ) -> Result<Vec<MessageRow>, StoreError> {
+        with_conn!(self, |conn| {
+            let mut query = messages::table
+                .filter(messages::batch_id.eq(batch_id))
+                .filter(messages::id.gt(after))
+                .select(MessageRow::as_select())
+                .into_boxed();
+            if let Some(status) = status {
+                query = query.filter(messages::status.eq(status.as_i16()));
+            }
+            Ok(query.order(messages::id).limit(limit).load(conn).await?)
+        })
+    }
+}
