@@ -1,4 +1,4 @@
-//! The one API error type: renders API.md's `{"error": {"code", "message"}}` body with its status.
+//! The one API error type: renders docs/api.md's `{"error": {"code", "message"}}` body with its status.
 
 use actix_web::http::StatusCode;
 use actix_web::{HttpResponse, ResponseError};
@@ -173,7 +173,7 @@ impl PartialSchema for ErrorCode {
 
 impl ToSchema for ErrorCode {}
 
-/// Every 4xx and 5xx answer (API.md "Errors"); `ApiError` renders itself as this.
+/// Every 4xx and 5xx answer (docs/api.md "Errors"); `ApiError` renders itself as this.
 #[derive(Serialize, ToSchema)]
 pub struct ErrorBody {
     /// The error.

@@ -1,6 +1,6 @@
 //! The OpenAPI 3 document of the admin API, served at `GET /openapi.json`: generated from the
 //! handlers' `#[utoipa::path]` annotations and the views' `ToSchema` derives, so that it cannot
-//! drift from the code. API.md is the prose form of the same contract.
+//! drift from the code. docs/api.md is the prose form of the same contract.
 //!
 //! The names of the domain's enums (states, statuses, message types) are listed from the enums'
 //! own `ALL`, so a new variant shows up in the document by itself. `domain` stays free of
@@ -185,25 +185,25 @@ impl Modify for Extras {
 #[derive(OpenApi)]
 #[openapi(
     paths(
-        super::create_batch,
-        super::list_batches,
-        super::get_batch,
-        super::upload_recipients,
-        super::list_messages,
-        super::start_batch,
-        super::pause_batch,
-        super::resume_batch,
-        super::cancel_batch,
-        super::retry_batch,
-        super::healthz,
-        super::readyz,
-        super::metrics,
+        super::batches::create_batch,
+        super::batches::list_batches,
+        super::batches::get_batch,
+        super::recipients::upload_recipients,
+        super::messages::list_messages,
+        super::actions::start_batch,
+        super::actions::pause_batch,
+        super::actions::resume_batch,
+        super::actions::cancel_batch,
+        super::actions::retry_batch,
+        super::probes::healthz,
+        super::probes::readyz,
+        super::probes::metrics,
         openapi_json,
     ),
     components(schemas(ErrorBody, PartitionStatus, BatchState, StepStatus, MessageStatus)),
     modifiers(&Extras),
     tags(
-        (name = "batches", description = "Batches and their lifecycle (API.md)."),
+        (name = "batches", description = "Batches and their lifecycle (docs/api.md)."),
         (name = "operations", description = "Probes, metrics and this document."),
     ),
 )]

@@ -1,4 +1,4 @@
-//! The JSON shapes of API.md, built from store rows.
+//! The JSON shapes of docs/api.md, built from store rows.
 
 use chrono::{DateTime, NaiveDateTime, Utc};
 use serde::Serialize;
@@ -58,7 +58,7 @@ pub struct BatchView {
     pub current_step: Option<&'static str>,
     /// Both steps' status and progress.
     pub steps: StepsView,
-    /// The counts (API.md "Counting rules").
+    /// The counts (docs/api.md "Counting rules").
     pub results: ResultsView,
     /// Each partition's delivery counts.
     pub partitions: Vec<PartitionView>,
@@ -105,7 +105,7 @@ pub struct StepView {
     pub error: Option<String>,
 }
 
-/// The batch's counts (API.md "Counting rules").
+/// The batch's counts (docs/api.md "Counting rules").
 #[derive(Debug, Serialize, ToSchema)]
 #[schema(as = Results)]
 pub struct ResultsView {

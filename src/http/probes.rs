@@ -1,0 +1,92 @@
+//! Probes and metrics: `/healthz`, `/readyz`, `/metrics`.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use actix_web::{HttpResponse, web};
+use chrono::Utc;
+
+use super::AppState;
+use super::error::ApiError;
+use super::openapi::{Health, Readiness, ReadinessChecks};
+use crate::domain::state::BatchState;
+
+/// Liveness: touches no dependency.
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "operations",
+    operation_id = "healthz",
+    responses((status = 200, description = "The process is alive", body = Health)),
+)]
+pub(super) async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().json(Health { status: "ok" })
+}
+
+/// Readiness: the database and, with RabbitMQ, the broker link.
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "operations",
+    operation_id = "readyz",
+    responses(
+        (status = 200, description = "Every dependency answers", body = Readiness),
+        (status = 503, description = "A dependency is down; its check holds the error", body = Readiness),
+    ),
+)]
+pub(super) async fn readyz(state: web::Data<AppState>) -> HttpResponse {
+    let database = match tokio::time::timeout(Duration::from_secs(2), state.store.ping()).await {
+        Ok(Ok(())) => "ok".to_string(),
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => "timeout".to_string(),
+    };
+    let queue = match &state.broker {
+        None => "ok".to_string(),
+        Some(link) => match link.check() {
+            Ok(()) => "ok".to_string(),
+            Err(e) => e,
+        },
+    };
+    let healthy = database == "ok" && queue == "ok";
+    let body = Readiness {
+        status: if healthy { "healthy" } else { "unhealthy" },
+        timestamp: Utc::now(),
+        checks: ReadinessChecks { database, queue },
+    };
+    if healthy {
+        HttpResponse::Ok().json(body)
+    } else {
+        HttpResponse::ServiceUnavailable().json(body)
+    }
+}
+
+/// Prometheus metrics, text exposition format 0.0.4.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "operations",
+    operation_id = "metrics",
+    responses(
+        (status = 200, description = "Prometheus text format 0.0.4", body = String, content_type = "text/plain"),
+    ),
+)]
+pub(super) async fn metrics(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    // The batches gauge is read from the database, so every instance reports the same truth.
+    if let Ok(counts) = state.store.count_batches_by_state().await {
+        let counts: HashMap<String, i64> = counts.into_iter().collect();
+        for s in BatchState::ALL {
+            state
+                .metrics
+                .batches
+                .with_label_values(&[s.as_str()])
+                .set(counts.get(s.as_str()).copied().unwrap_or(0));
+        }
+    }
+    let text = state
+        .metrics
+        .render()
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok(HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4; charset=utf-8")
+        .body(text))
+}
