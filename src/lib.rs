@@ -2,7 +2,7 @@
 //! of recipients — and it validates, renders and sends every message through SMS providers,
 //! while the batch is started, paused, resumed or cancelled over a REST API.
 //!
-//! The modules follow the boxes of DESIGN.md: `domain` (pure rules), `store` (the database),
+//! The modules follow the boxes of docs/design.md: `domain` (pure rules), `store` (the database),
 //! `actors` (registry, supervisors, workers), `transport`, `provider`, `http`.
 
 pub mod actors;

@@ -74,13 +74,13 @@ impl BatchName {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{field}: {reason}")]
 pub struct InvalidValue {
-    /// The request field, as named in API.md.
+    /// The request field, as named in docs/api.md.
     pub field: &'static str,
     /// What is wrong with it, for the error message.
     pub reason: String,
 }
 
-/// The kind of messages in a batch (API.md `message_type`).
+/// The kind of messages in a batch (docs/api.md `message_type`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum MessageType {
@@ -150,7 +150,7 @@ impl MessageStatus {
     }
 }
 
-/// A step's progress as API.md shows it.
+/// A step's progress as docs/api.md shows it.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct Progress {
     /// Items the step has to process.

@@ -1,4 +1,4 @@
-//! The checks a step's end must pass before the supervisor records it: API.md's counting rules,
+//! The checks a step's end must pass before the supervisor records it: docs/api.md's counting rules,
 //! and that preparation read every recipient. A step is never declared complete on a count
 //! nobody verified: the figures come from the database as it stands (rows counted, not only the
 //! counters the steps kept), and these pure functions say whether they add up.

@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-/// Where a batch is in its life; see the state table in API.md.
+/// Where a batch is in its life; see the state table in docs/api.md.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum BatchState {
@@ -194,7 +194,7 @@ pub struct TransitionError {
 }
 
 /// Applies `event` to `current`, or says why it is not allowed. The rules are the table in
-/// API.md; anything not listed there is an error.
+/// docs/api.md; anything not listed there is an error.
 pub fn transition(current: Lifecycle, event: Event) -> Result<Lifecycle, TransitionError> {
     use BatchState::*;
 

@@ -1,5 +1,5 @@
 //! The `simulator` provider: deterministic by number, so that tests and demos can rely on it
-//! (API.md, "The simulator provider").
+//! (docs/api.md, "The simulator provider").
 
 use std::sync::Arc;
 use std::time::Duration;

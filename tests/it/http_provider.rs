@@ -1,12 +1,10 @@
 //! The `http` provider end to end: the real `smsbatch` binary sends a batch through a
-//! JSON-over-HTTP gateway — the test's sink (`tests/common/sink.rs`) — that fails the first
+//! JSON-over-HTTP gateway — the test's sink (`tests/it/common/sink.rs`) — that fails the first
 //! requests with 503 and refuses numbers ending `0003` with 400. What the sink received is
 //! counted outside the service: every valid number the gateway did not refuse reached it exactly
 //! once as an acceptance, a refused number is counted failed, and every resend carried the same
 //! idempotency key. On SQLite and on PostgreSQL.
 #![allow(clippy::unwrap_used)]
-
-mod common;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write as _;
@@ -14,8 +12,8 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use common::sink::{Answer, Received, Sink};
-use common::{Backend, TestDb, TestServer, assert_error, mobile, num, text};
+use crate::common::sink::{Answer, Received, Sink};
+use crate::common::{Backend, TestDb, TestServer, assert_error, mobile, num, text};
 
 /// Only stops a stuck test.
 const DEADLINE: Duration = Duration::from_secs(600);

@@ -6,8 +6,6 @@
 //! URL (when it is reached, and when it is not).
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, mpsc};
@@ -16,7 +14,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use common::{Backend, TestDb, TestServer, assert_error, num};
+use crate::common::{Backend, TestDb, TestServer, assert_error, num};
 
 /// A deadline that only stops a stuck test.
 const DEADLINE: Duration = Duration::from_secs(120);
@@ -350,7 +348,7 @@ fn secrets_never_reach_the_logs() {
         None,
     );
     assert_eq!(status, 202);
-    common::eventually("completed", DEADLINE, || {
+    crate::common::eventually("completed", DEADLINE, || {
         let (_, _, b) = call(
             &base,
             "GET",
@@ -578,7 +576,7 @@ fn a_refused_broker_login_does_not_log_its_password() {
         ("SMSBATCH__LOG__LEVEL", "trace"),
     ]);
     let base = server.base().to_owned();
-    let checks = common::eventually("the queue check failing", DEADLINE, || {
+    let checks = crate::common::eventually("the queue check failing", DEADLINE, || {
         match call(&base, "GET", "/readyz", None, None) {
             (503, _, body) if body["checks"]["queue"] != "ok" => Ok(body),
             (status, _, body) => Err(format!("{status}: {body}")),
@@ -587,7 +585,7 @@ fn a_refused_broker_login_does_not_log_its_password() {
     assert_absent(&checks.to_string(), &password, "/readyz");
     // `/readyz` can report the queue down while the first connection attempt is still under
     // way: wait for the refusal to be logged before stopping the server.
-    common::eventually("the refused login logged", DEADLINE, || {
+    crate::common::eventually("the refused login logged", DEADLINE, || {
         let output = server.output();
         if output.contains("amqp://guest:***@") {
             Ok(())

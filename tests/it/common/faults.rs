@@ -1,4 +1,4 @@
-//! Helpers of the fault-injection suite (`tests/faults.rs`): a replayable seed, the
+//! Helpers of the fault-injection suite (`tests/it/faults.rs`): a replayable seed, the
 //! 100,000-recipient CSV together with the counts it must produce, private PostgreSQL and
 //! RabbitMQ instances that a test may stop and start without touching the shared ones other tests
 //! use, and the audit that ends every scenario by comparing the API's counts, every message's
@@ -71,9 +71,9 @@ impl Rng {
         Self::for_test_in("faults", test)
     }
 
-    /// The generator of test `test` of the test binary `binary` (`tests/{binary}.rs`); prints
-    /// its seed and how to replay it.
-    pub fn for_test_in(binary: &str, test: &str) -> Self {
+    /// The generator of test `test` of the module `module` of the test binary (`tests/it/`);
+    /// prints its seed and how to replay it.
+    pub fn for_test_in(module: &str, test: &str) -> Self {
         let seed = match std::env::var(SEED_VAR) {
             Ok(value) => value
                 .trim()
@@ -88,8 +88,8 @@ impl Rng {
             }
         };
         eprintln!(
-            "{test}: seed {seed} (replay: {SEED_VAR}={seed} cargo nextest run --test {binary} \
-             -E 'test(={test})')"
+            "{test}: seed {seed} (replay: {SEED_VAR}={seed} cargo nextest run \
+             -E 'test(={module}::{test})')"
         );
         // splitmix64 of the seed: a zero or small seed still starts from a well-mixed state.
         let mut z = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);

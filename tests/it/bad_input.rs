@@ -5,15 +5,12 @@
 //! itself — and leaves the service serving: the next valid request succeeds.
 #![allow(clippy::unwrap_used)]
 
-#[macro_use]
-mod common;
-
 use std::fmt::Write as _;
 use std::io::Read;
 
 use serde_json::{Value, json};
 
-use common::{Backend, TestDb, TestServer, assert_error, num, text};
+use crate::common::{Backend, TestDb, TestServer, assert_error, num, text};
 
 on_both_backends!(malformed_csv_names_the_line_and_stores_nothing
     => malformed_csv_names_the_line_and_stores_nothing_sqlite,

@@ -9,9 +9,6 @@
 //! `0001` permanently and those ending `0002` once.
 #![allow(clippy::unwrap_used)]
 
-#[macro_use]
-mod common;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::thread;
@@ -19,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use common::{
+use crate::common::{
     ACTIONS, Backend, TestDb, TestServer, assert_error, assert_error_message, canonical,
     eventually, mobile, national, num, rfc3339_in, text,
 };
@@ -545,7 +542,7 @@ fn completes_inline_batch_with_exact_counts(backend: Backend) {
         listed.extend(items.iter().map(|b| text(b, "/id").to_owned()));
         match page["next"].as_str() {
             Some(next) if listed.len() < 10 => {
-                path = format!("/v1/batches?limit=1&after={}", common::encode(next));
+                path = format!("/v1/batches?limit=1&after={}", crate::common::encode(next));
             }
             Some(_) => panic!("more pages than batches: {listed:?}"),
             None => break,
@@ -1559,7 +1556,7 @@ fn bad_configuration_stops_startup_naming_the_key() {
 #[test]
 fn broker_outage_mid_delivery_ends_exact() {
     let db = TestDb::new(Backend::PostgresRabbitmq);
-    let proxy = common::TcpProxy::start("127.0.0.1:5672");
+    let proxy = crate::common::TcpProxy::start("127.0.0.1:5672");
     let amqp = format!("amqp://guest:guest@127.0.0.1:{}/%2f", proxy.port());
     let server = TestServer::start(
         &db,

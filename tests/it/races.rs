@@ -18,8 +18,6 @@
 //! `RESULT` line with its figures (RELIABILITY.md collects them).
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Mutex;
 use std::thread;
@@ -27,11 +25,11 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use common::faults::{
+use crate::common::faults::{
     DEADLINE, Expect, PROVIDER, Recipients, Rng, audit, delivered, prepared, start_server, state,
 };
-use common::sink::Sink;
-use common::{Backend, FINAL_STATES, TestDb, TestServer, num, text};
+use crate::common::sink::Sink;
+use crate::common::{Backend, FINAL_STATES, TestDb, TestServer, num, text};
 
 /// Recipients of each batch.
 const ROWS: u64 = 50_000;
@@ -343,7 +341,7 @@ fn audit_cancelled(
     assert_eq!(r("failed"), 0, "the sink refuses nothing: {results:#}");
 
     let received = sink.received();
-    let mut by_id: HashMap<i64, Vec<&common::sink::Received>> = HashMap::new();
+    let mut by_id: HashMap<i64, Vec<&crate::common::sink::Received>> = HashMap::new();
     for request in &received {
         by_id.entry(request.id).or_default().push(request);
     }

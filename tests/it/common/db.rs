@@ -1,6 +1,6 @@
 //! Test databases: a fresh SQLite file in a temporary folder or a fresh PostgreSQL database on
 //! the local server, both named by a UUID, removed when the test ends (also when it fails).
-//! Shared by the HTTP harness (`tests/common`) and the store conformance suite.
+//! Shared by the HTTP harness (`tests/it/common`) and the store conformance suite.
 #![allow(dead_code)]
 
 use std::path::PathBuf;

@@ -2,7 +2,7 @@
 //! PostgreSQL and RabbitMQ, and the test's HTTP sink as the SMS gateway (the `http` provider).
 //! Every scenario sends a 100,000-recipient batch (CSV upload: 98,500 distinct valid numbers, 500
 //! invalid, 1,000 duplicates) through one fault and proves, with the audit of
-//! `tests/common/faults.rs`, that it ends `completed` with API.md's counting rules exact, that no
+//! `tests/it/common/faults.rs`, that it ends `completed` with API.md's counting rules exact, that no
 //! message is lost, and that under `at_most_once` the sink accepted none twice:
 //!
 //! - SIGKILL of the service at five random points of preparation and delivery, restarting each
@@ -21,22 +21,20 @@
 //! figures (RELIABILITY.md collects them).
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::cell::Cell;
 use std::thread;
 use std::time::Duration;
 
 use serde_json::Value;
 
-use common::faults::DEADLINE;
-use common::faults::{
+use crate::common::faults::DEADLINE;
+use crate::common::faults::{
     CLAIM_SIZE, Expect, GATEWAY_RETRIES, Instances, PrivatePostgres, PrivateRabbit, ROWS,
     Recipients, Redelivery, Rng, SEND_CONCURRENCY, WORKERS, audit, delivered, lease_owner,
     prepared, start_batch, start_server, state, wait_completed, wait_for, wait_ready_status,
 };
-use common::sink::{Answer, Sink};
-use common::{Backend, TestDb, TestServer, eventually, text};
+use crate::common::sink::{Answer, Sink};
+use crate::common::{Backend, TestDb, TestServer, eventually, text};
 
 /// Server kills per SIGKILL scenario.
 const KILLS: u64 = 5;

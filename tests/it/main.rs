@@ -1,0 +1,15 @@
+//! The integration tests, in one binary: the real server over HTTP (`api`, `access`,
+//! `bad_input`, `http_provider`), the fault suite (`faults`), lifecycle races (`races`) and the
+//! store conformance suite (`store`), sharing the harness in `common`.
+
+#[macro_use]
+mod common;
+
+mod access;
+mod api;
+mod bad_input;
+mod faults;
+mod http_provider;
+mod provider_http;
+mod races;
+mod store;

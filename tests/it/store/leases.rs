@@ -1,0 +1,191 @@
+//! Several instances: leases, heartbeats, claims of dead instances.
+
+use super::*;
+
+on_both_backends!(leases_go_to_one_instance_at_a_time
+    => leases_go_to_one_instance_at_a_time_sqlite, leases_go_to_one_instance_at_a_time_postgres);
+on_both_backends!(only_dead_instances_claims_are_settled
+    => only_dead_instances_claims_are_settled_sqlite,
+       only_dead_instances_claims_are_settled_postgres);
+
+// 11. Several instances: leases, heartbeats, claims of dead instances.
+
+/// A lease goes to one instance at a time; its holder renews it; an expired one can be taken
+/// over; a released one is free; unsupervised active batches are the ones without a live lease.
+async fn leases_go_to_one_instance_at_a_time(store: Store) {
+    let batch = create(&store, "leased", 1).await;
+    let lease = Duration::from_secs(60);
+    // Only active batches need a supervisor.
+    assert!(store.unsupervised_batches().await.expect("none").is_empty());
+    let mut update = LifecycleUpdate::from(&batch.bookkeeping());
+    update.state = "delivering".into();
+    let batch = store
+        .save_lifecycle(batch.id, batch.version, &update)
+        .await
+        .expect("delivering");
+    let ids = |batches: Vec<Batch>| batches.iter().map(|b| b.id).collect::<Vec<_>>();
+    assert_eq!(
+        ids(store.unsupervised_batches().await.expect("one")),
+        vec![batch.id]
+    );
+
+    assert!(
+        store
+            .acquire_lease(batch.id, "a", lease)
+            .await
+            .expect("a takes it")
+    );
+    assert!(
+        !store
+            .acquire_lease(batch.id, "b", lease)
+            .await
+            .expect("b cannot")
+    );
+    assert!(
+        store
+            .acquire_lease(batch.id, "a", lease)
+            .await
+            .expect("a keeps it")
+    );
+    assert_eq!(
+        store.lease_owner(batch.id).await.expect("owner").as_deref(),
+        Some("a")
+    );
+    assert!(store.unsupervised_batches().await.expect("held").is_empty());
+    assert_eq!(
+        store.renew_leases("a", lease).await.expect("renew"),
+        vec![batch.id]
+    );
+    assert!(
+        store
+            .renew_leases("b", lease)
+            .await
+            .expect("renew")
+            .is_empty()
+    );
+
+    // A lease that ran out is free for the taking.
+    assert!(
+        store
+            .acquire_lease(batch.id, "a", Duration::ZERO)
+            .await
+            .expect("shorten")
+    );
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(store.lease_owner(batch.id).await.expect("expired"), None);
+    assert_eq!(
+        ids(store.unsupervised_batches().await.expect("expired")),
+        vec![batch.id]
+    );
+    assert!(
+        store
+            .acquire_lease(batch.id, "b", lease)
+            .await
+            .expect("b takes over")
+    );
+    assert!(
+        store
+            .renew_leases("a", lease)
+            .await
+            .expect("a renews")
+            .is_empty(),
+        "a learns it lost the batch"
+    );
+
+    // Released or forgotten, it is free again.
+    store
+        .release_lease(batch.id, "a")
+        .await
+        .expect("not a's: no-op");
+    assert_eq!(
+        store
+            .lease_owner(batch.id)
+            .await
+            .expect("still b")
+            .as_deref(),
+        Some("b")
+    );
+    store.heartbeat("b").await.expect("heartbeat");
+    store.forget_instance("b").await.expect("forget");
+    assert_eq!(store.lease_owner(batch.id).await.expect("free"), None);
+    assert!(store.live_instances(lease).await.expect("live").is_empty());
+}
+
+/// Only the claims of instances without a recent heartbeat are settled; a live instance's claims
+/// are its own to finish.
+async fn only_dead_instances_claims_are_settled(store: Store) {
+    let batch = create(&store, "orphans", 1).await;
+    let phones: Vec<String> = (0..4).map(|i| format!("+861350000{i:04}")).collect();
+    let spec: Vec<(i32, &str)> = phones.iter().map(|p| (0, p.as_str())).collect();
+    let m = seed(&store, batch.id, &spec).await;
+    store.heartbeat("alive").await.expect("heartbeat");
+    store
+        .claim(batch.id, 0, m[0], m[1], i64::MAX, "alive")
+        .await
+        .expect("claim");
+    store
+        .claim(batch.id, 0, m[2], m[3], i64::MAX, "dead")
+        .await
+        .expect("claim");
+    let live = store
+        .live_instances(Duration::from_secs(60))
+        .await
+        .expect("live");
+    assert_eq!(live, vec!["alive".to_string()]);
+    let settled = store
+        .settle_orphaned_claims(batch.id, 1, false, &live, None)
+        .await
+        .expect("settle");
+    assert_eq!(settled, 2);
+    assert_eq!(
+        statuses(&store, batch.id).await,
+        vec![
+            (m[0], SENDING),
+            (m[1], SENDING),
+            (m[2], FAILED),
+            (m[3], FAILED)
+        ]
+    );
+    let failed = store
+        .list_messages(batch.id, Some(MessageStatus::Failed), 0, 10)
+        .await
+        .expect("failed");
+    assert!(
+        failed
+            .iter()
+            .all(|f| f.error.as_deref() == Some(UNKNOWN_OUTCOME))
+    );
+    assert_eq!(counters(&store, batch.id).await[0].3, 2, "failed counter");
+
+    // A live instance that knows none of its workers holds a slice settles its own claims made
+    // before it looked, and only those.
+    let claimed_at = message_by_id(&store, batch.id, m[0]).await.updated_at;
+    let second = ChronoDuration::seconds(1);
+    let settle = async |own, before| {
+        store
+            .settle_orphaned_claims(batch.id, 1, true, &live, Some((own, before)))
+            .await
+            .expect("settle stranded claims")
+    };
+    assert_eq!(
+        settle("alive", claimed_at - second).await,
+        0,
+        "claims made after the look are left alone"
+    );
+    assert_eq!(
+        settle("other", claimed_at + second).await,
+        0,
+        "another live instance's claims are left alone"
+    );
+    let settled = settle("alive", claimed_at + second).await;
+    assert_eq!(settled, 2);
+    assert_eq!(
+        statuses(&store, batch.id).await,
+        vec![
+            (m[0], PENDING),
+            (m[1], PENDING),
+            (m[2], FAILED),
+            (m[3], FAILED)
+        ]
+    );
+}
