@@ -1,9 +1,9 @@
 //! Statements prepared once per connection. diesel marks every `UPDATE` and every `sql_query` as
 //! unsafe to cache (their text may depend on their values), so the server parsed and planned
-//! each of them at every run: for delivery's claim and record of a slice of 64 messages, 0.35 ms
-//! of PostgreSQL's time per statement before it executed (server log, `log_min_duration_statement
-//! = 0`). `Cached` is for statements whose text is fixed whatever their values: the connection's
-//! statement cache keys them by their text, and reuses the prepared statement.
+//! each of them at every run, delivery's claim and record of every slice included (the cost is in
+//! BENCHMARKS.md, "Figures behind the code's comments"). `Cached` is for statements whose text is
+//! fixed whatever their values: the connection's statement cache keys them by their text, and
+//! reuses the prepared statement.
 
 use diesel::QueryResult;
 use diesel::backend::Backend;

@@ -44,10 +44,10 @@ static RECORD_SENT_PG: std::sync::LazyLock<String> = std::sync::LazyLock::new(||
 ///
 /// The limit is written into the text, not bound. PostgreSQL keeps running custom plans of a
 /// prepared statement (planned anew at every run) while its generic plan is estimated costlier,
-/// and with a bound limit the generic plan assumes a tenth of the range's estimated rows: at
-/// 1,000,000 messages 125 for a slice of 64, so every claim was planned again (0.5–0.6 ms of
-/// PostgreSQL's time per slice, server log). With the limit in the text the generic plan is
-/// taken, as it already was for smaller batches. A worker's limit is its claim size, so each
+/// and with a bound limit the generic plan assumes a tenth of the range's estimated rows: at a
+/// million messages far more than a slice, so every claim was planned again (its cost is in
+/// BENCHMARKS.md, "Figures behind the code's comments"). With the limit in the text the generic
+/// plan is taken, as it already was for smaller batches. A worker's limit is its claim size, so each
 /// connection prepares one or two such texts.
 fn claim_pg(placeholders: [&str; 6], limit: i64) -> String {
     let [batch, partition, at, first, last, claimer] = placeholders;
