@@ -92,8 +92,11 @@ impl Default for HttpSettings {
 pub struct DatabaseSettings {
     /// `sqlite://path/to/file.db` (folder and file are created) or `postgres://user@host/db`.
     pub url: Secret,
-    /// Connections in the pool.
+    /// Connections in the pool of the background work (supervisors, steps, workers).
     pub pool_size: usize,
+    /// Connections kept apart for API requests (and the actions they carry), so that background
+    /// work cannot leave a request waiting for one.
+    pub api_pool_size: usize,
     /// How long a request waits for a pooled connection, in milliseconds.
     pub acquire_timeout_ms: u64,
 }
@@ -103,6 +106,7 @@ impl fmt::Debug for DatabaseSettings {
         f.debug_struct("DatabaseSettings")
             .field("url", &redact_url(self.url.expose()))
             .field("pool_size", &self.pool_size)
+            .field("api_pool_size", &self.api_pool_size)
             .finish()
     }
 }
@@ -112,6 +116,7 @@ impl Default for DatabaseSettings {
         Self {
             url: Secret::new("sqlite://data/smsbatch.db"),
             pool_size: 8,
+            api_pool_size: 4,
             acquire_timeout_ms: 30_000,
         }
     }
@@ -214,8 +219,8 @@ pub struct BatchSettings {
     /// How long an instance holds a batch's lease without renewing it (ms): another instance
     /// takes over the batches of an instance that stopped renewing after this long.
     pub lease_ms: u64,
-    /// How often a supervisor looks at its batch's row for actions taken through another
-    /// instance (ms).
+    /// How often the instance's watch looks, in one statement for all its batches, for actions
+    /// taken through another instance and for progress other instances made (ms).
     pub poll_ms: u64,
     /// Re-plan a batch's pending messages when its delivery made no progress for this long
     /// (milliseconds): a task lost outside the broker's guarantees is sent again, and this
@@ -237,6 +242,20 @@ pub struct BatchSettings {
     /// Final outcomes (sent or failed) the failure rate is measured over; a batch's delivery
     /// pauses only after this many outcomes in one run.
     pub failure_window: u64,
+}
+
+impl BatchSettings {
+    /// How often the registry renews its leases and takes over unsupervised batches.
+    pub fn upkeep_every(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.lease_ms / 3)
+    }
+
+    /// How far ahead a scheduled batch needs a supervisor: two rounds of upkeep, so that one
+    /// round always starts its supervisor before it is due. A batch scheduled later holds
+    /// nothing but its row until then.
+    pub fn schedule_horizon(&self) -> std::time::Duration {
+        self.upkeep_every() * 2
+    }
 }
 
 impl Default for BatchSettings {
@@ -368,6 +387,7 @@ impl Settings {
             });
         }
         positive("database.pool_size", self.database.pool_size as u64)?;
+        positive("database.api_pool_size", self.database.api_pool_size as u64)?;
         positive(
             "transport.publish_window",
             self.transport.publish_window as u64,

@@ -34,11 +34,19 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
         Duration::from_millis(settings.database.acquire_timeout_ms),
     )
     .context("opening the database pool")?;
+    // A pool of its own for API requests: background work cannot take every connection.
+    let requests = Store::connect(
+        settings.database.url.expose(),
+        settings.database.api_pool_size,
+        Duration::from_millis(settings.database.acquire_timeout_ms),
+    )
+    .context("opening the database pool for requests")?;
     let metrics = Metrics::new().context("registering metrics")?;
     let providers =
         Providers::from_settings(&settings.providers).context("building the providers")?;
     let core = Core {
         store: store.clone(),
+        requests: requests.clone(),
         providers: providers.clone(),
         metrics: metrics.clone(),
         settings: settings.clone(),
@@ -88,7 +96,7 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
     let shutdown_timeout = Duration::from_millis(settings.smsbatch.shutdown_timeout_ms);
     let state = AppState {
         broker: broker.clone(),
-        store,
+        store: requests,
         registry: registry.clone(),
         metrics,
         settings: settings.clone(),

@@ -64,6 +64,9 @@ pub struct Metrics {
     pub amqp_tasks: IntCounterVec,
     /// `smsbatch_amqp_prefetch_in_flight`: consumed tasks not yet acked.
     pub amqp_prefetch_in_flight: IntGauge,
+    /// `smsbatch_supervised_batches`: batches this instance runs a supervisor for (paused,
+    /// finished and far-scheduled batches have none).
+    pub supervised: IntGauge,
 }
 
 impl Metrics {
@@ -139,6 +142,11 @@ impl Metrics {
             "smsbatch_amqp_prefetch_in_flight",
             "Tasks consumed from the broker and not yet acked.",
         )?;
+        let supervised = IntGauge::new(
+            "smsbatch_supervised_batches",
+            "Batches this instance runs a supervisor for.",
+        )?;
+        registry.register(Box::new(supervised.clone()))?;
         registry.register(Box::new(amqp_tasks.clone()))?;
         registry.register(Box::new(amqp_prefetch_in_flight.clone()))?;
         registry.register(Box::new(batches.clone()))?;
@@ -183,6 +191,7 @@ impl Metrics {
             step_restarts,
             amqp_tasks,
             amqp_prefetch_in_flight,
+            supervised,
         })
     }
 

@@ -16,8 +16,8 @@ use crate::store::models::{Batch, Partition};
 use crate::store::{Store, StoreError};
 use crate::transport::{DeliveryTask, TransportError};
 
-/// How long delivery sleeps when nothing is due yet (retries waiting, tasks of other instances).
-const IDLE_POLL: Duration = Duration::from_millis(100);
+/// How long delivery lets nudges gather before it looks again: a burst of outcomes is one read.
+const GATHER: Duration = Duration::from_millis(20);
 
 /// Why delivery could not go on.
 #[derive(Debug, thiserror::Error)]
@@ -43,9 +43,14 @@ impl DeliveryError {
 /// Runs (or continues) delivery of a batch until every message is final or the gate closes.
 ///
 /// The first round plans every due pending message. Later rounds plan only messages waiting for
-/// a retry: with a broker, tasks already published are in the queue, and planning them again
-/// would only double the queue's work. If the batch makes no progress for `replan_after`, a full
-/// round runs again, so a task lost outside the broker's guarantees is not lost for good.
+/// a retry, once one is due: with a broker, tasks already published are in the queue, and
+/// planning them again would only double the queue's work. Between rounds the step sleeps until
+/// its batch's counters move (the gate's nudge: from this process's workers, or from the
+/// instance's watch when another instance's workers record outcomes), a retry falls due, or the
+/// gate closes; no timer of its own reads the database. A batch that made no progress for
+/// `replan_after` while the transport holds no task that could be its is re-planned whole, so a
+/// task lost outside the broker's guarantees is not lost for good — and a batch whose tasks only
+/// wait in the queue behind others' never is.
 #[tracing::instrument(skip_all, fields(batch_id = %batch.public_id, step = "delivery"), err)]
 pub async fn run(deps: Deps, batch: Batch, gate: Arc<Gate>) -> Result<StepEnd, DeliveryError> {
     let store = &deps.core.store;
@@ -64,6 +69,7 @@ pub async fn run(deps: Deps, batch: Batch, gate: Arc<Gate>) -> Result<StepEnd, D
     // again each round (bounded: only messages that failed transiently, kept `replan_after`).
     let mut retries_planned: HashMap<i64, Instant> = HashMap::new();
     let mut failures = FailureWindow::new(settings.failure_window, batch.failure_threshold);
+    let priority = batch.message_type.priority();
     loop {
         if !gate.is_open() {
             return Ok(StepEnd::Stopped);
@@ -80,8 +86,8 @@ pub async fn run(deps: Deps, batch: Batch, gate: Arc<Gate>) -> Result<StepEnd, D
         if done != last_done {
             last_done = done;
             last_progress = Instant::now();
-        } else if last_progress.elapsed() >= replan_after {
-            tracing::warn!(batch_id = %batch.public_id, "No progress; settling dead instances' claims and planning every pending message again.");
+        } else if last_progress.elapsed() >= replan_after && !deps.transport.may_hold_tasks() {
+            tracing::warn!(batch_id = %batch.public_id, "No progress and no task left queued; settling dead instances' claims and planning every pending message again.");
             let lease = Duration::from_millis(settings.lease_ms);
             let resend = settings.redelivery == crate::config::Redelivery::AtLeastOnce;
             // With no task of this batch in this process's workers, its own claims older than
@@ -93,6 +99,35 @@ pub async fn run(deps: Deps, batch: Batch, gate: Arc<Gate>) -> Result<StepEnd, D
                 .await?;
             full_round = true;
             last_progress = Instant::now();
+        }
+        // A retry not yet due is slept until; retries due are planned now (those already
+        // handed out wait for their task, whose outcomes nudge the gate).
+        let mut next_retry = None;
+        if !full_round {
+            match store.earliest_retry(batch.id).await? {
+                Some(due) if due > chrono::Utc::now().naive_utc() => {
+                    next_retry = (due - chrono::Utc::now().naive_utc()).to_std().ok();
+                }
+                Some(_) => {}
+                None => {
+                    idle(
+                        &gate,
+                        None,
+                        replan_after.saturating_sub(last_progress.elapsed()),
+                    )
+                    .await;
+                    continue;
+                }
+            }
+            if next_retry.is_some() {
+                idle(
+                    &gate,
+                    next_retry,
+                    replan_after.saturating_sub(last_progress.elapsed()),
+                )
+                .await;
+                continue;
+            }
         }
         let retries_only = !std::mem::take(&mut full_round);
         retries_planned.retain(|_, at| at.elapsed() < replan_after);
@@ -175,6 +210,7 @@ pub async fn run(deps: Deps, batch: Batch, gate: Arc<Gate>) -> Result<StepEnd, D
                     partition: p,
                     first_id,
                     last_id,
+                    priority,
                 }));
                 dispatched += 1;
                 planned = true;
@@ -202,19 +238,33 @@ pub async fn run(deps: Deps, batch: Batch, gate: Arc<Gate>) -> Result<StepEnd, D
             }
         }
         if dispatched == 0 {
-            let wait = match store.earliest_retry(batch.id).await? {
-                Some(due) => (due - chrono::Utc::now().naive_utc())
-                    .to_std()
-                    .unwrap_or(Duration::ZERO)
-                    .min(IDLE_POLL),
-                None => IDLE_POLL,
-            };
-            tokio::select! {
-                () = tokio::time::sleep(wait.max(Duration::from_millis(5))) => {}
-                () = gate.closed() => return Ok(StepEnd::Stopped),
-            }
+            idle(
+                &gate,
+                None,
+                replan_after.saturating_sub(last_progress.elapsed()),
+            )
+            .await;
         }
     }
+}
+
+/// Waits, without touching the database, for the batch's counters to move (a nudge), for the
+/// next retry to fall due, for the time left before a re-plan may be needed, or for the gate to
+/// close; then lets nudges gather a moment.
+async fn idle(gate: &Gate, next_retry: Option<Duration>, replan_in: Duration) {
+    let retry = async {
+        match next_retry {
+            Some(d) => tokio::time::sleep(d).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        () = gate.progressed() => {}
+        () = retry => {}
+        () = tokio::time::sleep(replan_in.max(GATHER)) => {}
+        () = gate.closed() => return,
+    }
+    tokio::time::sleep(GATHER).await;
 }
 
 /// Paused or stopping: gives the tasks in flight the time of one provider call (plus a margin)

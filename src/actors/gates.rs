@@ -22,6 +22,9 @@ pub enum GateState {
 #[derive(Debug)]
 pub struct Gate {
     state: watch::Sender<GateState>,
+    /// Set when the batch's counters moved (a worker here recorded outcomes, or the instance's
+    /// watch saw another instance do so): the delivery step wakes on it instead of polling.
+    progress: tokio::sync::Notify,
     /// The batch's provider name.
     pub provider: String,
 }
@@ -31,6 +34,7 @@ impl Gate {
     pub fn new(state: GateState, provider: impl Into<String>) -> Self {
         Gate {
             state: watch::Sender::new(state),
+            progress: tokio::sync::Notify::new(),
             provider: provider.into(),
         }
     }
@@ -45,6 +49,14 @@ impl Gate {
     /// Changes the state.
     pub fn set(&self, state: GateState) {
         self.state.send_replace(state);
+    }
+    /// Says that the batch's counters moved. Nudges coalesce: one waiting wake-up at most.
+    pub fn nudge(&self) {
+        self.progress.notify_one();
+    }
+    /// Resolves at the next nudge (at once if one came since the last wake-up).
+    pub async fn progressed(&self) {
+        self.progress.notified().await;
     }
     /// Resolves once the gate is not open (at once if it is closed already).
     pub async fn closed(&self) {

@@ -41,8 +41,11 @@ pub enum ActError {
 /// What every actor of the process shares.
 #[derive(Clone)]
 pub struct Core {
-    /// The database.
+    /// The database, on the pool of the background work.
     pub store: Store,
+    /// The database on the pool kept for API requests: the registry and the supervisors use it
+    /// for the operators' actions, so that a busy instance still answers them promptly.
+    pub requests: Store,
     /// The providers by name.
     pub providers: Providers,
     /// The metrics.

@@ -3,11 +3,18 @@
 //! shutdown.
 //!
 //! Several instances share one database: each active batch's supervisor runs in the instance that
-//! holds its lease. Every `lease_ms / 3` the registry sends its heartbeat, renews its leases
-//! (stopping the supervisors of leases it lost), and takes over active batches whose lease
-//! expired — the batches of an instance that died — after settling that instance's claims. An
-//! action on a batch another live instance supervises is saved in the database directly (with the
-//! same state machine and version check); the owner's supervisor picks it up within `poll_ms`.
+//! holds its lease. The coordination is once per instance, never once per batch:
+//! - every `poll_ms`, one watch statement lists the batches whose row or counters changed since
+//!   the last look; a supervisor behind its row's version reads it again (an action saved through
+//!   another instance), and the gate of a batch whose counters moved is nudged (its Delivery step
+//!   sleeps until then);
+//! - every `lease_ms / 3`, the heartbeat, one statement renewing all its leases (stopping the
+//!   supervisors of leases it lost), the take-over of active batches whose lease expired — the
+//!   batches of an instance that died — after settling that instance's claims, and one check of
+//!   its batches' versions, in case the watch missed a change.
+//!
+//! An action on a batch another live instance supervises is saved in the database directly (with
+//! the same state machine and version check); the owner's watch picks it up within `poll_ms`.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -16,12 +23,15 @@ use actix::prelude::*;
 
 use super::ActError;
 use super::Deps;
-use super::supervisor::{Act, BatchSupervisor, Drain, SupervisorStopped};
+use super::supervisor::{Act, BatchSupervisor, Changed, Drain, SupervisorStopped};
 use crate::config::Redelivery;
 use crate::domain::lifecycle::{Action, project};
 use crate::domain::state::{BatchState, Lifecycle, transition};
 use crate::store::models::Batch;
 use crate::store::{Store, StoreError};
+
+/// How far each look of the watch reaches back over the previous one.
+const WATCH_MARGIN: chrono::Duration = chrono::Duration::seconds(1);
 
 /// Applies an operator's action to a batch (by public id); answers the batch as saved.
 #[derive(Debug, Message)]
@@ -51,6 +61,9 @@ pub struct BatchRegistry {
     supervisors: HashMap<i64, (u64, Addr<BatchSupervisor>, std::time::Instant)>,
     generation: u64,
     ticking: bool,
+    watching: bool,
+    /// When the watch last looked (by this process's clock).
+    looked: Option<chrono::NaiveDateTime>,
 }
 
 impl BatchRegistry {
@@ -61,6 +74,8 @@ impl BatchRegistry {
             supervisors: HashMap::new(),
             generation: 0,
             ticking: false,
+            watching: false,
+            looked: None,
         }
     }
 
@@ -85,6 +100,7 @@ impl BatchRegistry {
             id,
             (self.generation, addr.clone(), std::time::Instant::now()),
         );
+        self.count_supervisors();
         addr
     }
 }
@@ -92,6 +108,68 @@ impl BatchRegistry {
 impl BatchRegistry {
     fn lease(&self) -> Duration {
         Duration::from_millis(self.deps.core.settings.smsbatch.lease_ms)
+    }
+
+    fn count_supervisors(&self) {
+        self.deps
+            .core
+            .metrics
+            .supervised
+            .set(i64::try_from(self.supervisors.len()).unwrap_or(i64::MAX));
+    }
+
+    fn horizon(&self) -> Duration {
+        self.deps.core.settings.smsbatch.schedule_horizon()
+    }
+
+    /// Tells each supervisor of these batches their version in the database: a supervisor
+    /// behind it reads its row again (an action saved through another instance).
+    fn forward_versions(&self, versions: &std::collections::BTreeMap<i64, i64>) {
+        for (id, version) in versions {
+            if let Some((_, addr, _)) = self.supervisors.get(id)
+                && addr.try_send(Changed(*version)).is_err()
+            {
+                // A full mailbox is busy with this batch already; the next look tries again.
+                tracing::debug!(batch = id, "Supervisor did not take a change.");
+            }
+        }
+    }
+
+    /// The instance's one watch: every `poll_ms`, one statement finds the batches whose row or
+    /// counters changed since the last look (`Store::changed_since`); their supervisors here
+    /// hear of it. Nothing runs while this instance supervises nothing.
+    fn watch(&mut self, ctx: &mut Context<Self>) {
+        if self.supervisors.is_empty() {
+            self.looked = None;
+            return;
+        }
+        if std::mem::replace(&mut self.watching, true) {
+            return;
+        }
+        let now = chrono::Utc::now().naive_utc();
+        // Each look reaches back over the last one by a margin: a change is stamped before its
+        // transaction commits, and another instance's clock may run a little behind.
+        let since = self.looked.unwrap_or(now) - WATCH_MARGIN;
+        let store = self.deps.core.store.clone();
+        ctx.spawn(
+            async move { store.changed_since(since).await }
+                .into_actor(self)
+                .map(move |changes, act, _ctx| {
+                    act.watching = false;
+                    match changes {
+                        Ok(changes) => {
+                            act.looked = Some(now);
+                            act.forward_versions(&changes.versions);
+                            for id in changes.progressed {
+                                if let Some(gate) = act.deps.core.gates.get(id) {
+                                    gate.nudge();
+                                }
+                            }
+                        }
+                        Err(e) => tracing::debug!(error = %e, "Watching for changes failed."),
+                    }
+                }),
+        );
     }
 
     /// Heartbeat, lease renewal, take-over of unsupervised batches. One at a time; it never
@@ -104,19 +182,24 @@ impl BatchRegistry {
         let instance = self.deps.core.instance.clone();
         let lease = self.lease();
         let resend = self.deps.core.settings.smsbatch.redelivery == Redelivery::AtLeastOnce;
+        let horizon = self.horizon();
         let started = std::time::Instant::now();
         ctx.spawn(
             async move {
                 store.heartbeat(&instance).await?;
                 let held = store.renew_leases(&instance, lease).await?;
-                let taken = take_over(&store, &instance, lease, resend).await?;
-                Ok::<_, StoreError>((held, taken))
+                let taken = take_over(&store, &instance, lease, resend, horizon).await?;
+                // The watch's check against a change it missed: the version of every batch
+                // supervised here.
+                let versions = store.leased_versions(&instance).await?;
+                Ok::<_, StoreError>((held, taken, versions))
             }
             .into_actor(self)
             .map(move |result, act, ctx| {
                 act.ticking = false;
                 match result {
-                    Ok((held, taken)) => {
+                    Ok((held, taken, versions)) => {
+                        act.forward_versions(&versions);
                         // Supervisors of leases this instance lost (it was too slow to renew
                         // them, and another took over) stop: one supervisor per batch.
                         // (A supervisor started after this round began holds a lease the
@@ -129,6 +212,7 @@ impl BatchRegistry {
                             .collect();
                         for id in lost {
                             if let Some((_, addr, _)) = act.supervisors.remove(&id) {
+                                act.count_supervisors();
                                 tracing::warn!(batch = id, "Lease lost; stopping its supervisor here.");
                                 if addr.try_send(super::supervisor::Stop).is_err() {
                                     tracing::warn!(batch = id, "Supervisor did not take the stop.");
@@ -154,15 +238,18 @@ async fn take_over(
     instance: &str,
     lease: Duration,
     resend: bool,
+    horizon: Duration,
 ) -> Result<Vec<Batch>, StoreError> {
     let mut taken = Vec::new();
-    for batch in store.unsupervised_batches().await? {
+    for batch in store.unsupervised_batches(horizon).await? {
         if !store.acquire_lease(batch.id, instance, lease).await? {
             continue;
         }
-        store
-            .settle_orphans(&batch, instance, lease, resend, None)
-            .await?;
+        if may_hold_claims(batch.state) {
+            store
+                .settle_orphans(&batch, instance, lease, resend, None)
+                .await?;
+        }
         taken.push(batch);
     }
     Ok(taken)
@@ -173,8 +260,12 @@ impl Actor for BatchRegistry {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.set_mailbox_capacity(self.deps.core.settings.smsbatch.supervisor_mailbox);
-        let every = Duration::from_millis(self.deps.core.settings.smsbatch.lease_ms / 3);
-        ctx.run_interval(every, |act, ctx| act.tick(ctx));
+        ctx.run_interval(
+            self.deps.core.settings.smsbatch.upkeep_every(),
+            |act, ctx| act.tick(ctx),
+        );
+        let watch = Duration::from_millis(self.deps.core.settings.smsbatch.poll_ms);
+        ctx.run_interval(watch, |act, ctx| act.watch(ctx));
     }
 }
 
@@ -192,7 +283,7 @@ impl Handler<Command> for BatchRegistry {
     type Result = ResponseActFuture<Self, Result<Batch, ActError>>;
 
     fn handle(&mut self, msg: Command, _ctx: &mut Self::Context) -> Self::Result {
-        let store = self.deps.core.store.clone();
+        let store = self.deps.core.requests.clone();
         let instance = self.deps.core.instance.clone();
         let lease = self.lease();
         let resend_messages =
@@ -213,7 +304,7 @@ impl Handler<Command> for BatchRegistry {
                             .filter(|(_, a, _)| a.connected())
                             .map(|(_, a, _)| a.clone())
                     });
-                    let store = act.deps.core.store.clone();
+                    let store = act.deps.core.requests.clone();
                     async move {
                         let batch = loaded?;
                         if let Some(addr) = local {
@@ -225,9 +316,11 @@ impl Handler<Command> for BatchRegistry {
                         if owner.is_none_or(|o| o == instance)
                             && store.acquire_lease(batch.id, &instance, lease).await?
                         {
-                            store
-                                .settle_orphans(&batch, &instance, lease, resend_messages, None)
-                                .await?;
+                            if may_hold_claims(batch.state) {
+                                store
+                                    .settle_orphans(&batch, &instance, lease, resend_messages, None)
+                                    .await?;
+                            }
                             return Ok(Route::Spawn(batch));
                         }
                         Ok(Route::Saved(apply_remotely(&store, batch, action).await?))
@@ -301,6 +394,12 @@ async fn load(store: &crate::store::Store, public_id: &str) -> Result<Batch, Act
         .ok_or_else(|| ActError::NotFound(public_id.to_string()))
 }
 
+/// Whether a batch in this state may have messages left `sending` by an instance that died
+/// (before preparation there are no messages; a scheduled batch has not delivered yet).
+fn may_hold_claims(state: BatchState) -> bool {
+    !matches!(state, BatchState::Initial | BatchState::Scheduled)
+}
+
 /// Checks an action against the state machine for a batch as stored (the same check a
 /// supervisor makes before it saves a transition).
 fn check(batch: &Batch, action: Action) -> Result<(), ActError> {
@@ -322,6 +421,13 @@ impl Handler<SupervisorStopped> for BatchRegistry {
             .is_some_and(|(generation, _, _)| *generation == msg.generation)
         {
             self.supervisors.remove(&msg.batch_id);
+            self.count_supervisors();
+            if self.supervisors.is_empty() {
+                // What the batches' work went through is free now: back to the system, once
+                // the instance is idle (not at every supervisor's stop), so that an idle
+                // service holds no more than it did before.
+                crate::memory::release_freed_memory();
+            }
             // Nothing left to supervise here (a final state, or a pause): the lease goes back.
             let store = self.deps.core.store.clone();
             let instance = self.deps.core.instance.clone();
@@ -345,6 +451,7 @@ impl Handler<Recover> for BatchRegistry {
         let instance = self.deps.core.instance.clone();
         let lease = self.lease();
         let resend = self.deps.core.settings.smsbatch.redelivery == Redelivery::AtLeastOnce;
+        let horizon = self.horizon();
         AtomicResponse::new(Box::pin(
             async move {
                 store.heartbeat(&instance).await?;
@@ -367,7 +474,7 @@ impl Handler<Recover> for BatchRegistry {
                         store.cancel_pending(batch.id, batch.partition_count).await?;
                     }
                 }
-                take_over(&store, &instance, lease, resend).await
+                take_over(&store, &instance, lease, resend, horizon).await
             }
             .into_actor(self)
             .map(|taken, act, ctx| {

@@ -14,25 +14,13 @@ use super::ActError;
 use super::gates::{Gate, GateState};
 use super::{Deps, StepEnd, delivery, preparation};
 use crate::domain::counts::Verdict;
-use crate::domain::lifecycle::{Action, Cause, project};
+use crate::domain::lifecycle::{Cause, project};
 use crate::domain::state::{BatchState, Event, Step};
 use crate::store::StoreError;
 use crate::store::models::Batch;
 
-/// A supervisor stopped (its batch reached a final state, or the process stops).
-#[derive(Debug, Message)]
-#[rtype(result = "()")]
-pub struct SupervisorStopped {
-    /// The batch's internal id.
-    pub batch_id: i64,
-    /// Which supervisor of that batch stopped (a newer one stays registered).
-    pub generation: u64,
-}
-
-/// Asks the supervisor to apply an operator's action; answers the batch as saved.
-#[derive(Debug, Message)]
-#[rtype(result = "Result<Batch, ActError>")]
-pub struct Act(pub Action);
+mod messages;
+pub use messages::{Act, Changed, Drain, Stop, SupervisorStopped};
 
 /// A child (step run) ended.
 #[derive(Debug)]
@@ -62,27 +50,18 @@ impl StepFailure {
     }
 }
 
-/// How often a batch waiting for the database tries again (a step to run, a transition to save).
-const DATABASE_RETRY: Duration = Duration::from_secs(1);
-/// How long the supervisor's own check that the database answers may take.
-const PING_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Stop sending and wait for the child to stop (process shutdown). The batch keeps its state,
-/// so the next start of the service continues it.
-#[derive(Debug, Message)]
-#[rtype(result = "()")]
-pub struct Drain;
-
-/// Stop supervising here: another instance holds the batch's lease now.
-#[derive(Debug, Message)]
-#[rtype(result = "()")]
-pub struct Stop;
-
 /// The running child: its generation (stale exits are ignored) and the handle that aborts it.
 struct Child {
     generation: u64,
     abort: tokio::task::AbortHandle,
 }
+
+/// How often a batch waiting for the database tries again (a step to run, a transition to save).
+const DATABASE_RETRY: Duration = Duration::from_secs(1);
+/// How long a supervisor left with nothing to do (a paused batch) waits before it stops.
+const IDLE_GRACE: Duration = Duration::from_secs(2);
+/// How long the supervisor's own check that the database answers may take.
+const PING_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Supervises one batch.
 pub struct BatchSupervisor {
@@ -96,6 +75,8 @@ pub struct BatchSupervisor {
     generation: u64,
     restarts: u32,
     timer: Option<SpawnHandle>,
+    /// The stop of a supervisor left with nothing to do, after `IDLE_GRACE`.
+    idle: Option<SpawnHandle>,
     cancel_cleanup: bool,
     draining: Vec<oneshot::Sender<()>>,
 }
@@ -119,6 +100,7 @@ impl BatchSupervisor {
             generation: 0,
             restarts: 0,
             timer: None,
+            idle: None,
             cancel_cleanup: false,
             draining: Vec::new(),
         }
@@ -134,8 +116,8 @@ impl BatchSupervisor {
         &mut self,
         event: Event,
         cause: Option<Cause>,
+        store: crate::store::Store,
     ) -> ResponseActFuture<Self, Result<Batch, ActError>> {
-        let store = self.deps.core.store.clone();
         let current = self.batch.clone();
         let restarts = self.restarts;
         Box::pin(
@@ -176,9 +158,8 @@ impl BatchSupervisor {
         )
     }
 
-    /// Adopts the row if it changed behind this supervisor's back (an action saved by another
-    /// instance), and acts on its state.
-    fn poll(&mut self, ctx: &mut Context<Self>) {
+    /// Adopts the row as stored (an action saved by another instance), and acts on its state.
+    fn reload(&mut self, ctx: &mut Context<Self>) {
         let store = self.deps.core.store.clone();
         let id = self.batch.id;
         ctx.wait(
@@ -194,9 +175,54 @@ impl BatchSupervisor {
                         }
                     }
                     Ok(_) => {}
-                    Err(e) => tracing::debug!(error = %e, "Polling the batch failed."),
+                    Err(e) => tracing::debug!(error = %e, "Reading the changed batch failed."),
                 }),
         );
+    }
+
+    /// Stops the supervisor of a batch with nothing to do here (paused, done, or scheduled
+    /// beyond the horizon) after a moment's grace: its lease goes back, and it holds nothing but
+    /// its row until an action or its schedule wakes it again. The grace keeps a burst of
+    /// actions (pause, resume, pause…) on one supervisor instead of bouncing each off one that
+    /// is stopping.
+    fn stop_when_idle(&mut self, ctx: &mut Context<Self>) {
+        if let Some(idle) = self.idle.take() {
+            ctx.cancel_future(idle);
+        }
+        self.idle = Some(ctx.run_later(IDLE_GRACE, |act, ctx| {
+            act.idle = None;
+            if act.is_idle() {
+                ctx.stop();
+            } else if act.state() == BatchState::Scheduled && act.timer.is_none() {
+                // Due within the horizon by now: wait for it here.
+                act.enter_state(ctx);
+            }
+        }));
+    }
+
+    fn is_idle(&self) -> bool {
+        if self.child.is_some() || self.timer.is_some() || !self.draining.is_empty() {
+            return false;
+        }
+        match self.state() {
+            BatchState::Initial
+            | BatchState::Paused
+            | BatchState::Completed
+            | BatchState::Failed => true,
+            BatchState::Scheduled => {
+                self.due_in() > self.deps.core.settings.smsbatch.schedule_horizon()
+            }
+            BatchState::Preparing | BatchState::Delivering | BatchState::Cancelled => false,
+        }
+    }
+
+    /// How long until a scheduled batch is due (zero if it is, or has no schedule).
+    fn due_in(&self) -> Duration {
+        self.batch
+            .schedule_at
+            .map(|at| at - chrono::Utc::now().naive_utc())
+            .and_then(|d| d.to_std().ok())
+            .unwrap_or(Duration::ZERO)
     }
 
     /// Does what the (just saved or just loaded) state asks for.
@@ -208,12 +234,12 @@ impl BatchSupervisor {
         }
         match state {
             BatchState::Scheduled => {
-                let due = self
-                    .batch
-                    .schedule_at
-                    .map(|at| at - chrono::Utc::now().naive_utc())
-                    .and_then(|d| d.to_std().ok())
-                    .unwrap_or(Duration::ZERO);
+                let due = self.due_in();
+                if due > self.deps.core.settings.smsbatch.schedule_horizon() {
+                    // The registry's upkeep starts a supervisor again once it is near.
+                    self.stop_when_idle(ctx);
+                    return;
+                }
                 self.timer = Some(ctx.run_later(due, |act, ctx| {
                     act.timer = None;
                     act.apply_own(Event::Due, None, ctx);
@@ -235,7 +261,12 @@ impl BatchSupervisor {
                     ctx.stop();
                 }
             }
-            BatchState::Initial | BatchState::Paused => {}
+            BatchState::Paused => {
+                if self.child.is_none() {
+                    self.stop_when_idle(ctx);
+                }
+            }
+            BatchState::Initial => {}
         }
     }
 
@@ -344,6 +375,7 @@ impl BatchSupervisor {
                         self.spawn_child(ctx)
                     }
                     BatchState::Completed | BatchState::Failed => ctx.stop(),
+                    BatchState::Paused => self.stop_when_idle(ctx),
                     _ => {}
                 }
             }
@@ -442,14 +474,18 @@ impl BatchSupervisor {
     /// transition cancels the timer): otherwise the batch would sit in a state nobody acts on.
     fn apply_own(&mut self, event: Event, cause: Option<Cause>, ctx: &mut Context<Self>) {
         let again = cause.clone();
-        ctx.wait(self.apply(event, cause).map(move |result, act, ctx| {
-            if let Err(ActError::Store(_)) = result {
-                act.timer = Some(ctx.run_later(DATABASE_RETRY, move |act, ctx| {
-                    act.timer = None;
-                    act.apply_own(event, again, ctx);
-                }));
-            }
-        }));
+        let store = self.deps.core.store.clone();
+        ctx.wait(
+            self.apply(event, cause, store)
+                .map(move |result, act, ctx| {
+                    if let Err(ActError::Store(_)) = result {
+                        act.timer = Some(ctx.run_later(DATABASE_RETRY, move |act, ctx| {
+                            act.timer = None;
+                            act.apply_own(event, again, ctx);
+                        }));
+                    }
+                }),
+        );
     }
 
     /// After a cancel, once no child runs: every message still pending becomes `cancelled`.
@@ -505,12 +541,15 @@ impl Actor for BatchSupervisor {
             .insert(self.batch.id, self.gate.clone());
         // A supervisor woken for a failed batch waits for its retry; one for a running or
         // scheduled batch (a command, or recovery after a restart) takes up the work.
-        if !matches!(self.state(), BatchState::Failed | BatchState::Completed) {
+        // A supervisor woken for a paused batch waits for the action it was started for.
+        if !matches!(
+            self.state(),
+            BatchState::Failed | BatchState::Completed | BatchState::Paused
+        ) {
             self.enter_state(ctx);
         }
-        // Actions taken through other instances land in the database: pick them up.
-        let every = Duration::from_millis(self.deps.core.settings.smsbatch.poll_ms);
-        ctx.run_interval(every, |act, ctx| act.poll(ctx));
+        // Actions taken through other instances reach it through the registry's watch
+        // (`Changed`): no timer of its own touches the database.
     }
 
     fn stopped(&mut self, _ctx: &mut Self::Context) {
@@ -518,50 +557,11 @@ impl Actor for BatchSupervisor {
             child.abort.abort();
         }
         self.deps.core.gates.remove(self.batch.id);
-        // What the batch's delivery went through is free now: back to the system, so that an
-        // idle service holds no more than it did before the batch.
-        crate::memory::release_freed_memory();
         if let Err(e) = self.registry.try_send(SupervisorStopped {
             batch_id: self.batch.id,
             generation: self.registration,
         }) {
             tracing::warn!(batch_id = %self.batch.public_id, error = %e, "Registry not told that a supervisor stopped.");
         }
-    }
-}
-
-impl Handler<Act> for BatchSupervisor {
-    type Result = AtomicResponse<Self, Result<Batch, ActError>>;
-
-    fn handle(&mut self, msg: Act, _ctx: &mut Self::Context) -> Self::Result {
-        let event = msg.0.event(self.batch.schedule_at);
-        if msg.0 == Action::Retry {
-            self.restarts = 0;
-        }
-        AtomicResponse::new(self.apply(event, None))
-    }
-}
-
-impl Handler<Stop> for BatchSupervisor {
-    type Result = ();
-
-    fn handle(&mut self, _msg: Stop, ctx: &mut Self::Context) {
-        ctx.stop();
-    }
-}
-
-impl Handler<Drain> for BatchSupervisor {
-    type Result = ResponseFuture<()>;
-
-    fn handle(&mut self, _msg: Drain, _ctx: &mut Self::Context) -> Self::Result {
-        self.gate.set(GateState::Held);
-        if self.child.is_none() {
-            return Box::pin(async {});
-        }
-        let (tx, rx) = oneshot::channel();
-        self.draining.push(tx);
-        Box::pin(async move {
-            let _ = rx.await;
-        })
     }
 }

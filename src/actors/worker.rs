@@ -159,6 +159,10 @@ pub async fn process_task(core: &Core, task: DeliveryTask) -> Result<TaskReport,
         };
     }
     core.metrics.tasks.inc();
+    if let Some(gate) = core.gates.get(task.batch_id) {
+        // The batch's delivery here sleeps until its counters move.
+        gate.nudge();
+    }
     Ok(report)
 }
 

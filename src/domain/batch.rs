@@ -96,6 +96,17 @@ string_enum!(MessageType {
     Marketing => "marketing",
 });
 
+impl MessageType {
+    /// The priority of the batch's delivery tasks: transactional messages (a code, a notice)
+    /// go to the workers before marketing ones.
+    pub const fn priority(self) -> u8 {
+        match self {
+            MessageType::Transactional => 1,
+            MessageType::Marketing => 0,
+        }
+    }
+}
+
 /// Where one message is on its way to the recipient.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -158,11 +158,29 @@ impl Store {
     /// must not stop for all the others.
     pub(super) async fn readable_batches(&self, ids: Vec<i64>) -> Result<Vec<Batch>, StoreError> {
         let mut batches = Vec::with_capacity(ids.len());
-        for id in ids {
-            match self.batch(id).await {
-                Ok(batch) => batches.push(batch),
-                Err(StoreError::Corrupt(e)) => {
-                    tracing::error!(batch = id, error = %e, "Batch row does not read back; left alone.");
+        for chunk in ids.chunks(INSERT_CHUNK) {
+            let loaded: Result<Vec<Batch>, StoreError> = with_conn!(self, |conn| {
+                Ok(batches::table
+                    .filter(batches::id.eq_any(chunk))
+                    .order(batches::id)
+                    .select(Batch::as_select())
+                    .load(conn)
+                    .await?)
+            });
+            match loaded {
+                Ok(rows) => batches.extend(rows),
+                // One row of the chunk does not read back: read them one by one to leave out
+                // only that one.
+                Err(StoreError::Corrupt(_)) => {
+                    for &id in chunk {
+                        match self.batch(id).await {
+                            Ok(batch) => batches.push(batch),
+                            Err(StoreError::Corrupt(e)) => {
+                                tracing::error!(batch = id, error = %e, "Batch row does not read back; left alone.");
+                            }
+                            Err(e) => return Err(e),
+                        }
+                    }
                 }
                 Err(e) => return Err(e),
             }

@@ -145,13 +145,26 @@ impl Store {
         })
     }
 
-    /// Active batches whose lease is missing or expired: nobody supervises them.
-    pub async fn unsupervised_batches(&self) -> Result<Vec<Batch>, StoreError> {
+    /// Batches that need a supervisor and whose lease is missing or expired: nobody supervises
+    /// them. A scheduled batch needs one only once it is due within `horizon`: until then it
+    /// holds nothing but its row.
+    pub async fn unsupervised_batches(&self, horizon: Duration) -> Result<Vec<Batch>, StoreError> {
         let at = now();
+        let due_by = after(horizon);
         let ids: Vec<i64> = with_conn!(self, |conn| {
             batches::table
                 .left_join(leases::table)
-                .filter(batches::state.eq_any(ACTIVE_STATES.map(BatchState::as_str)))
+                .filter(
+                    batches::state
+                        .eq_any(
+                            [BatchState::Preparing, BatchState::Delivering].map(BatchState::as_str),
+                        )
+                        .or(batches::state.eq(BatchState::Scheduled.as_str()).and(
+                            batches::schedule_at
+                                .is_null()
+                                .or(batches::schedule_at.le(due_by)),
+                        )),
+                )
                 .filter(leases::expires_at.is_null().or(leases::expires_at.lt(at)))
                 .order(batches::id)
                 .select(batches::id)
@@ -228,6 +241,7 @@ impl Store {
                         .set((
                             partitions::failed.eq(partitions::failed + moved),
                             partitions::unknown.eq(partitions::unknown + moved),
+                            partitions::updated_at.eq(at),
                         ))
                         .execute(conn)
                         .await?;

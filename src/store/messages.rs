@@ -34,7 +34,7 @@ fn record_sent_cte() -> String {
 /// (parameters as in `record_sent_cte`).
 static RECORD_SENT_PG: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     record_sent_cte()
-        + "UPDATE partitions SET sent = sent + (SELECT count(*) FROM done) \
+        + "UPDATE partitions SET sent = sent + (SELECT count(*) FROM done), updated_at = $5 \
            WHERE batch_id = $3 AND idx = $4"
 });
 
@@ -70,7 +70,7 @@ fn claim_pg(placeholders: [&str; 6], limit: i64) -> String {
 fn record_sent_and_claim_pg(limit: i64) -> String {
     record_sent_cte()
         + ", counted AS ( \
-            UPDATE partitions SET sent = sent + (SELECT count(*) FROM done) \
+            UPDATE partitions SET sent = sent + (SELECT count(*) FROM done), updated_at = $5 \
             WHERE batch_id = $3 AND idx = $4) "
         + &claim_pg(["$3", "$4", "$5", "$6", "$7", "$8"], limit)
 }
@@ -402,12 +402,15 @@ impl Store {
                 .execute(conn)
                 .await? as i64;
             }
-            if sent + failed + cancelled > 0 {
+            // Every outcome touches the partition's row, retries and releases too: the
+            // instance watch (`Store::changed_since`) sees the batch move by its `updated_at`.
+            {
                 diesel::update(partitions::table.find((batch_id, partition)))
                     .set((
                         partitions::sent.eq(partitions::sent + sent),
                         partitions::failed.eq(partitions::failed + failed),
                         partitions::cancelled.eq(partitions::cancelled + cancelled),
+                        partitions::updated_at.eq(at),
                     ))
                     .execute(conn)
                     .await?;
@@ -454,13 +457,19 @@ impl Store {
                 match to {
                     FAILED => {
                         diesel::update(row)
-                            .set(partitions::failed.eq(partitions::failed + moved))
+                            .set((
+                                partitions::failed.eq(partitions::failed + moved),
+                                partitions::updated_at.eq(at),
+                            ))
                             .execute(conn)
                             .await?;
                     }
                     CANCELLED => {
                         diesel::update(row)
-                            .set(partitions::cancelled.eq(partitions::cancelled + moved))
+                            .set((
+                                partitions::cancelled.eq(partitions::cancelled + moved),
+                                partitions::updated_at.eq(at),
+                            ))
                             .execute(conn)
                             .await?;
                     }

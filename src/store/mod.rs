@@ -16,6 +16,7 @@ mod recipients;
 mod records;
 pub mod schema;
 mod types;
+mod watch;
 
 use std::path::Path;
 use std::time::Duration;
@@ -34,6 +35,7 @@ use futures_util::FutureExt;
 
 pub use leases::{ACTIVE_STATES, before};
 pub use records::*;
+pub use watch::Changes;
 
 const PG_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/postgres");
 const SQLITE_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/sqlite");

@@ -84,6 +84,7 @@ diesel::table! {
         failed -> BigInt,
         cancelled -> BigInt,
         unknown -> BigInt,
+        updated_at -> Timestamp,
     }
 }
 

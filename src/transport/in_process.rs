@@ -1,10 +1,12 @@
-//! The embedded transport: tasks go straight into the worker pool's bounded mailboxes.
+//! The embedded transport: tasks go straight into the worker pool's bounded mailboxes, through
+//! an admission that lets transactional tasks in before marketing ones (`priority`).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use actix::Recipient;
 use futures_util::future::BoxFuture;
 
+use super::priority::Admission;
 use super::{DeliveryTask, TaskReport, Transport, TransportError};
 use crate::telemetry::Metrics;
 
@@ -14,16 +16,21 @@ pub struct InProcess {
     workers: Vec<Recipient<DeliveryTask>>,
     next: AtomicUsize,
     mailbox: usize,
+    admission: Admission,
     metrics: Metrics,
 }
 
 impl InProcess {
     /// A transport over these workers (the partition workers' addresses), each with a mailbox of `mailbox` tasks.
     pub fn new(workers: Vec<Recipient<DeliveryTask>>, mailbox: usize, metrics: Metrics) -> Self {
+        // Two tasks per worker in its hands (one running, one next), so that none waits for
+        // work; the rest wait for a place by priority, not in the mailboxes' order.
+        let places = workers.len() * (mailbox + 1).min(2);
         InProcess {
             workers,
             next: AtomicUsize::new(0),
             mailbox,
+            admission: Admission::new(places),
             metrics,
         }
     }
@@ -34,11 +41,17 @@ impl Transport for InProcess {
         &self,
         task: DeliveryTask,
     ) -> BoxFuture<'static, Result<TaskReport, TransportError>> {
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.workers.len().max(1);
-        let worker = self.workers.get(i).cloned();
+        let workers = self.workers.clone();
+        let next = self.next_worker();
+        let admission = self.admission.clone();
         let metrics = self.metrics.clone();
         Box::pin(async move {
-            let worker = worker.ok_or_else(|| TransportError::Closed("no workers".into()))?;
+            // A place in the pool first, by priority: the wait for one is the backpressure.
+            let _place = admission.enter(task.priority).await;
+            let worker = workers
+                .get(next(workers.len()))
+                .cloned()
+                .ok_or_else(|| TransportError::Closed("no workers".into()))?;
             let depth = metrics
                 .mailbox_depth
                 .with_label_values(&["partition_worker"]);
@@ -60,5 +73,13 @@ impl Transport for InProcess {
     fn capacity(&self) -> usize {
         // Each worker runs one task and holds `mailbox` more.
         self.workers.len() * (self.mailbox + 1)
+    }
+}
+
+impl InProcess {
+    /// Picks the next worker round-robin once a task has its place.
+    fn next_worker(&self) -> impl FnOnce(usize) -> usize + use<> {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        move |len| n % len.max(1)
     }
 }

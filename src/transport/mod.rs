@@ -2,6 +2,7 @@
 //! range of message ids — never data: the worker claims what is still `pending` in that range.
 
 mod in_process;
+pub mod priority;
 pub mod rabbitmq;
 
 use futures_util::future::BoxFuture;
@@ -21,6 +22,11 @@ pub struct DeliveryTask {
     pub first_id: i64,
     /// Last message id of the range (inclusive).
     pub last_id: i64,
+    /// 1 for a transactional batch's task, 0 for a marketing one's: transactional tasks go to
+    /// the workers first (RabbitMQ message priority; in-process, the pool's admission). A task
+    /// published without it is a marketing one.
+    #[serde(default)]
+    pub priority: u8,
 }
 
 /// What a worker did with a task.
@@ -65,4 +71,11 @@ pub trait Transport: Send + Sync {
     ) -> BoxFuture<'static, Result<TaskReport, TransportError>>;
     /// How many tasks may be in flight at once before `dispatch` would only queue.
     fn capacity(&self) -> usize;
+    /// Whether tasks dispatched earlier (and already answered) may still wait in the transport
+    /// to be carried out: a batch without progress is re-planned only when none can, since its
+    /// tasks may just be queued behind other batches'. In-process, a dispatch answers once its
+    /// task is done, so none can.
+    fn may_hold_tasks(&self) -> bool {
+        false
+    }
 }

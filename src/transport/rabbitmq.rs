@@ -9,7 +9,7 @@
 //! consumer, and starts over when the connection drops. No batch fails because the broker is
 //! away: dispatch waits for the link to come back.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -39,6 +39,10 @@ const WATCHDOG: Duration = Duration::from_secs(1);
 /// (the broker hands an unacked task out again; a task whose confirmation is lost is published
 /// again, and its claims make the second run a no-op for what was done).
 const BROKER_ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+/// The highest task priority (`DeliveryTask::priority`), the queue's `x-max-priority`.
+const MAX_PRIORITY: u8 = 1;
+/// `BrokerLink::queued` when the queue's depth is not known.
+const QUEUED_UNKNOWN: u32 = u32::MAX;
 
 /// The state of the broker link, shared by the link actor, the dispatchers and `/readyz`.
 pub struct BrokerLink {
@@ -50,6 +54,8 @@ pub struct BrokerLink {
     instance: String,
     channel: watch::Sender<Option<Channel>>,
     up: AtomicBool,
+    /// Tasks ready in the queue at the last look (`QUEUED_UNKNOWN` while not connected).
+    queued: AtomicU32,
     last_error: Mutex<String>,
     metrics: Metrics,
     /// Set at shutdown: stop consuming, finish what is in flight, do not reconnect.
@@ -73,6 +79,7 @@ impl BrokerLink {
             instance: instance.to_string(),
             channel: watch::channel(None).0,
             up: AtomicBool::new(false),
+            queued: AtomicU32::new(QUEUED_UNKNOWN),
             last_error: Mutex::new("not connected yet".into()),
             metrics,
             stop: watch::Sender::new(false),
@@ -111,12 +118,18 @@ impl BrokerLink {
 
     fn set_down(&self, error: String) {
         self.up.store(false, Ordering::Release);
+        self.queued.store(QUEUED_UNKNOWN, Ordering::Release);
         self.channel.send_replace(None);
         *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = error;
     }
 
     fn queue_arguments(&self) -> FieldTable {
         let mut args = FieldTable::default();
+        // Transactional tasks (priority 1) are delivered before marketing ones (0).
+        args.insert(
+            "x-max-priority".into(),
+            AMQPValue::ShortShortUInt(MAX_PRIORITY),
+        );
         if self.queue_expires_ms > 0 {
             // The broker deletes the queue once it has had no consumer for this long.
             args.insert(
@@ -132,8 +145,8 @@ impl BrokerLink {
         let props = ConnectionProperties::default()
             .with_connection_name(format!("smsbatch-{}", self.instance).into());
         let conn = Connection::connect(&self.url, props).await?;
-        let publisher = conn.create_channel().await?;
-        publisher
+        let mut publisher = conn.create_channel().await?;
+        let declared = publisher
             .queue_declare(
                 self.queue.as_str().into(),
                 QueueDeclareOptions {
@@ -142,7 +155,18 @@ impl BrokerLink {
                 },
                 self.queue_arguments(),
             )
-            .await?;
+            .await;
+        if let Err(e) = declared {
+            if !e.is_amqp_soft_error() {
+                return Err(e);
+            }
+            // A queue declared by an earlier version, without priorities: the broker refuses
+            // other arguments for it. Keep using it as it is (on a new channel: the refusal
+            // closed this one); tasks then go in order, whatever their priority.
+            tracing::warn!(queue = %self.queue, error = %e, "The queue exists without x-max-priority; transactional tasks are not put first. Delete the queue while no task is in it to enable priorities.");
+            publisher = conn.create_channel().await?;
+            self.declare_passively(&publisher).await?;
+        }
         publisher
             .confirm_select(ConfirmSelectOptions::default())
             .await?;
@@ -161,6 +185,43 @@ impl BrokerLink {
         self.channel.send_replace(Some(publisher));
         self.up.store(true, Ordering::Release);
         Ok((conn, consumer))
+    }
+
+    /// Declares the queue passively: it must exist, whatever its arguments.
+    async fn declare_passively(&self, channel: &Channel) -> Result<lapin::Queue, lapin::Error> {
+        channel
+            .queue_declare(
+                self.queue.as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+    }
+
+    /// Reads how many tasks wait in the queue (a passive declare on a channel of its own, since
+    /// a refused one closes its channel), for `Transport::may_hold_tasks`: once a second for the
+    /// whole instance.
+    async fn look_at_queue(&self, conn: &Connection, probe: &mut Option<Channel>) {
+        let queued = tokio::time::timeout(WATCHDOG, async {
+            let channel = match probe.take().filter(|c| c.status().connected()) {
+                Some(channel) => channel,
+                None => conn.create_channel().await?,
+            };
+            let declared = self.declare_passively(&channel).await?;
+            *probe = Some(channel);
+            Ok::<_, lapin::Error>(declared.message_count())
+        })
+        .await;
+        let queued = match queued {
+            Ok(Ok(n)) => n,
+            // The queue is gone (deleted, or expired): nothing waits in it.
+            Ok(Err(e)) if e.is_amqp_soft_error() => 0,
+            _ => QUEUED_UNKNOWN,
+        };
+        self.queued.store(queued, Ordering::Release);
     }
 
     /// Publishes one task and waits for the broker's confirmation, retrying (with backoff, across
@@ -185,6 +246,7 @@ impl BrokerLink {
                         &payload,
                         BasicProperties::default()
                             .with_delivery_mode(2)
+                            .with_priority(task.priority.min(MAX_PRIORITY))
                             .with_content_type("application/json".into()),
                     )
                     .await?
@@ -228,6 +290,10 @@ impl Transport for RabbitTransport {
 
     fn capacity(&self) -> usize {
         self.0.publish_window
+    }
+
+    fn may_hold_tasks(&self) -> bool {
+        self.0.queued.load(Ordering::Acquire) != 0
     }
 }
 
@@ -297,6 +363,7 @@ async fn consume(
     let mut in_flight = FuturesUnordered::new();
     let mut stop = link.stop.subscribe();
     let mut watchdog = tokio::time::interval(WATCHDOG);
+    let mut probe = None;
     let reason = loop {
         tokio::select! {
             _ = stop.wait_for(|s| *s) => break "shutting down".to_string(),
@@ -304,6 +371,7 @@ async fn consume(
                 if !conn.status().connected() {
                     break "the broker connection is no longer open".to_string();
                 }
+                link.look_at_queue(conn, &mut probe).await;
             }
             delivery = consumer.next() => {
                 let delivery = match delivery {

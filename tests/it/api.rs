@@ -1635,9 +1635,10 @@ fn two_instances_share_one_batch() {
         sent_by(&a) > 0 && sent_by(&b) > 0
     });
 
-    // The batch is supervised by `a`; `b` pauses it.
+    // The batch is supervised by `a`; `b` pauses it, and `a` acts on it within a second (its
+    // watch looks every `poll_ms`, 250 ms).
     b.action_ok(&id, "pause", "paused");
-    thread::sleep(Duration::from_secs(2));
+    thread::sleep(Duration::from_secs(1));
     let before = sent(&a.batch(&id));
     thread::sleep(Duration::from_secs(1));
     let after = sent(&a.batch(&id));

@@ -10,6 +10,7 @@ mod api;
 mod bad_input;
 mod faults;
 mod http_provider;
+mod many;
 mod provider_http;
 mod races;
 mod store;

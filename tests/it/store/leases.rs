@@ -2,6 +2,9 @@
 
 use super::*;
 
+/// How far ahead a scheduled batch counts as needing a supervisor.
+const HORIZON: std::time::Duration = std::time::Duration::from_secs(10);
+
 on_both_backends!(leases_go_to_one_instance_at_a_time
     => leases_go_to_one_instance_at_a_time_sqlite, leases_go_to_one_instance_at_a_time_postgres);
 on_both_backends!(only_dead_instances_claims_are_settled
@@ -16,7 +19,13 @@ async fn leases_go_to_one_instance_at_a_time(store: Store) {
     let batch = create(&store, "leased", 1).await;
     let lease = Duration::from_secs(60);
     // Only active batches need a supervisor.
-    assert!(store.unsupervised_batches().await.expect("none").is_empty());
+    assert!(
+        store
+            .unsupervised_batches(HORIZON)
+            .await
+            .expect("none")
+            .is_empty()
+    );
     let mut update = LifecycleUpdate::from(&batch.bookkeeping());
     update.state = "delivering".into();
     let batch = store
@@ -25,7 +34,7 @@ async fn leases_go_to_one_instance_at_a_time(store: Store) {
         .expect("delivering");
     let ids = |batches: Vec<Batch>| batches.iter().map(|b| b.id).collect::<Vec<_>>();
     assert_eq!(
-        ids(store.unsupervised_batches().await.expect("one")),
+        ids(store.unsupervised_batches(HORIZON).await.expect("one")),
         vec![batch.id]
     );
 
@@ -51,7 +60,13 @@ async fn leases_go_to_one_instance_at_a_time(store: Store) {
         store.lease_owner(batch.id).await.expect("owner").as_deref(),
         Some("a")
     );
-    assert!(store.unsupervised_batches().await.expect("held").is_empty());
+    assert!(
+        store
+            .unsupervised_batches(HORIZON)
+            .await
+            .expect("held")
+            .is_empty()
+    );
     assert_eq!(
         store.renew_leases("a", lease).await.expect("renew"),
         vec![batch.id]
@@ -74,7 +89,7 @@ async fn leases_go_to_one_instance_at_a_time(store: Store) {
     tokio::time::sleep(Duration::from_millis(20)).await;
     assert_eq!(store.lease_owner(batch.id).await.expect("expired"), None);
     assert_eq!(
-        ids(store.unsupervised_batches().await.expect("expired")),
+        ids(store.unsupervised_batches(HORIZON).await.expect("expired")),
         vec![batch.id]
     );
     assert!(
@@ -187,5 +202,138 @@ async fn only_dead_instances_claims_are_settled(store: Store) {
             (m[2], FAILED),
             (m[3], FAILED)
         ]
+    );
+}
+
+on_both_backends!(the_watch_sees_rows_and_counters_that_changed
+    => the_watch_sees_rows_and_counters_that_changed_sqlite,
+       the_watch_sees_rows_and_counters_that_changed_postgres);
+on_both_backends!(a_far_scheduled_batch_needs_no_supervisor_yet
+    => a_far_scheduled_batch_needs_no_supervisor_yet_sqlite,
+       a_far_scheduled_batch_needs_no_supervisor_yet_postgres);
+
+/// The instance's watch (`changed_since`) lists a batch whose row changed with its new version,
+/// and one whose partition counters moved (any outcome, a retry too) as progressed; a look after
+/// the changes lists neither. `leased_versions` gives the versions of the batches an instance
+/// leases.
+async fn the_watch_sees_rows_and_counters_that_changed(store: Store) {
+    let before = Utc::now().naive_utc() - ChronoDuration::milliseconds(5);
+    let phone = |n: u32| format!("+8613930000{n:03}");
+    let (batch, r) =
+        batch_with_recipients(&store, "watched", 1, (1..=2).map(phone).collect()).await;
+    let changes = store.changed_since(before).await.expect("watch");
+    assert_eq!(
+        changes.versions.get(&batch.id),
+        Some(&batch.version),
+        "{changes:?}"
+    );
+
+    let mut update = LifecycleUpdate::from(&batch.bookkeeping());
+    update.state = "delivering".into();
+    update.updated_at = Utc::now().naive_utc();
+    let saved = store
+        .save_lifecycle(batch.id, batch.version, &update)
+        .await
+        .expect("delivering");
+    store
+        .write_prepared_chunk(
+            batch.id,
+            PreparedChunk {
+                messages: (0..2)
+                    .map(|i| message(batch.id, 0, r[i], &phone(i as u32 + 1), 1))
+                    .collect(),
+                last_recipient_id: r[1],
+                processed: 2,
+                invalid: 0,
+                repeats: None,
+            },
+        )
+        .await
+        .expect("chunk");
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let quiet = Utc::now().naive_utc();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(
+        store.changed_since(quiet).await.expect("watch"),
+        smsbatch::store::Changes::default(),
+        "nothing changed since"
+    );
+
+    let claimed = store
+        .claim(batch.id, 0, 0, i64::MAX, 1, "instance-a")
+        .await
+        .expect("claim");
+    // A retry alone moves no counter, but the partition's row says it moved.
+    store
+        .record_outcomes(
+            batch.id,
+            0,
+            &Outcomes {
+                retry: vec![(claimed[0].id, Utc::now().naive_utc(), "hiccup".into())],
+                ..Outcomes::default()
+            },
+        )
+        .await
+        .expect("retry");
+    let changes = store.changed_since(quiet).await.expect("watch");
+    assert!(changes.progressed.contains(&batch.id), "{changes:?}");
+    assert!(!changes.versions.contains_key(&batch.id), "{changes:?}");
+    let changes = store.changed_since(before).await.expect("watch");
+    assert_eq!(
+        changes.versions.get(&batch.id),
+        Some(&saved.version),
+        "{changes:?}"
+    );
+
+    let lease = Duration::from_secs(60);
+    assert!(
+        store
+            .acquire_lease(batch.id, "a", lease)
+            .await
+            .expect("lease")
+    );
+    assert_eq!(
+        store.leased_versions("a").await.expect("versions"),
+        std::collections::BTreeMap::from([(batch.id, saved.version)])
+    );
+    assert!(
+        store
+            .leased_versions("b")
+            .await
+            .expect("versions")
+            .is_empty()
+    );
+}
+
+/// A scheduled batch needs a supervisor only once it is due within the horizon.
+async fn a_far_scheduled_batch_needs_no_supervisor_yet(store: Store) {
+    let scheduled = |name: &str, ahead: ChronoDuration| {
+        let mut new = new_batch(name, 1);
+        new.schedule_at = Some(Utc::now().naive_utc() + ahead);
+        new
+    };
+    let mut ids = Vec::new();
+    for (name, ahead) in [
+        ("in-an-hour", ChronoDuration::hours(1)),
+        ("in-a-second", ChronoDuration::seconds(1)),
+    ] {
+        let batch = store
+            .create_batch(scheduled(name, ahead), Vec::new())
+            .await
+            .expect("create")
+            .batch;
+        ids.push(set_state(&store, batch.id, "scheduled").await.id);
+    }
+    let unsupervised: Vec<i64> = store
+        .unsupervised_batches(HORIZON)
+        .await
+        .expect("unsupervised")
+        .iter()
+        .map(|b| b.id)
+        .collect();
+    assert_eq!(
+        unsupervised,
+        vec![ids[1]],
+        "only the batch due within {HORIZON:?}"
     );
 }

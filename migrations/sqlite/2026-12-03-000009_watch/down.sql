@@ -1,0 +1,3 @@
+DROP INDEX batches_updated;
+DROP INDEX partitions_updated;
+ALTER TABLE partitions DROP COLUMN updated_at;
