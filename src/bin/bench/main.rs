@@ -6,16 +6,28 @@
 //! ```sh
 //! cargo run --release --bin bench -- --recipients 1000000 --store postgres --transport rabbitmq
 //! ```
+//!
+//! `--batches N` selects the many-batches mode instead (see `many.rs`): N small batches created
+//! and started by concurrent clients, against one or more instances.
+
+mod api;
+mod ceiling;
+mod many;
+mod mixed;
+mod paused;
+mod server;
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Parser;
 use serde_json::{Value, json};
+
+use ceiling::measure_ceiling;
+use server::{Server, pg_execute};
 
 #[derive(Debug, Parser)]
 #[command(about = "smsbatch end-to-end benchmark")]
@@ -41,6 +53,30 @@ struct Args {
     /// Skip measuring the machine's ceiling.
     #[arg(long)]
     no_ceiling: bool,
+    /// Many-batches mode: create and start this many small batches (0: the one-batch benchmark).
+    #[arg(long, default_value_t = 0)]
+    batches: usize,
+    /// Many-batches mode: inline recipients per batch (all valid, distinct numbers).
+    #[arg(long, default_value_t = 10)]
+    recipients_per_batch: usize,
+    /// Many-batches mode: client threads calling the API.
+    #[arg(long, default_value_t = 64)]
+    clients: usize,
+    /// Many-batches mode: server processes on the same database and queue; the clients spread
+    /// their calls over them round-robin.
+    #[arg(long, default_value_t = 1)]
+    instances: usize,
+    /// Many-batches mode: seconds from the first create after which the benchmark stops
+    /// submitting and waiting, and reports how far the batches got.
+    #[arg(long, default_value_t = 600)]
+    deadline_s: u64,
+    /// Many-batches mode: above 0, first time one marketing batch of this many CSV recipients
+    /// alone, then submit the small batches while a second one is delivering.
+    #[arg(long, default_value_t = 0)]
+    mixed_recipients: usize,
+    /// Many-batches mode: `message_type` of the small batches.
+    #[arg(long, default_value = "transactional")]
+    message_type: String,
     /// Internal: run the server in this process (the benchmark starts itself this way).
     #[arg(long, hide = true)]
     serve: bool,
@@ -77,7 +113,11 @@ fn run(args: Args) -> anyhow::Result<()> {
         }
         other => bail!("--store must be sqlite or postgres, not {other}"),
     };
-    let result = bench(&args, &work, &db_url, &tag);
+    let result = if args.batches > 0 {
+        many::run(&args, &work, &db_url, pg_db.as_deref(), &tag)
+    } else {
+        bench(&args, &work, &db_url, &tag)
+    };
     if let Some(name) = pg_db {
         let _ = pg_execute(
             &format!("{}/postgres", args.pg),
@@ -111,7 +151,7 @@ fn bench(args: &Args, work: &std::path::Path, db_url: &str, tag: &str) -> anyhow
     } else {
         None
     };
-    let mut server = Server::start(args, db_url, tag)?;
+    let mut server = Server::start(args, db_url, tag, usize::MAX)?;
     let idle_rss = server.rss_kb("VmRSS:");
     let http = ureq::Agent::config_builder()
         .http_status_as_error(false)
@@ -352,174 +392,4 @@ fn generate_csv(path: &PathBuf, n: usize) -> anyhow::Result<Generated> {
     }
     out.flush()?;
     Ok(g)
-}
-
-struct Server {
-    child: Child,
-    base: String,
-}
-
-impl Server {
-    fn start(args: &Args, db_url: &str, tag: &str) -> anyhow::Result<Self> {
-        let mut child = Command::new(std::env::current_exe()?)
-            .arg("--serve")
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .env("SMSBATCH__HTTP__BIND", "127.0.0.1:0")
-            .env("SMSBATCH__DATABASE__URL", db_url)
-            .env("SMSBATCH__TRANSPORT__KIND", &args.transport)
-            .env(
-                "SMSBATCH__TRANSPORT__QUEUE",
-                format!("smsbatch.bench.{tag}"),
-            )
-            .env("SMSBATCH__TRANSPORT__QUEUE_EXPIRES_MS", "60000")
-            .env(
-                "SMSBATCH__PROVIDERS__SIMULATOR__LATENCY_MS",
-                args.latency_ms.to_string(),
-            )
-            .env("SMSBATCH__LOG__LEVEL", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()?;
-        let stdout = child.stdout.take().context("server stdout")?;
-        let mut line = String::new();
-        std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line)?;
-        let base = line
-            .trim()
-            .strip_prefix("smsbatch listening on ")
-            .with_context(|| format!("server did not start: {line}"))?
-            .to_string();
-        Ok(Server { child, base })
-    }
-
-    fn rss_kb(&self, key: &str) -> u64 {
-        std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find(|l| l.starts_with(key))
-                    .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-            })
-            .unwrap_or(0)
-    }
-
-    fn stop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-struct Ceiling {
-    copy_rows_per_s: f64,
-    update_rows_per_s: f64,
-}
-
-fn pg_execute(url: &str, sql: &str) -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    rt.block_on(async {
-        let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
-        let driver = tokio::spawn(conn);
-        client.batch_execute(sql).await?;
-        drop(client);
-        let _ = driver.await;
-        Ok(())
-    })
-}
-
-/// What PostgreSQL does on this machine with no service in between: `COPY` of `n` rows shaped
-/// like messages into a copy of the messages table, then `UPDATE` passes marking them sent in
-/// chunks of `chunk` ids (one statement per chunk, as a worker records a task).
-fn measure_ceiling(db_url: &str, n: usize, chunk: usize) -> anyhow::Result<Ceiling> {
-    use futures_util::SinkExt;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    rt.block_on(async {
-        let (client, conn) = tokio_postgres::connect(db_url, tokio_postgres::NoTls).await?;
-        let driver = tokio::spawn(conn);
-        client
-            .batch_execute(
-                "DROP TABLE IF EXISTS ceiling_messages;
-                 CREATE TABLE ceiling_messages (LIKE messages INCLUDING ALL);",
-            )
-            .await?;
-        // `LIKE` copies columns, defaults and indexes but not storage parameters: the copy gets
-        // the table's own (its fillfactor leaves room on each page for the updates).
-        let options: Option<String> = client
-            .query_one(
-                "SELECT array_to_string(reloptions, ', ') FROM pg_class \
-                 WHERE oid = 'messages'::regclass",
-                &[],
-            )
-            .await?
-            .get(0);
-        if let Some(options) = options.filter(|o| !o.is_empty()) {
-            client
-                .batch_execute(&format!("ALTER TABLE ceiling_messages SET ({options})"))
-                .await?;
-        }
-        let t = Instant::now();
-        let sink = client
-            .copy_in(
-                "COPY ceiling_messages (batch_id, partition, recipient_id, phone, body, encoding, \
-                 segments, updated_at) FROM STDIN",
-            )
-            .await?;
-        let mut sink = std::pin::pin!(sink);
-        let mut buf = Vec::with_capacity(1 << 20);
-        for i in 0..n {
-            writeln!(
-                buf,
-                "1\t{}\t{i}\t+86138{:08}\tHi Ann, your order from Shanghai ships today: https://shop.example/o\tgsm7\t1\t2026-01-01 00:00:00",
-                i % 4,
-                10_000_000 + i
-            )?;
-            if buf.len() > (1 << 20) {
-                sink.send(bytes::Bytes::from(std::mem::take(&mut buf))).await?;
-            }
-        }
-        sink.send(bytes::Bytes::from(buf)).await?;
-        sink.as_mut().finish().await?;
-        let copy_s = t.elapsed().as_secs_f64();
-
-        let ids: Vec<i64> = client
-            .query("SELECT id FROM ceiling_messages ORDER BY id", &[])
-            .await?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
-        let t = Instant::now();
-        for ids in ids.chunks(chunk) {
-            client
-                .execute(
-                    "UPDATE ceiling_messages SET status = 2, updated_at = now() \
-                     WHERE id = ANY($1) AND status = 0",
-                    &[&ids],
-                )
-                .await?;
-        }
-        let update_s = t.elapsed().as_secs_f64();
-        client.batch_execute("DROP TABLE ceiling_messages").await?;
-        // Write what the ceiling dirtied to disk now rather than in a checkpoint during the run
-        // (needs a superuser or pg_checkpoint; without, the run may share the disk with it).
-        if let Err(e) = client.batch_execute("CHECKPOINT").await {
-            eprintln!("ceiling: CHECKPOINT not allowed ({e}); the run may overlap a checkpoint");
-        }
-        drop(client);
-        let _ = driver.await;
-        Ok(Ceiling {
-            copy_rows_per_s: n as f64 / copy_s,
-            update_rows_per_s: n as f64 / update_s,
-        })
-    })
 }

@@ -1,0 +1,234 @@
+//! The mixed mode of the many-batches benchmark (`--mixed-recipients R`): one marketing batch of
+//! R CSV recipients timed alone, then a second one, and while it is `delivering` the N small
+//! transactional batches: how long each small batch takes from its start answer to `completed`
+//! while the large one delivers, and how much the small ones slow the large one down.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::bail;
+use serde_json::{Value, json};
+
+use crate::api::Api;
+use crate::many::{POLL, print_latency, submit, verify};
+use crate::{Args, generate_csv, percentile};
+
+/// Runs the mode; whether every small batch completed with exact counts.
+pub(crate) fn run(args: &Args, work: &std::path::Path, api: &Api) -> anyhow::Result<bool> {
+    let r = args.mixed_recipients;
+    let n = args.batches;
+    let csv = work.join("large.csv");
+    let generated = generate_csv(&csv, r)?;
+    println!(
+        "large_recipients: {r} ({} invalid, {} duplicates)",
+        generated.invalid, generated.duplicates
+    );
+    // The large batches' calls are not part of the API latency figure.
+    let mut ctl = api.fork();
+    let limit = Duration::from_secs(args.deadline_s);
+
+    let alone = large_batch(&mut ctl, &csv, "large-alone")?;
+    ctl.action(&alone, "start")?;
+    let started = Instant::now();
+    let batch = wait_for(&mut ctl, &alone, started + limit, is_final)?;
+    let state = batch["state"].as_str().unwrap_or("?");
+    if is_final(state) {
+        println!(
+            "large_alone_seconds: {:.2} ({state}, results {})",
+            started.elapsed().as_secs_f64(),
+            batch["results"]
+        );
+    } else {
+        bail!(
+            "the large batch alone was still {state} after {} s",
+            args.deadline_s
+        );
+    }
+
+    let large = large_batch(&mut ctl, &csv, "large-mixed")?;
+    ctl.action(&large, "start")?;
+    let large_started = Instant::now();
+    let batch = wait_for(&mut ctl, &large, large_started + limit, |s| {
+        s == "delivering" || is_final(s)
+    })?;
+    if batch["state"] != "delivering" {
+        bail!(
+            "the second large batch went {} before it was seen delivering",
+            batch["state"]
+        );
+    }
+    println!(
+        "large_mixed_delivering_after_seconds: {:.2}",
+        large_started.elapsed().as_secs_f64()
+    );
+
+    let deadline = Instant::now() + limit;
+    let registered = Mutex::new(vec![(large.clone(), large_started)]);
+    let submitted = AtomicBool::new(false);
+    let (sub, tracked) = std::thread::scope(|s| {
+        let tracker = s.spawn(|| track(api.fork(), &registered, &submitted, &large, deadline));
+        let sub = submit(args, api, n, 0, None, deadline, &|id, t| {
+            if let Ok(mut r) = registered.lock() {
+                r.push((id.to_string(), t));
+            }
+        });
+        submitted.store(true, Ordering::SeqCst);
+        sub.print("", n);
+        (sub, tracker.join())
+    });
+    let Ok(mut tracked) = tracked else {
+        bail!("the tracker panicked")
+    };
+
+    let large_final = ctl.get(&large)?;
+    println!(
+        "large_mixed_state: {} (results {})",
+        large_final["state"], large_final["results"]
+    );
+    let mut small_ms: Vec<f64> = Vec::new();
+    let mut final_at = None::<Instant>;
+    for (id, started) in &sub.started {
+        if let Some(d) = tracked.finished.get(id) {
+            small_ms.push(d.as_secs_f64() * 1000.0);
+            final_at = final_at.max(Some(*started + *d));
+        }
+    }
+    match (final_at, sub.last_start) {
+        (Some(f), Some(last)) if small_ms.len() == sub.started.len() => {
+            println!("final_seconds: {:.2}", (f - last).as_secs_f64())
+        }
+        _ => println!(
+            "final_seconds: not reached ({} of {} small batches seen final within {} s)",
+            small_ms.len(),
+            sub.started.len(),
+            args.deadline_s
+        ),
+    }
+    let over = small_ms.iter().filter(|&&ms| ms > 10_000.0).count();
+    println!(
+        "small_start_to_completed_ms: p50 {:.0} p99 {:.0} max {:.0} ({} batches)",
+        percentile(&mut small_ms, 50.0),
+        percentile(&mut small_ms, 99.0),
+        percentile(&mut small_ms, 100.0),
+        small_ms.len()
+    );
+    println!("small_over_10s: {over} of {}", sub.started.len());
+    println!(
+        "poll_round_ms: p50 {:.1} max {:.1} ({} rounds)",
+        percentile(&mut tracked.rounds_ms, 50.0),
+        percentile(&mut tracked.rounds_ms, 100.0),
+        tracked.rounds_ms.len()
+    );
+
+    let mut check = tracked.api.fork();
+    let exact = verify(&mut check, &sub.ids(), args.recipients_per_batch, n)?;
+    let mut latencies = sub.latencies_ms;
+    latencies.extend(&tracked.api.latencies_ms);
+    latencies.extend(&check.latencies_ms);
+    print_latency(
+        "api_latency_ms",
+        &mut latencies,
+        sub.errors + tracked.api.errors + check.errors,
+    );
+    Ok(exact)
+}
+
+fn is_final(state: &str) -> bool {
+    matches!(state, "completed" | "failed" | "cancelled")
+}
+
+/// Creates a marketing batch and uploads the CSV to it; its id.
+fn large_batch(api: &mut Api, csv: &std::path::Path, name: &str) -> anyhow::Result<String> {
+    let id = api.create(&json!({
+        "name": name,
+        "content": "Hi {{name}}, your order from {{city}} ships today: {{url}}",
+        "url": "https://shop.example/o",
+        "message_type": "marketing",
+    }))?;
+    api.upload(&id, csv)?;
+    Ok(id)
+}
+
+/// Polls the batch every 200 ms until `done` holds for its state or `deadline` passes; the batch
+/// last seen.
+fn wait_for(
+    api: &mut Api,
+    id: &str,
+    deadline: Instant,
+    done: impl Fn(&str) -> bool,
+) -> anyhow::Result<Value> {
+    loop {
+        let batch = api.get(id)?;
+        if done(batch["state"].as_str().unwrap_or("")) || Instant::now() >= deadline {
+            return Ok(batch);
+        }
+        std::thread::sleep(POLL);
+    }
+}
+
+struct Tracked {
+    /// Per batch seen final: from its start answer until the round that saw it final ended.
+    finished: HashMap<String, Duration>,
+    rounds_ms: Vec<f64>,
+    api: Api,
+}
+
+/// About every 200 ms, lists the ids of every batch in a non-final state; a batch registered
+/// (its start answered) before the round began and absent from the lists is final. Prints
+/// `large_mixed_seconds` when the large batch is seen final. Ends when submitting is over and
+/// every registered batch is final, or at the deadline.
+fn track(
+    mut api: Api,
+    registered: &Mutex<Vec<(String, Instant)>>,
+    submitted: &AtomicBool,
+    large: &str,
+    deadline: Instant,
+) -> Tracked {
+    let mut pending: HashMap<String, Instant> = HashMap::new();
+    let mut finished = HashMap::new();
+    let mut rounds_ms = Vec::new();
+    loop {
+        // Read before draining: once it is set, every batch has been registered.
+        let all_registered = submitted.load(Ordering::SeqCst);
+        if let Ok(mut r) = registered.lock() {
+            pending.extend(r.drain(..));
+        }
+        let round = Instant::now();
+        let non_final: HashSet<String> = match api.non_final_ids() {
+            Ok(ids) => ids,
+            Err(_) => {
+                std::thread::sleep(POLL);
+                continue;
+            }
+        };
+        let seen = Instant::now();
+        rounds_ms.push((seen - round).as_secs_f64() * 1000.0);
+        pending.retain(|id, started| {
+            if non_final.contains(id) {
+                return true;
+            }
+            if id == large {
+                println!(
+                    "large_mixed_seconds: {:.2}",
+                    (seen - *started).as_secs_f64()
+                );
+            }
+            finished.insert(id.clone(), seen - *started);
+            false
+        });
+        if (all_registered && pending.is_empty()) || Instant::now() >= deadline {
+            if pending.contains_key(large) {
+                println!("large_mixed_seconds: not reached (still running at the deadline)");
+            }
+            finished.remove(large);
+            return Tracked {
+                finished,
+                rounds_ms,
+                api,
+            };
+        }
+        std::thread::sleep(POLL.saturating_sub(round.elapsed()));
+    }
+}
