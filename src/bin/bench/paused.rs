@@ -11,7 +11,10 @@ use crate::many::{act_all, counts, mb, per_instance, print_latency, submit};
 use crate::server::Server;
 
 /// How long the phase lets each situation settle before it samples, and how long it samples.
-const SETTLE: Duration = Duration::from_secs(5);
+/// PostgreSQL 15 counts an idle connection's transactions only when it flushes its statistics,
+/// up to 10 s after its last one: a shorter settle counts the burst of starting or pausing in
+/// the sample.
+const SETTLE: Duration = Duration::from_secs(15);
 const SAMPLE: Duration = Duration::from_secs(10);
 
 pub(crate) fn run(args: &Args, api: &Api, db: &str, servers: &[Server]) -> anyhow::Result<()> {
