@@ -100,33 +100,22 @@ pub async fn run(deps: Deps, batch: Batch, gate: Arc<Gate>) -> Result<StepEnd, D
             full_round = true;
             last_progress = Instant::now();
         }
-        // A retry not yet due is slept until; retries due are planned now (those already
-        // handed out wait for their task, whose outcomes nudge the gate).
-        let mut next_retry = None;
+        // Retries due are planned now (those already handed out wait for their task, whose
+        // outcomes nudge the gate); otherwise the step sleeps, until the next retry if one waits.
         if !full_round {
+            let now = chrono::Utc::now().naive_utc();
             match store.earliest_retry(batch.id).await? {
-                Some(due) if due > chrono::Utc::now().naive_utc() => {
-                    next_retry = (due - chrono::Utc::now().naive_utc()).to_std().ok();
-                }
-                Some(_) => {}
-                None => {
+                Some(due) if due <= now => {}
+                later => {
+                    let next_retry = later.and_then(|due| (due - now).to_std().ok());
                     idle(
                         &gate,
-                        None,
+                        next_retry,
                         replan_after.saturating_sub(last_progress.elapsed()),
                     )
                     .await;
                     continue;
                 }
-            }
-            if next_retry.is_some() {
-                idle(
-                    &gate,
-                    next_retry,
-                    replan_after.saturating_sub(last_progress.elapsed()),
-                )
-                .await;
-                continue;
             }
         }
         let retries_only = !std::mem::take(&mut full_round);

@@ -15,13 +15,6 @@ use super::types::{FAILED, PENDING, SENDING};
 use super::{Store, StoreError, with_conn, with_tx};
 use crate::domain::state::BatchState;
 
-/// The states in which a batch needs a supervisor.
-pub const ACTIVE_STATES: [BatchState; 3] = [
-    BatchState::Scheduled,
-    BatchState::Preparing,
-    BatchState::Delivering,
-];
-
 fn after(d: Duration) -> NaiveDateTime {
     now() + chrono::Duration::from_std(d).unwrap_or_else(|_| chrono::Duration::seconds(15))
 }

@@ -33,7 +33,7 @@ use diesel_async::{AsyncConnection, SimpleAsyncConnection};
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
 use futures_util::FutureExt;
 
-pub use leases::{ACTIVE_STATES, before};
+pub use leases::before;
 pub use records::*;
 pub use watch::Changes;
 
