@@ -229,6 +229,11 @@ pub struct BatchSettings {
     pub replan_after_ms: u64,
     /// Capacity of each supervisor's and of the registry's mailbox.
     pub supervisor_mailbox: usize,
+    /// Steps (a batch's preparation, or a round of its delivery planning) this instance runs at
+    /// once; the others wait their turn, transactional batches first. Waiting costs a batch
+    /// nothing but its place in line, where thousands of steps at once would only queue for the
+    /// pool's connections until their wait timed out.
+    pub active_steps: usize,
     /// How long a stop (SIGTERM, Ctrl-C) waits in all for work in flight to finish or
     /// checkpoint (ms): a step still busy then is left to continue after the next start.
     pub shutdown_timeout_ms: u64,
@@ -275,6 +280,7 @@ impl Default for BatchSettings {
             lease_ms: 15_000,
             poll_ms: 250,
             supervisor_mailbox: 64,
+            active_steps: 8,
             shutdown_timeout_ms: 20_000,
             redelivery: Redelivery::AtMostOnce,
             default_region: "CN".into(),
@@ -444,6 +450,7 @@ impl Settings {
             "smsbatch.supervisor_mailbox",
             self.smsbatch.supervisor_mailbox as u64,
         )?;
+        positive("smsbatch.active_steps", self.smsbatch.active_steps as u64)?;
         self.region()?;
         crate::provider::configure(&self.providers)?;
         tracing_subscriber::EnvFilter::try_new(&self.log.level).map_err(|e| {

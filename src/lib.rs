@@ -6,6 +6,7 @@
 //! `actors` (registry, supervisors, workers), `transport`, `provider`, `http`.
 
 pub mod actors;
+pub mod admission;
 pub mod config;
 pub mod domain;
 pub mod http;

@@ -12,6 +12,7 @@ use tracing_actix_web::TracingLogger;
 use crate::actors::registry::{BatchRegistry, Recover, Shutdown};
 use crate::actors::worker::PartitionWorker;
 use crate::actors::{Core, Deps, gates::Gates};
+use crate::admission::Admission;
 use crate::config::{Settings, TransportKind};
 use crate::http::{AppState, routes};
 use crate::provider::Providers;
@@ -53,6 +54,7 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
         gates: Gates::default(),
         region: settings.region()?,
         instance: instance.clone(),
+        steps: Admission::new(settings.smsbatch.active_steps),
     };
     let workers = (0..settings.smsbatch.worker_count)
         .map(|_| PartitionWorker::new(core.clone()).start().recipient())

@@ -67,6 +67,8 @@ pub struct Metrics {
     /// `smsbatch_supervised_batches`: batches this instance runs a supervisor for (paused,
     /// finished and far-scheduled batches have none).
     pub supervised: IntGauge,
+    /// `smsbatch_steps_waiting`: steps waiting for one of the instance's `active_steps` places.
+    pub steps_waiting: IntGauge,
 }
 
 impl Metrics {
@@ -147,6 +149,11 @@ impl Metrics {
             "Batches this instance runs a supervisor for.",
         )?;
         registry.register(Box::new(supervised.clone()))?;
+        let steps_waiting = IntGauge::new(
+            "smsbatch_steps_waiting",
+            "Steps waiting for one of the instance's places to run (smsbatch.active_steps).",
+        )?;
+        registry.register(Box::new(steps_waiting.clone()))?;
         registry.register(Box::new(amqp_tasks.clone()))?;
         registry.register(Box::new(amqp_prefetch_in_flight.clone()))?;
         registry.register(Box::new(batches.clone()))?;
@@ -192,6 +199,7 @@ impl Metrics {
             amqp_tasks,
             amqp_prefetch_in_flight,
             supervised,
+            steps_waiting,
         })
     }
 

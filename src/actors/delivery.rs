@@ -7,17 +7,25 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures_util::StreamExt;
-use futures_util::stream::FuturesUnordered;
+use tokio::task::JoinSet;
 
 use super::gates::Gate;
 use super::{Deps, StepEnd};
 use crate::store::models::{Batch, Partition};
 use crate::store::{Store, StoreError};
-use crate::transport::{DeliveryTask, TransportError};
+use crate::transport::{DeliveryTask, TaskReport, TransportError};
 
 /// How long delivery lets nudges gather before it looks again: a burst of outcomes is one read.
 const GATHER: Duration = Duration::from_millis(20);
+
+/// Tasks of a round a batch hands over whatever the broker's backlog: a small batch's tasks
+/// never wait for a large one's to drain.
+const FREE_TASKS: usize = 8;
+/// The broker's backlog, in publish windows, from which a batch holds back the rest of its tasks.
+const BACKLOG_ROUNDS: usize = 4;
+/// How long a batch holding back its tasks waits before it looks at the backlog again (the
+/// link reads the queue's depth once a second).
+const BACKLOG_WAIT: Duration = Duration::from_millis(250);
 
 /// Why delivery could not go on.
 #[derive(Debug, thiserror::Error)]
@@ -118,6 +126,9 @@ pub async fn run(deps: Deps, batch: Batch, gate: Arc<Gate>) -> Result<StepEnd, D
                 }
             }
         }
+        // The round's database work (finding each partition's ids, listing retries) runs in
+        // the step's turn among the instance's steps; waits for tasks to end do not hold it.
+        let mut turn = None;
         let retries_only = !std::mem::take(&mut full_round);
         retries_planned.retain(|_, at| at.elapsed() < replan_after);
         // One planning round: walk every partition once. A full round hands out each partition's
@@ -131,7 +142,9 @@ pub async fn run(deps: Deps, batch: Batch, gate: Arc<Gate>) -> Result<StepEnd, D
         let mut exhausted: Vec<bool> = (0..partitions)
             .map(|p| counters.iter().any(|c| c.idx == p && c.done() >= c.total))
             .collect();
-        let mut in_flight = FuturesUnordered::new();
+        // Tasks handed over run as tasks of their own, so that they go on while the step waits
+        // for its turn; dropping the set (the step ending) aborts what is left.
+        let mut in_flight = tokio::task::JoinSet::new();
         let mut dispatched = 0usize;
         'round: loop {
             let mut planned = false;
@@ -142,6 +155,14 @@ pub async fn run(deps: Deps, batch: Batch, gate: Arc<Gate>) -> Result<StepEnd, D
                 }
                 if !gate.is_open() {
                     break 'round;
+                }
+                let needs_database = retries_only || bounds[slot].is_none();
+                if needs_database && turn.is_none() {
+                    turn = super::take_turn(&deps.core, &batch, &gate).await;
+                    if turn.is_none() {
+                        settle_in_flight(&mut in_flight, settings.timeout_ms).await;
+                        return Ok(StepEnd::Stopped);
+                    }
                 }
                 let (first_id, last_id) = if retries_only {
                     let mut ids = store
@@ -180,21 +201,44 @@ pub async fn run(deps: Deps, batch: Batch, gate: Arc<Gate>) -> Result<StepEnd, D
                     cursors[slot] = last_id;
                     (first_id, last_id)
                 };
+                // Past its first tasks of the round, a batch publishes only while the broker's
+                // queue holds fewer than `BACKLOG_ROUNDS` windows of tasks: a 1M batch keeps its
+                // workers fed without putting all of its 2,000 tasks in the queue at once.
+                if dispatched >= FREE_TASKS {
+                    while deps
+                        .transport
+                        .backlog()
+                        .is_some_and(|queued| queued >= max_in_flight * BACKLOG_ROUNDS)
+                    {
+                        turn = None;
+                        tokio::select! {
+                            () = tokio::time::sleep(BACKLOG_WAIT) => {}
+                            () = gate.closed() => {
+                                settle_in_flight(&mut in_flight, settings.timeout_ms).await;
+                                return Ok(StepEnd::Stopped);
+                            }
+                        }
+                    }
+                }
+                if in_flight.len() >= max_in_flight {
+                    // Waiting for a task to end: others may take the turn meanwhile.
+                    turn = None;
+                }
                 while in_flight.len() >= max_in_flight {
                     tokio::select! {
-                        Some(result) = in_flight.next() => {
-                            result?;
+                        Some(result) = in_flight.join_next() => {
+                            task_result(result)?;
                             if let Some(why) = check_failures(store, &batch, &mut failures).await? {
                                 return Ok(StepEnd::TooManyFailures(why));
                             }
                         }
                         () = gate.closed() => {
-                            settle_in_flight(&mut in_flight, deps.core.settings.smsbatch.timeout_ms).await;
+                            settle_in_flight(&mut in_flight, settings.timeout_ms).await;
                             return Ok(StepEnd::Stopped);
                         }
                     }
                 }
-                in_flight.push(deps.transport.dispatch(DeliveryTask {
+                in_flight.spawn(deps.transport.dispatch(DeliveryTask {
                     batch_id: batch.id,
                     partition: p,
                     first_id,
@@ -208,12 +252,13 @@ pub async fn run(deps: Deps, batch: Batch, gate: Arc<Gate>) -> Result<StepEnd, D
                 break;
             }
         }
+        drop(turn);
         // Let what was handed over finish (or be skipped, if the gate closed) before looking again.
         loop {
             tokio::select! {
-                next = in_flight.next() => match next {
+                next = in_flight.join_next() => match next {
                     Some(result) => {
-                        result?;
+                        task_result(result)?;
                         if let Some(why) = check_failures(store, &batch, &mut failures).await? {
                             return Ok(StepEnd::TooManyFailures(why));
                         }
@@ -221,7 +266,7 @@ pub async fn run(deps: Deps, batch: Batch, gate: Arc<Gate>) -> Result<StepEnd, D
                     None => break,
                 },
                 () = gate.closed() => {
-                    settle_in_flight(&mut in_flight, deps.core.settings.smsbatch.timeout_ms).await;
+                    settle_in_flight(&mut in_flight, settings.timeout_ms).await;
                     return Ok(StepEnd::Stopped);
                 }
             }
@@ -260,17 +305,26 @@ async fn idle(gate: &Gate, next_retry: Option<Duration>, replan_in: Duration) {
 /// to end — in-process workers release what they claimed and answer at once — so that nothing is
 /// left `sending` by a graceful stop. A dispatch still waiting for an absent broker is dropped;
 /// its messages stay pending and are planned again on resume.
-async fn settle_in_flight<F>(in_flight: &mut FuturesUnordered<F>, timeout_ms: u64)
-where
-    F: std::future::Future,
-{
+async fn settle_in_flight<T: 'static>(in_flight: &mut JoinSet<T>, timeout_ms: u64) {
     let limit = Duration::from_millis(timeout_ms) + Duration::from_secs(5);
-    let drained = async { while in_flight.next().await.is_some() {} };
+    let drained = async { while in_flight.join_next().await.is_some() {} };
     if tokio::time::timeout(limit, drained).await.is_err() {
         tracing::warn!(
             left = in_flight.len(),
             "Tasks still in flight after the gate closed."
         );
+    }
+}
+
+/// A handed-over task's result; a dispatch that panicked is an error of the step.
+fn task_result(
+    result: Result<Result<TaskReport, TransportError>, tokio::task::JoinError>,
+) -> Result<TaskReport, DeliveryError> {
+    match result {
+        Ok(report) => Ok(report?),
+        Err(e) => Err(DeliveryError::Transport(TransportError::Closed(format!(
+            "dispatch task failed: {e}"
+        )))),
     }
 }
 

@@ -12,14 +12,16 @@ pub mod worker;
 
 use std::sync::Arc;
 
+use crate::admission::{Admission, Place};
 use crate::config::Settings;
 use crate::domain::phone::Region;
 use crate::domain::state::TransitionError;
 use crate::provider::Providers;
+use crate::store::models::Batch;
 use crate::store::{Store, StoreError};
 use crate::telemetry::Metrics;
 use crate::transport::Transport;
-use gates::Gates;
+use gates::{Gate, Gates};
 
 /// Why an action was refused or failed.
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +60,8 @@ pub struct Core {
     pub region: Region,
     /// This process's id among the instances sharing the database (new at every start).
     pub instance: String,
+    /// The places of the steps this process runs at once (`smsbatch.active_steps`).
+    pub steps: Admission,
 }
 
 /// `Core` plus the transport, for the supervisors and their children.
@@ -79,4 +83,23 @@ pub enum StepEnd {
     /// Delivery stopped because too many of the batch's recent messages failed: the batch
     /// should pause, for the reason given.
     TooManyFailures(String),
+}
+
+/// Waits for one of the instance's step places, transactional batches first (`Admission`);
+/// `None` if the batch's gate closes meanwhile (a pause, a cancel, the process stopping). The
+/// place is the step's until it drops it.
+pub(crate) async fn take_turn(core: &Core, batch: &Batch, gate: &Gate) -> Option<Place> {
+    /// Counts the step as waiting until it has its place or gives up (also when aborted).
+    struct Waiting<'a>(&'a prometheus::IntGauge);
+    impl Drop for Waiting<'_> {
+        fn drop(&mut self) {
+            self.0.dec();
+        }
+    }
+    core.metrics.steps_waiting.inc();
+    let _waiting = Waiting(&core.metrics.steps_waiting);
+    tokio::select! {
+        place = core.steps.enter(batch.message_type.priority()) => Some(place),
+        () = gate.closed() => None,
+    }
 }

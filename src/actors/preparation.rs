@@ -26,6 +26,14 @@ const AHEAD: usize = 2;
 /// the server's backends busy, and the inserts are most of preparation's work.
 const WRITERS: usize = 2;
 
+/// Recipients from which a batch is large enough for its preparation to end by refreshing the
+/// planner's statistics of `messages` (planned against statistics that do not know its rows,
+/// delivery's statements would walk a whole partition to find a slice) and handing freed memory
+/// back. Both cost tens of milliseconds, once per large batch; for thousands of small batches
+/// they were most of the database's work, and their rows change the statistics little
+/// (autovacuum refreshes them as the table grows).
+const LARGE_BATCH: i64 = 10_000;
+
 /// Why preparation could not go on.
 #[derive(Debug, thiserror::Error)]
 pub enum PreparationError {
@@ -91,6 +99,10 @@ pub async fn run(deps: Deps, batch: Batch, gate: Arc<Gate>) -> Result<StepEnd, P
     let max_segments = core.settings.http.max_segments;
     let store = &core.store;
     let batch_id = batch.id;
+    // Its turn among the instance's steps; a pause while it waits ends the run.
+    let Some(place) = super::take_turn(core, &batch, &gate).await else {
+        return Ok(StepEnd::Stopped);
+    };
     // First the run's number, then the checkpoint: a chunk of an earlier run is either
     // committed before the number changes, and counted in the checkpoint read after, or it
     // finds the number changed and rolls back.
@@ -118,10 +130,22 @@ pub async fn run(deps: Deps, batch: Batch, gate: Arc<Gate>) -> Result<StepEnd, P
     let reader = async {
         // Owned by the reader, so that the channel closes, ending the writers, when it ends.
         let tx = tx;
+        // The run's turn among the instance's steps goes with the reader: between chunks it is
+        // given up while other steps wait, and taken again behind them (transactional first),
+        // so that a large batch takes turns with the small ones instead of making them wait
+        // until it is prepared.
+        let mut place = Some(place);
         let mut after = start;
         loop {
             if !gate.is_open() {
                 return Ok::<_, PreparationError>(Read::Stopped);
+            }
+            if after > start && core.steps.is_waited() {
+                drop(place.take());
+                place = super::take_turn(core, &batch, &gate).await;
+                if place.is_none() {
+                    return Ok(Read::Stopped);
+                }
             }
             let started = Instant::now();
             let rows = store.recipients_after(batch_id, after, chunk_size).await?;
@@ -240,8 +264,10 @@ pub async fn run(deps: Deps, batch: Batch, gate: Arc<Gate>) -> Result<StepEnd, P
         // Every chunk up to the last recipient read is committed: the checkpoint says so, and
         // the ranges kept for chunks committed ahead of it are gone.
         store.advance_checkpoint(batch_id, run, last_read).await?;
-        store.analyze_messages().await?;
-        crate::memory::release_freed_memory();
+        if batch.recipients >= LARGE_BATCH {
+            store.analyze_messages().await?;
+            crate::memory::release_freed_memory();
+        }
         tracing::info!(batch_id = %batch.public_id, "Preparation finished.");
         return Ok(StepEnd::Finished);
     }

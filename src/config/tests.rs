@@ -68,6 +68,11 @@ fn bad_values_name_their_key() {
             "0",
             "smsbatch.worker_count",
         ),
+        (
+            "SMSBATCH__SMSBATCH__ACTIVE_STEPS",
+            "0",
+            "smsbatch.active_steps",
+        ),
         ("SMSBATCH__HTTP__BIND", "nowhere", "http.bind"),
         ("SMSBATCH__HTTP__MAX_SEGMENTS", "0", "http.max_segments"),
         ("SMSBATCH__DATABASE__URL", "mysql://x", "database.url"),

@@ -6,8 +6,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use actix::Recipient;
 use futures_util::future::BoxFuture;
 
-use super::priority::Admission;
 use super::{DeliveryTask, TaskReport, Transport, TransportError};
+use crate::admission::Admission;
 use crate::telemetry::Metrics;
 
 /// Round-robins tasks over the local workers with `send().await`, which waits while the chosen

@@ -2,7 +2,6 @@
 //! range of message ids — never data: the worker claims what is still `pending` in that range.
 
 mod in_process;
-pub mod priority;
 pub mod rabbitmq;
 
 use futures_util::future::BoxFuture;
@@ -77,5 +76,12 @@ pub trait Transport: Send + Sync {
     /// task is done, so none can.
     fn may_hold_tasks(&self) -> bool {
         false
+    }
+    /// Tasks waiting in the transport to be carried out, as last seen (a broker's queue depth,
+    /// read once a second and counting this instance's publishes since): the Delivery step of a
+    /// large batch holds back its tasks while it is high, so that a batch's tasks in the broker
+    /// stay bounded. `None` when unknown, or when the transport holds none (in-process).
+    fn backlog(&self) -> Option<usize> {
+        None
     }
 }

@@ -257,6 +257,13 @@ impl BrokerLink {
             match confirmed {
                 Ok(Ok(Confirmation::Ack(_))) => {
                     events.with_label_values(&["confirmed"]).inc();
+                    // Counted in the queue until the next look says how many are left.
+                    let _ = self
+                        .queued
+                        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                            (n != QUEUED_UNKNOWN)
+                                .then(|| n.saturating_add(1).min(QUEUED_UNKNOWN - 1))
+                        });
                     return Ok(TaskReport::default());
                 }
                 Ok(Ok(other)) => {
@@ -294,6 +301,11 @@ impl Transport for RabbitTransport {
 
     fn may_hold_tasks(&self) -> bool {
         self.0.queued.load(Ordering::Acquire) != 0
+    }
+
+    fn backlog(&self) -> Option<usize> {
+        let queued = self.0.queued.load(Ordering::Acquire);
+        (queued != QUEUED_UNKNOWN).then_some(queued as usize)
     }
 }
 

@@ -14,3 +14,4 @@ mod many;
 mod provider_http;
 mod races;
 mod store;
+mod turns;

@@ -1,7 +1,8 @@
-//! Admission to the worker pool by priority: a fixed number of places (the pool's capacity), and
-//! when all are taken, the next place freed goes to the longest-waiting transactional task before
-//! any marketing one. Within a class, first come, first served, so that every batch's tasks take
-//! turns with the others' instead of one batch filling the pool.
+//! Admission by priority to a fixed number of places: the worker pool's capacity, and the steps
+//! an instance runs at once. When all places are taken, the next one freed goes to the
+//! longest-waiting transactional task (or step) before any marketing one. Within a class, first
+//! come, first served, so that every batch takes turns with the others instead of one batch
+//! filling the pool.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -64,6 +65,17 @@ impl Admission {
                 state: self.state.clone(),
             },
         }
+    }
+
+    /// True while someone waits for a place: a long holder may then give its place up and
+    /// queue again, so that it takes turns with the others.
+    pub fn is_waited(&self) -> bool {
+        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        // A waiter that gave up stays queued until a freed place passes it over: not counted.
+        state
+            .waiting
+            .iter()
+            .any(|w| w.iter().any(|tx| !tx.is_closed()))
     }
 
     /// Places free now (for tests and metrics).
@@ -139,6 +151,28 @@ mod tests {
         let again = admission.enter(0).await;
         assert_eq!(admission.free(), 0);
         drop(again);
+        assert_eq!(admission.free(), 1);
+    }
+
+    #[tokio::test]
+    async fn it_says_whether_anyone_waits() {
+        let admission = Admission::new(1);
+        let held = admission.enter(0).await;
+        assert!(!admission.is_waited(), "nobody waits yet");
+        let waiter = {
+            let admission = admission.clone();
+            tokio::spawn(async move { drop(admission.enter(1).await) })
+        };
+        while !admission.is_waited() {
+            tokio::task::yield_now().await;
+        }
+        waiter.abort();
+        let _ = waiter.await;
+        assert!(
+            !admission.is_waited(),
+            "a waiter that gave up does not count"
+        );
+        drop(held);
         assert_eq!(admission.free(), 1);
     }
 }
