@@ -126,8 +126,9 @@ pub async fn run(deps: Deps, batch: Batch, gate: Arc<Gate>) -> Result<StepEnd, D
                 }
             }
         }
-        // The round's database work (finding each partition's ids, listing retries) runs in
-        // the step's turn among the instance's steps; waits for tasks to end do not hold it.
+        // The round's work (finding each partition's ids, listing retries, publishing) runs in
+        // the step's turn among the instance's steps; waits for tasks to be carried out, and
+        // for the broker's backlog to drain, do not hold it.
         let mut turn = None;
         let retries_only = !std::mem::take(&mut full_round);
         retries_planned.retain(|_, at| at.elapsed() < replan_after);
@@ -220,8 +221,8 @@ pub async fn run(deps: Deps, batch: Batch, gate: Arc<Gate>) -> Result<StepEnd, D
                         }
                     }
                 }
-                if in_flight.len() >= max_in_flight {
-                    // Waiting for a task to end: others may take the turn meanwhile.
+                if in_flight.len() >= max_in_flight && deps.transport.answers_when_done() {
+                    // Waiting for a task to be carried out: others take the turn meanwhile.
                     turn = None;
                 }
                 while in_flight.len() >= max_in_flight {
@@ -252,7 +253,9 @@ pub async fn run(deps: Deps, batch: Batch, gate: Arc<Gate>) -> Result<StepEnd, D
                 break;
             }
         }
-        drop(turn);
+        if deps.transport.answers_when_done() {
+            turn = None;
+        }
         // Let what was handed over finish (or be skipped, if the gate closed) before looking again.
         loop {
             tokio::select! {
@@ -271,6 +274,7 @@ pub async fn run(deps: Deps, batch: Batch, gate: Arc<Gate>) -> Result<StepEnd, D
                 }
             }
         }
+        drop(turn);
         if dispatched == 0 {
             idle(
                 &gate,

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures_util::stream::FuturesOrdered;
 use futures_util::{StreamExt, TryFutureExt};
@@ -33,6 +33,10 @@ const WRITERS: usize = 2;
 /// they were most of the database's work, and their rows change the statistics little
 /// (autovacuum refreshes them as the table grows).
 const LARGE_BATCH: i64 = 10_000;
+
+/// How long a run keeps its turn among the instance's steps before it gives it up, between two
+/// chunks, to steps waiting for one.
+const TURN: Duration = Duration::from_millis(100);
 
 /// Why preparation could not go on.
 #[derive(Debug, thiserror::Error)]
@@ -135,21 +139,27 @@ pub async fn run(deps: Deps, batch: Batch, gate: Arc<Gate>) -> Result<StepEnd, P
         // so that a large batch takes turns with the small ones instead of making them wait
         // until it is prepared.
         let mut place = Some(place);
+        let mut held_since = Instant::now();
+        // Whether the last read filled a chunk: only then may more recipients follow. A small
+        // batch's run, whose next read only finds its end, keeps its turn to the end.
+        let mut more = false;
         let mut after = start;
         loop {
             if !gate.is_open() {
                 return Ok::<_, PreparationError>(Read::Stopped);
             }
-            if after > start && core.steps.is_waited() {
+            if more && held_since.elapsed() >= TURN && core.steps.is_waited() {
                 drop(place.take());
                 place = super::take_turn(core, &batch, &gate).await;
                 if place.is_none() {
                     return Ok(Read::Stopped);
                 }
+                held_since = Instant::now();
             }
             let started = Instant::now();
             let rows = store.recipients_after(batch_id, after, chunk_size).await?;
             reading.inc_by(started.elapsed().as_secs_f64());
+            more = rows.len() as i64 >= chunk_size;
             let Some(last) = rows.last().map(|r| r.id) else {
                 return Ok(Read::End(after));
             };

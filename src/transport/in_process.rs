@@ -70,6 +70,10 @@ impl Transport for InProcess {
         })
     }
 
+    fn answers_when_done(&self) -> bool {
+        true
+    }
+
     fn capacity(&self) -> usize {
         // Each worker runs one task and holds `mailbox` more.
         self.workers.len() * (self.mailbox + 1)

@@ -84,4 +84,11 @@ pub trait Transport: Send + Sync {
     fn backlog(&self) -> Option<usize> {
         None
     }
+    /// Whether a dispatch answers only once its task is carried out (in-process), rather than
+    /// once the task is handed over (a broker's confirmation, within milliseconds). A Delivery
+    /// step keeps its turn among the instance's steps while it waits for answers of the second
+    /// kind, and gives it back while it waits for the first.
+    fn answers_when_done(&self) -> bool {
+        false
+    }
 }

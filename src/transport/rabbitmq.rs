@@ -50,6 +50,9 @@ pub struct BrokerLink {
     queue: String,
     queue_expires_ms: u64,
     publish_window: usize,
+    /// Places for tasks published and not yet confirmed, `publish_window` for the whole link:
+    /// thousands of batches publishing at once wait here, not in the connection's buffers.
+    window: tokio::sync::Semaphore,
     prefetch: u16,
     instance: String,
     channel: watch::Sender<Option<Channel>>,
@@ -75,6 +78,7 @@ impl BrokerLink {
             queue: settings.queue.clone(),
             queue_expires_ms: settings.queue_expires_ms,
             publish_window: settings.publish_window,
+            window: tokio::sync::Semaphore::new(settings.publish_window.max(1)),
             prefetch: u16::try_from(prefetch).unwrap_or(u16::MAX),
             instance: instance.to_string(),
             channel: watch::channel(None).0,
@@ -228,6 +232,11 @@ impl BrokerLink {
     /// reconnections) until the broker has it.
     async fn publish(&self, task: DeliveryTask) -> Result<TaskReport, TransportError> {
         let payload = serde_json::to_vec(&task).map_err(|e| TransportError::Task(e.to_string()))?;
+        let _place = self
+            .window
+            .acquire()
+            .await
+            .map_err(|e| TransportError::Closed(e.to_string()))?;
         let events = &self.metrics.amqp_tasks;
         let mut backoff = Duration::from_millis(50);
         let mut rx = self.channel.subscribe();

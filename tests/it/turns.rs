@@ -79,7 +79,7 @@ fn a_small_batch_takes_turns_with_a_large_ones_preparation(backend: Backend) {
         &db,
         &[
             ("SMSBATCH__SMSBATCH__ACTIVE_STEPS", "1"),
-            ("SMSBATCH__SMSBATCH__BATCH_SIZE", "100"),
+            ("SMSBATCH__SMSBATCH__BATCH_SIZE", "20"),
         ],
     );
     let large = server.create_batch(&batch("large", "marketing", 0, 50_000));
