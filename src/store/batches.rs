@@ -224,19 +224,39 @@ impl Store {
     /// Saves the transition that `plan` makes of the batch as stored, under the optimistic
     /// version check: after a concurrent change the row is read again and planned anew, five
     /// times at most, then `StoreError::Conflict`. What the supervisor and the registry save.
+    ///
+    /// `row` may be behind the stored one (a supervisor's copy, before its instance's watch saw
+    /// an action saved through another instance): a transition its state refuses is planned
+    /// again on the stored row before the refusal stands, so that an operator's resume of a
+    /// batch just paused elsewhere is not refused for a state the batch has left.
     pub async fn save_transition<E: From<StoreError>>(
         &self,
         mut row: Batch,
         plan: impl Fn(&Batch) -> Result<Bookkeeping, E>,
     ) -> Result<Batch, E> {
+        let mut stored = false;
         for _ in 0..5 {
-            let next = plan(&row)?;
+            let next = match plan(&row) {
+                Ok(next) => next,
+                Err(refused) if stored => return Err(refused),
+                Err(refused) => {
+                    let latest = self.batch(row.id).await?;
+                    if latest.version == row.version {
+                        return Err(refused);
+                    }
+                    row = latest;
+                    plan(&row)?
+                }
+            };
             match self
                 .save_lifecycle(row.id, row.version, &LifecycleUpdate::from(&next))
                 .await
             {
                 Ok(saved) => return Ok(saved),
-                Err(StoreError::Conflict(_)) => row = self.batch(row.id).await?,
+                Err(StoreError::Conflict(_)) => {
+                    row = self.batch(row.id).await?;
+                    stored = true;
+                }
                 Err(e) => return Err(e.into()),
             }
         }

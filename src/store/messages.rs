@@ -15,6 +15,7 @@ use super::schema::{messages, partitions};
 use super::types::{CANCELLED, FAILED, PENDING, SENDING, SENT};
 use super::{Pools, Store, StoreError, with_conn, with_tx};
 use crate::domain::batch::MessageStatus;
+use crate::domain::state::BatchState;
 
 /// The messages of a slice marked sent (with their provider ids): `$1` ids, `$2` provider ids,
 /// `$3` batch, `$4` partition, `$5` now. Only messages still `sending` become `sent`; `done` has
@@ -73,6 +74,18 @@ fn record_sent_and_claim_pg(limit: i64) -> String {
             UPDATE partitions SET sent = sent + (SELECT count(*) FROM done), updated_at = $5 \
             WHERE batch_id = $3 AND idx = $4) "
         + &claim_pg(["$3", "$4", "$5", "$6", "$7", "$8"], limit)
+}
+
+/// A batch's state, read in a recording transaction: under a share lock on PostgreSQL, so that
+/// a transition's update of the row waits for the transaction's end (SQLite's write transaction
+/// already excludes every other writer).
+const STATE_FOR_SHARE_PG: &str = "SELECT state FROM batches WHERE id = $1 FOR SHARE";
+const STATE_SQLITE: &str = "SELECT state FROM batches WHERE id = ?";
+
+#[derive(QueryableByName)]
+struct StateRow {
+    #[diesel(sql_type = sql_types::Text)]
+    state: BatchState,
 }
 
 impl Store {
@@ -287,10 +300,24 @@ impl Store {
             Cached(record).execute(&mut conn).await?;
             return Ok(());
         }
+        let pg = matches!(self.pools, Pools::Pg(_));
         with_tx!(self, |conn| {
             let mut sent = 0i64;
             let mut failed = 0i64;
             let mut cancelled = 0i64;
+            // Messages that go back to `pending` (a retry, a release) after their batch was
+            // cancelled would stay there for good: the cancel's sweep of pending messages may
+            // already have run. The batch's row, read first under a share lock, says which way they
+            // go: a cancel's state change waits for this transaction, or this one sees it.
+            let back_to_pending = !outcomes.retry.is_empty() || !outcomes.released.is_empty();
+            let cancelled_batch = back_to_pending && {
+                let lock = if pg { STATE_FOR_SHARE_PG } else { STATE_SQLITE };
+                let row: StateRow = diesel::sql_query(lock)
+                    .bind::<sql_types::BigInt, _>(batch_id)
+                    .get_result(conn)
+                    .await?;
+                row.state == BatchState::Cancelled
+            };
             // Sent messages without a provider id share one statement; the rest carry their own.
             let (plain, with_id): (Vec<_>, Vec<_>) =
                 outcomes.sent.iter().partition(|(_, pid)| pid.is_none());
@@ -351,7 +378,12 @@ impl Store {
                 }
             }
             let mut by_retry: BTreeMap<(NaiveDateTime, &str), Vec<i64>> = BTreeMap::new();
-            for (id, due, err) in &outcomes.retry {
+            let (retry, released): (&[_], &[i64]) = if cancelled_batch {
+                (&[], &[])
+            } else {
+                (&outcomes.retry, &outcomes.released)
+            };
+            for (id, due, err) in retry {
                 by_retry.entry((*due, err.as_str())).or_default().push(*id);
             }
             for ((due, err), ids) in by_retry {
@@ -373,7 +405,7 @@ impl Store {
                     .await?;
                 }
             }
-            for ids in outcomes.released.chunks(INSERT_CHUNK) {
+            for ids in released.chunks(INSERT_CHUNK) {
                 // Released messages did not reach the provider: the claim's attempt is undone.
                 diesel::update(
                     messages::table
@@ -390,7 +422,13 @@ impl Store {
                 .execute(conn)
                 .await?;
             }
-            for ids in outcomes.cancelled.chunks(INSERT_CHUNK) {
+            // With the batch cancelled, retries and releases are cancelled too.
+            let mut to_cancel = outcomes.cancelled.clone();
+            if cancelled_batch {
+                to_cancel.extend(outcomes.retry.iter().map(|(id, _, _)| *id));
+                to_cancel.extend(outcomes.released.iter().copied());
+            }
+            for ids in to_cancel.chunks(INSERT_CHUNK) {
                 cancelled += diesel::update(
                     messages::table
                         .filter(messages::id.eq_any(ids))
@@ -419,7 +457,9 @@ impl Store {
         })
     }
 
-    /// Marks every message of a batch still `pending` as `cancelled`; returns how many.
+    /// Marks every message of a batch still `pending` as `cancelled`; returns how many. Runs
+    /// after the batch's state became `cancelled`: outcomes recorded later cancel their messages
+    /// themselves (`record_outcomes`).
     pub async fn cancel_pending(
         &self,
         batch_id: i64,

@@ -405,3 +405,36 @@ fn audit_cancelled(
         received.len()
     );
 }
+
+/// An action saved through one instance, then the opposite action through the instance that
+/// supervises the batch before its watch has seen the first (`smsbatch.poll_ms` is long here):
+/// the supervisor's copy of the batch is behind, and the second action is judged against the
+/// stored batch, not refused for a state the batch has left. Then the batch completes, each
+/// message sent once.
+#[test]
+fn an_action_through_the_supervisor_sees_one_saved_elsewhere() {
+    let test = "an_action_through_the_supervisor_sees_one_saved_elsewhere";
+    let recipients = Recipients::generate(2_000);
+    let sink = Sink::start();
+    // 32 calls in flight at 100 ms each: the batch delivers for several seconds.
+    sink.slow_for(Duration::from_secs(120), Duration::from_millis(100));
+    let db = TestDb::new(Backend::PostgresRabbitmq);
+    let env = [("SMSBATCH__SMSBATCH__POLL_MS", "5000")];
+    let servers: Vec<TestServer> = (0..2).map(|_| start_server(&db, &sink, &env)).collect();
+    let (supervising, other) = (&servers[0], &servers[1]);
+    let id = crate::common::faults::start_batch(supervising, test, &recipients);
+    crate::common::faults::wait_for(supervising, &id, "delivery under way", |b| {
+        state(b) == "delivering" && delivered(b) > 0
+    });
+
+    other.action_ok(&id, "pause", "paused");
+    supervising.action_ok(&id, "resume", "delivering");
+    // The other way round: a pause saved elsewhere makes a second pause a conflict.
+    other.action_ok(&id, "pause", "paused");
+    let (status, body) = supervising.action(&id, "pause");
+    assert_eq!(status, 409, "a second pause answered {status}: {body:#}");
+    supervising.action_ok(&id, "resume", "delivering");
+
+    crate::common::faults::wait_completed(supervising, &id);
+    audit(test, supervising, &id, &recipients, &sink, &Expect::clean());
+}

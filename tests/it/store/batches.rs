@@ -6,6 +6,9 @@ on_both_backends!(create_find_and_list_batches
     => create_find_and_list_batches_sqlite, create_find_and_list_batches_postgres);
 on_both_backends!(save_lifecycle_checks_the_version
     => save_lifecycle_checks_the_version_sqlite, save_lifecycle_checks_the_version_postgres);
+on_both_backends!(a_refusal_is_judged_on_the_stored_row
+    => a_refusal_is_judged_on_the_stored_row_sqlite,
+       a_refusal_is_judged_on_the_stored_row_postgres);
 on_both_backends!(batch_tally_counts_rows_and_counters
     => batch_tally_counts_rows_and_counters_sqlite,
        batch_tally_counts_rows_and_counters_postgres);
@@ -330,6 +333,52 @@ async fn save_lifecycle_checks_the_version(store: Store) {
         store.save_lifecycle(batch.id + 1000, 0, &next).await,
         Err(StoreError::Conflict(_))
     ));
+}
+
+/// `save_transition` with a copy of the batch that is behind the stored row: a transition the
+/// copy's state refuses is planned again on the stored row (an action saved elsewhere moved
+/// it), and saved if that allows it; a refusal by the stored row stands, without a save.
+async fn a_refusal_is_judged_on_the_stored_row(store: Store) {
+    let batch = store
+        .create_batch(new_batch("stale-copy", 1), recipients(0, 1))
+        .await
+        .expect("create")
+        .batch;
+    let to = |from: BatchState, to: BatchState| {
+        move |b: &Batch| {
+            if b.state != from {
+                return Err(StoreError::Conflict(format!("not {from}: {}", b.state)));
+            }
+            let mut next = b.bookkeeping();
+            next.state = to;
+            Ok(next)
+        }
+    };
+    let copy = batch.clone();
+    let mut elsewhere = LifecycleUpdate::from(&batch.bookkeeping());
+    elsewhere.state = "paused".into();
+    store
+        .save_lifecycle(batch.id, batch.version, &elsewhere)
+        .await
+        .expect("saved elsewhere");
+
+    // The copy says `initial`, the row `paused`: a resume from `paused` is saved.
+    let saved = store
+        .save_transition(copy.clone(), to(BatchState::Paused, BatchState::Delivering))
+        .await
+        .expect("planned on the stored row");
+    assert_eq!((saved.state, saved.version), (BatchState::Delivering, 2));
+
+    // Refused by the stored row too: the refusal stands and nothing is saved.
+    let refused = store
+        .save_transition(copy, to(BatchState::Paused, BatchState::Delivering))
+        .await;
+    assert!(
+        matches!(&refused, Err(StoreError::Conflict(why)) if why == "not paused: delivering"),
+        "{refused:?}"
+    );
+    let stored = store.batch(batch.id).await.expect("batch");
+    assert_eq!((stored.state, stored.version), (BatchState::Delivering, 2));
 }
 
 /// A batch's tally counts the message rows themselves by status, beside the partitions'

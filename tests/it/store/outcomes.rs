@@ -18,6 +18,9 @@ on_both_backends!(cancel_pending_and_recover_sending
     => cancel_pending_and_recover_sending_sqlite, cancel_pending_and_recover_sending_postgres);
 on_both_backends!(recover_sending_for_resend
     => recover_sending_for_resend_sqlite, recover_sending_for_resend_postgres);
+on_both_backends!(outcomes_after_a_cancel_cancel_what_would_wait
+    => outcomes_after_a_cancel_cancel_what_would_wait_sqlite,
+       outcomes_after_a_cancel_cancel_what_would_wait_postgres);
 
 // 7. record_outcomes
 // ---------------------------------------------------------------------------------------------
@@ -728,3 +731,70 @@ async fn recover_sending_for_resend(store: Store) {
 }
 
 // ---------------------------------------------------------------------------------------------
+
+/// Claimed messages of a batch cancelled meanwhile, recorded after the cancel's sweep of pending
+/// messages: a release or a retry would send them back to `pending`, where nothing would ever
+/// move them again; they are cancelled instead, and counted. Sent and failed ones stay as they are.
+async fn outcomes_after_a_cancel_cancel_what_would_wait(store: Store) {
+    let batch = create(&store, "late-outcomes", 1).await;
+    let m = seed(
+        &store,
+        batch.id,
+        &[
+            (0, "+8613500000000"),
+            (0, "+8613500000001"),
+            (0, "+8613500000002"),
+            (0, "+8613500000003"),
+            (0, "+8613500000004"),
+        ],
+    )
+    .await;
+    let claimed = store
+        .claim(batch.id, 0, m[0], m[3], i64::MAX, "test-instance")
+        .await
+        .expect("claim");
+    assert_eq!(claimed.len(), 4);
+    let mut cancelled = LifecycleUpdate::from(&batch.bookkeeping());
+    cancelled.state = "cancelled".into();
+    store
+        .save_lifecycle(batch.id, batch.version, &cancelled)
+        .await
+        .expect("cancel");
+    assert_eq!(
+        store.cancel_pending(batch.id, 1).await.expect("sweep"),
+        1,
+        "m4"
+    );
+
+    store
+        .record_outcomes(
+            batch.id,
+            0,
+            &Outcomes {
+                sent: vec![(m[0], None)],
+                failed: vec![(m[1], "refused".into())],
+                retry: vec![(m[2], whole_second(ChronoDuration::hours(1)), "busy".into())],
+                released: vec![m[3]],
+                ..Outcomes::default()
+            },
+        )
+        .await
+        .expect("outcomes");
+    assert_eq!(
+        statuses(&store, batch.id).await,
+        vec![
+            (m[0], SENT),
+            (m[1], FAILED),
+            (m[2], CANCELLED),
+            (m[3], CANCELLED),
+            (m[4], CANCELLED),
+        ]
+    );
+    assert_eq!(counters(&store, batch.id).await, vec![(5, 1, 0, 1, 3)]);
+    let parts = store.partitions(batch.id).await.expect("partitions");
+    assert!(parts.iter().all(|p| p.done() == p.total), "{parts:?}");
+    assert_eq!(
+        store.earliest_retry(batch.id).await.expect("earliest"),
+        None
+    );
+}
