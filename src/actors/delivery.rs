@@ -139,7 +139,8 @@ pub async fn run(deps: Deps, batch: Batch, gate: Arc<Gate>) -> Result<StepEnd, D
         // rows). A round of retries lists the messages waiting for one, so that none is handed
         // out twice while it waits in a broker's queue.
         let mut cursors = vec![0i64; partitions as usize];
-        let mut bounds: Vec<Option<(i64, i64)>> = vec![None; partitions as usize];
+        // Each partition's id range, read in one statement at the round's first need.
+        let mut bounds: Option<Vec<Option<(i64, i64)>>> = None;
         let mut exhausted: Vec<bool> = (0..partitions)
             .map(|p| counters.iter().any(|c| c.idx == p && c.done() >= c.total))
             .collect();
@@ -157,7 +158,7 @@ pub async fn run(deps: Deps, batch: Batch, gate: Arc<Gate>) -> Result<StepEnd, D
                 if !gate.is_open() {
                     break 'round;
                 }
-                let needs_database = retries_only || bounds[slot].is_none();
+                let needs_database = retries_only || bounds.is_none();
                 if needs_database && turn.is_none() {
                     turn = super::take_turn(&deps.core, &batch, &gate).await;
                     if turn.is_none() {
@@ -183,15 +184,13 @@ pub async fn run(deps: Deps, batch: Batch, gate: Arc<Gate>) -> Result<StepEnd, D
                     };
                     (first_id, last_id)
                 } else {
-                    let (low, high) = match bounds[slot] {
-                        Some(range) => range,
-                        None => match store.message_id_bounds(batch.id, p).await? {
-                            Some(range) => *bounds[slot].insert(range),
-                            None => {
-                                exhausted[slot] = true;
-                                continue;
-                            }
-                        },
+                    let ranges = match &bounds {
+                        Some(ranges) => ranges,
+                        None => bounds.insert(store.message_id_bounds(batch.id).await?),
+                    };
+                    let Some((low, high)) = ranges.get(slot).copied().flatten() else {
+                        exhausted[slot] = true;
+                        continue;
                     };
                     let first_id = cursors[slot].saturating_add(1).max(low);
                     if first_id > high {

@@ -273,11 +273,15 @@ impl Store {
                 .select(Batch::as_select())
                 .first(conn)
                 .await?;
+            // Ordered by the whole key of `recipients_batch`, so that PostgreSQL walks this
+            // batch's entries, not the primary key over newer batches (`messages::bounds_sql`).
             let last_recipient_id: Option<i64> = recipients::table
                 .filter(recipients::batch_id.eq(batch_id))
-                .select(diesel::dsl::max(recipients::id))
+                .select(recipients::id)
+                .order((recipients::batch_id.desc(), recipients::id.desc()))
                 .first(conn)
-                .await?;
+                .await
+                .optional()?;
             let checkpoint: i64 = checkpoints::table
                 .filter(checkpoints::batch_id.eq(batch_id))
                 .filter(checkpoints::step.eq("preparation"))

@@ -88,6 +88,41 @@ struct StateRow {
     state: BatchState,
 }
 
+/// `Store::message_id_bounds`'s statement, with `param` for the batch.
+///
+/// Each probe orders by the whole key of `messages_partition` (batch, partition, id), not by the
+/// id alone: given `min(id)` of one batch and partition, PostgreSQL may walk the primary key from
+/// the lowest id of every batch, filtering for this one (its estimate for a batch it has not
+/// analyzed is the average batch); that took 2.9 s per probe for a new small batch behind two
+/// batches of a million (BENCHMARKS.md, "Ten thousand batches at once").
+fn bounds_sql(param: &str) -> String {
+    let probe = |dir: &str| {
+        format!(
+            "(SELECT m.id FROM messages m WHERE m.batch_id = p.batch_id AND m.partition = p.idx \
+              ORDER BY m.batch_id {dir}, m.partition {dir}, m.id {dir} LIMIT 1)"
+        )
+    };
+    format!(
+        "SELECT p.idx AS idx, {} AS low, {} AS high FROM partitions p WHERE p.batch_id = {param} \
+         ORDER BY p.idx",
+        probe("ASC"),
+        probe("DESC")
+    )
+}
+static BOUNDS_PG: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| bounds_sql("$1"));
+static BOUNDS_SQLITE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| bounds_sql("?1"));
+
+/// A row of `bounds_sql`.
+#[derive(QueryableByName)]
+struct BoundsRow {
+    #[diesel(sql_type = sql_types::Integer)]
+    idx: i32,
+    #[diesel(sql_type = sql_types::Nullable<sql_types::BigInt>)]
+    low: Option<i64>,
+    #[diesel(sql_type = sql_types::Nullable<sql_types::BigInt>)]
+    high: Option<i64>,
+}
+
 impl Store {
     /// Partition counters of a batch.
     pub async fn partitions(&self, batch_id: i64) -> Result<Vec<Partition>, StoreError> {
@@ -101,24 +136,32 @@ impl Store {
         })
     }
 
-    /// The lowest and highest message id of a batch's partition, if it has any messages: the
-    /// range a full delivery round hands out in spans (two probes of the partition's index).
+    /// The lowest and highest message id of each of a batch's partitions (by index; `None` for
+    /// a partition without messages): the ranges a full delivery round hands out in spans. One
+    /// statement for the batch, two probes of the partitions' index per partition.
     pub async fn message_id_bounds(
         &self,
         batch_id: i64,
-        partition: i32,
-    ) -> Result<Option<(i64, i64)>, StoreError> {
+    ) -> Result<Vec<Option<(i64, i64)>>, StoreError> {
+        let sql = match self.pools {
+            Pools::Pg(_) => &*BOUNDS_PG,
+            Pools::Sqlite(_) => &*BOUNDS_SQLITE,
+        };
         with_conn!(self, |conn| {
-            let (low, high): (Option<i64>, Option<i64>) = messages::table
-                .filter(messages::batch_id.eq(batch_id))
-                .filter(messages::partition.eq(partition))
-                .select((
-                    diesel::dsl::min(messages::id),
-                    diesel::dsl::max(messages::id),
-                ))
-                .first(conn)
+            let rows: Vec<BoundsRow> = diesel::sql_query(sql)
+                .bind::<sql_types::BigInt, _>(batch_id)
+                .load(conn)
                 .await?;
-            Ok(low.zip(high))
+            let mut bounds = vec![None; rows.len()];
+            for row in rows {
+                if let Some(slot) = usize::try_from(row.idx)
+                    .ok()
+                    .and_then(|i| bounds.get_mut(i))
+                {
+                    *slot = row.low.zip(row.high);
+                }
+            }
+            Ok(bounds)
         })
     }
 
@@ -149,7 +192,13 @@ impl Store {
             if retries_only {
                 query = query.filter(messages::next_attempt_at.is_not_null());
             }
-            Ok(query.order(messages::id).limit(limit).load(conn).await?)
+            // In the order of the partition's index, for the reason given at `bounds_sql`.
+            let in_index_order = (
+                messages::batch_id.asc(),
+                messages::partition.asc(),
+                messages::id.asc(),
+            );
+            Ok(query.order(in_index_order).limit(limit).load(conn).await?)
         })
     }
 

@@ -81,7 +81,8 @@ impl Store {
             Ok(recipients::table
                 .filter(recipients::batch_id.eq(batch_id))
                 .filter(recipients::id.gt(after))
-                .order(recipients::id)
+                // The whole key of `recipients_batch`, as in `messages::bounds_sql`.
+                .order((recipients::batch_id, recipients::id))
                 .limit(limit)
                 .select(Recipient::as_select())
                 .load(conn)

@@ -41,6 +41,8 @@ const WATCHDOG: Duration = Duration::from_secs(1);
 const BROKER_ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 /// The highest task priority (`DeliveryTask::priority`), the queue's `x-max-priority`.
 const MAX_PRIORITY: u8 = 1;
+/// How long a task that failed waits before it goes back to the queue.
+const FAILED_TASK_PAUSE: Duration = Duration::from_millis(500);
 /// `BrokerLink::queued` when the queue's depth is not known.
 const QUEUED_UNKNOWN: u32 = u32::MAX;
 
@@ -383,17 +385,24 @@ async fn consume(
     let in_flight_gauge = &link.metrics.amqp_prefetch_in_flight;
     let mut in_flight = FuturesUnordered::new();
     let mut stop = link.stop.subscribe();
-    let mut watchdog = tokio::time::interval(WATCHDOG);
-    let mut probe = None;
+    // Once a second: is the connection still open, and how many tasks wait in the queue. It
+    // runs beside the consumer, which a slow answer of the broker's must not hold up.
+    let watch = async {
+        let mut watchdog = tokio::time::interval(WATCHDOG);
+        let mut probe = None;
+        loop {
+            watchdog.tick().await;
+            if !conn.status().connected() {
+                return "the broker connection is no longer open".to_string();
+            }
+            link.look_at_queue(conn, &mut probe).await;
+        }
+    };
+    tokio::pin!(watch);
     let reason = loop {
         tokio::select! {
             _ = stop.wait_for(|s| *s) => break "shutting down".to_string(),
-            _ = watchdog.tick() => {
-                if !conn.status().connected() {
-                    break "the broker connection is no longer open".to_string();
-                }
-                link.look_at_queue(conn, &mut probe).await;
-            }
+            reason = &mut watch => break reason,
             delivery = consumer.next() => {
                 let delivery = match delivery {
                     Some(Ok(d)) => d,
@@ -415,6 +424,11 @@ async fn consume(
                 in_flight_gauge.inc();
                 in_flight.push(async move {
                     let result = pool.dispatch(task).await;
+                    if result.is_err() {
+                        // A short pause before the task goes back to the queue, so that a
+                        // database outage does not spin it around; the other tasks go on.
+                        tokio::time::sleep(FAILED_TASK_PAUSE).await;
+                    }
                     (delivery, task, result)
                 });
             }
@@ -456,8 +470,6 @@ async fn settle(
         }
         Err(e) => {
             tracing::warn!(batch_id = task.batch_id, error = %e, "Task failed; returning it to the queue.");
-            // A short pause, so that a database outage does not spin the task around the queue.
-            tokio::time::sleep(Duration::from_millis(500)).await;
             requeue(&delivery).await;
         }
     }

@@ -109,25 +109,16 @@ async fn claim_moves_pending_to_sending_once(store: Store) {
     );
     // A full delivery round hands out each partition's id range, from its first to its last id.
     assert_eq!(
-        store
-            .message_id_bounds(batch.id, 0)
-            .await
-            .expect("p0 bounds"),
-        Some((p0[0], p0[5]))
+        store.message_id_bounds(batch.id).await.expect("bounds"),
+        vec![Some((p0[0], p0[5])), Some((p1[0], p1[2]))]
     );
     assert_eq!(
         store
-            .message_id_bounds(batch.id, 1)
-            .await
-            .expect("p1 bounds"),
-        Some((p1[0], p1[2]))
-    );
-    assert_eq!(
-        store
-            .message_id_bounds(other.id, 0)
+            .message_id_bounds(other.id)
             .await
             .expect("other bounds"),
-        None
+        vec![None, None],
+        "a batch without messages has partitions without ranges"
     );
 
     // Claim task 1: its range also covers p1 ids, which stay untouched.
