@@ -273,10 +273,11 @@ impl Store {
                 .select(Batch::as_select())
                 .first(conn)
                 .await?;
-            // Ordered by the whole key of `recipients_batch`, so that PostgreSQL walks this
-            // batch's entries, not the primary key over newer batches (`messages::bounds_sql`).
+            // The batch by a range and in the ordering, so that PostgreSQL walks
+            // `recipients_batch`, not the primary key over newer batches (`messages::bounds_sql`).
             let last_recipient_id: Option<i64> = recipients::table
-                .filter(recipients::batch_id.eq(batch_id))
+                .filter(recipients::batch_id.ge(batch_id))
+                .filter(recipients::batch_id.le(batch_id))
                 .select(recipients::id)
                 .order((recipients::batch_id.desc(), recipients::id.desc()))
                 .first(conn)

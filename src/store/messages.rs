@@ -90,16 +90,20 @@ struct StateRow {
 
 /// `Store::message_id_bounds`'s statement, with `param` for the batch.
 ///
-/// Each probe orders by the whole key of `messages_partition` (batch, partition, id), not by the
-/// id alone: given `min(id)` of one batch and partition, PostgreSQL may walk the primary key from
-/// the lowest id of every batch, filtering for this one (its estimate for a batch it has not
-/// analyzed is the average batch); that took 2.9 s per probe for a new small batch behind two
-/// batches of a million (BENCHMARKS.md, "Ten thousand batches at once").
+/// Each probe must walk the `messages_partition` index (batch, partition, id) from one end of the
+/// partition's entries. Given `min(id)` of one batch and partition, or an `ORDER BY` whose leading
+/// columns an equality fixes (PostgreSQL drops those from the ordering, leaving `id`), the planner
+/// may walk the primary key from the lowest id of every batch instead, filtering for this one:
+/// with a parameter for the batch it takes the average batch's size for this one's and expects a
+/// match soon. That took 2.9 s per probe for a new small batch behind two batches of a million
+/// (BENCHMARKS.md, "Ten thousand batches at once"). The partition is therefore bounded by a
+/// range, not an equality, and stays in the ordering, which no other index gives without a sort.
 fn bounds_sql(param: &str) -> String {
     let probe = |dir: &str| {
         format!(
-            "(SELECT m.id FROM messages m WHERE m.batch_id = p.batch_id AND m.partition = p.idx \
-              ORDER BY m.batch_id {dir}, m.partition {dir}, m.id {dir} LIMIT 1)"
+            "(SELECT m.id FROM messages m WHERE m.batch_id = p.batch_id \
+                 AND m.partition >= p.idx AND m.partition <= p.idx \
+              ORDER BY m.partition {dir}, m.id {dir} LIMIT 1)"
         )
     };
     format!(
@@ -180,7 +184,9 @@ impl Store {
             let mut query = messages::table
                 .filter(messages::batch_id.eq(batch_id))
                 .filter(messages::status.eq(PENDING))
-                .filter(messages::partition.eq(partition))
+                // A range, not an equality, for the reason given at `bounds_sql`.
+                .filter(messages::partition.ge(partition))
+                .filter(messages::partition.le(partition))
                 .filter(messages::id.gt(after))
                 .filter(
                     messages::next_attempt_at
@@ -192,12 +198,7 @@ impl Store {
             if retries_only {
                 query = query.filter(messages::next_attempt_at.is_not_null());
             }
-            // In the order of the partition's index, for the reason given at `bounds_sql`.
-            let in_index_order = (
-                messages::batch_id.asc(),
-                messages::partition.asc(),
-                messages::id.asc(),
-            );
+            let in_index_order = (messages::partition.asc(), messages::id.asc());
             Ok(query.order(in_index_order).limit(limit).load(conn).await?)
         })
     }

@@ -79,9 +79,11 @@ impl Store {
     ) -> Result<Vec<Recipient>, StoreError> {
         with_conn!(self, |conn| {
             Ok(recipients::table
-                .filter(recipients::batch_id.eq(batch_id))
+                // The batch by a range and in the ordering, so that the planner walks
+                // `recipients_batch`, not the primary key (see `messages::bounds_sql`).
+                .filter(recipients::batch_id.ge(batch_id))
+                .filter(recipients::batch_id.le(batch_id))
                 .filter(recipients::id.gt(after))
-                // The whole key of `recipients_batch`, as in `messages::bounds_sql`.
                 .order((recipients::batch_id, recipients::id))
                 .limit(limit)
                 .select(Recipient::as_select())
