@@ -13,7 +13,7 @@ use super::models::*;
 use super::records::{INSERT_CHUNK, Outcomes, now};
 use super::schema::{messages, partitions};
 use super::types::{CANCELLED, FAILED, PENDING, SENDING, SENT};
-use super::{Pools, Store, StoreError, with_conn, with_tx};
+use super::{Backend, Pools, Store, StoreError, with_conn, with_tx};
 use crate::domain::batch::MessageStatus;
 use crate::domain::state::BatchState;
 
@@ -147,9 +147,9 @@ impl Store {
         &self,
         batch_id: i64,
     ) -> Result<Vec<Option<(i64, i64)>>, StoreError> {
-        let sql = match self.pools {
-            Pools::Pg(_) => &*BOUNDS_PG,
-            Pools::Sqlite(_) => &*BOUNDS_SQLITE,
+        let sql = match self.backend() {
+            Backend::Postgres => &*BOUNDS_PG,
+            Backend::Sqlite => &*BOUNDS_SQLITE,
         };
         with_conn!(self, |conn| {
             let rows: Vec<BoundsRow> = diesel::sql_query(sql)
@@ -350,7 +350,10 @@ impl Store {
             Cached(record).execute(&mut conn).await?;
             return Ok(());
         }
-        let pg = matches!(self.pools, Pools::Pg(_));
+        let state_sql = match self.backend() {
+            Backend::Postgres => STATE_FOR_SHARE_PG,
+            Backend::Sqlite => STATE_SQLITE,
+        };
         with_tx!(self, |conn| {
             let mut sent = 0i64;
             let mut failed = 0i64;
@@ -361,13 +364,23 @@ impl Store {
             // go: a cancel's state change waits for this transaction, or this one sees it.
             let back_to_pending = !outcomes.retry.is_empty() || !outcomes.released.is_empty();
             let cancelled_batch = back_to_pending && {
-                let lock = if pg { STATE_FOR_SHARE_PG } else { STATE_SQLITE };
-                let row: StateRow = diesel::sql_query(lock)
+                let row: StateRow = diesel::sql_query(state_sql)
                     .bind::<sql_types::BigInt, _>(batch_id)
                     .get_result(conn)
                     .await?;
                 row.state == BatchState::Cancelled
             };
+            // With the batch cancelled, its retries and releases are cancelled instead.
+            let (retry, released): (&[_], &[i64]) = if cancelled_batch {
+                (&[], &[])
+            } else {
+                (&outcomes.retry, &outcomes.released)
+            };
+            let mut to_cancel = outcomes.cancelled.clone();
+            if cancelled_batch {
+                to_cancel.extend(outcomes.retry.iter().map(|(id, _, _)| *id));
+                to_cancel.extend(outcomes.released.iter().copied());
+            }
             // Sent messages without a provider id share one statement; the rest carry their own.
             let (plain, with_id): (Vec<_>, Vec<_>) =
                 outcomes.sent.iter().partition(|(_, pid)| pid.is_none());
@@ -428,11 +441,6 @@ impl Store {
                 }
             }
             let mut by_retry: BTreeMap<(NaiveDateTime, &str), Vec<i64>> = BTreeMap::new();
-            let (retry, released): (&[_], &[i64]) = if cancelled_batch {
-                (&[], &[])
-            } else {
-                (&outcomes.retry, &outcomes.released)
-            };
             for (id, due, err) in retry {
                 by_retry.entry((*due, err.as_str())).or_default().push(*id);
             }
@@ -471,12 +479,6 @@ impl Store {
                 ))
                 .execute(conn)
                 .await?;
-            }
-            // With the batch cancelled, retries and releases are cancelled too.
-            let mut to_cancel = outcomes.cancelled.clone();
-            if cancelled_batch {
-                to_cancel.extend(outcomes.retry.iter().map(|(id, _, _)| *id));
-                to_cancel.extend(outcomes.released.iter().copied());
             }
             for ids in to_cancel.chunks(INSERT_CHUNK) {
                 cancelled += diesel::update(
