@@ -1,7 +1,9 @@
 //! The mixed mode of the many-batches benchmark (`--mixed-recipients R`): one marketing batch of
 //! R CSV recipients timed alone, then a second one, and while it is `delivering` the N small
 //! transactional batches: how long each small batch takes from its start answer to `completed`
-//! while the large one delivers, and how much the small ones slow the large one down.
+//! while the large one delivers, and how much the small ones slow the large one down. A third
+//! large batch, alone again afterwards, shows how much of the difference is the database having
+//! grown; the machine's busy CPU time during each large batch shows what the small ones cost.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
@@ -29,27 +31,12 @@ pub(crate) fn run(args: &Args, work: &std::path::Path, api: &Api) -> anyhow::Res
     let mut ctl = api.fork();
     let limit = Duration::from_secs(args.deadline_s);
 
-    let alone = large_batch(&mut ctl, &csv, "large-alone")?;
-    ctl.action(&alone, "start")?;
-    let started = Instant::now();
-    let batch = wait_for(&mut ctl, &alone, started + limit, is_final)?;
-    let state = batch["state"].as_str().unwrap_or("?");
-    if is_final(state) {
-        println!(
-            "large_alone_seconds: {:.2} ({state}, results {})",
-            started.elapsed().as_secs_f64(),
-            batch["results"]
-        );
-    } else {
-        bail!(
-            "the large batch alone was still {state} after {} s",
-            args.deadline_s
-        );
-    }
+    large_alone(&mut ctl, &csv, "large_alone", limit)?;
 
     let large = large_batch(&mut ctl, &csv, "large-mixed")?;
     ctl.action(&large, "start")?;
     let large_started = Instant::now();
+    let cpu_at_start = machine_busy_seconds();
     let batch = wait_for(&mut ctl, &large, large_started + limit, |s| {
         s == "delivering" || is_final(s)
     })?;
@@ -68,7 +55,16 @@ pub(crate) fn run(args: &Args, work: &std::path::Path, api: &Api) -> anyhow::Res
     let registered = Mutex::new(vec![(large.clone(), large_started)]);
     let submitted = AtomicBool::new(false);
     let (sub, tracked) = std::thread::scope(|s| {
-        let tracker = s.spawn(|| track(api.fork(), &registered, &submitted, &large, deadline));
+        let tracker = s.spawn(|| {
+            track(
+                api.fork(),
+                &registered,
+                &submitted,
+                &large,
+                deadline,
+                cpu_at_start,
+            )
+        });
         let sub = submit(args, api, n, 0, None, deadline, &|id, t| {
             if let Ok(mut r) = registered.lock() {
                 r.push((id.to_string(), t));
@@ -132,7 +128,62 @@ pub(crate) fn run(args: &Args, work: &std::path::Path, api: &Api) -> anyhow::Res
         &mut latencies,
         sub.errors + tracked.api.errors + check.errors,
     );
+    large_alone(&mut ctl, &csv, "large_alone_again", limit)?;
     Ok(exact)
+}
+
+/// Creates, uploads and starts a large batch with nothing else running, and prints
+/// `<label>_seconds` from its start until it is final, with the machine's busy CPU time.
+fn large_alone(
+    api: &mut Api,
+    csv: &std::path::Path,
+    label: &str,
+    limit: Duration,
+) -> anyhow::Result<()> {
+    let id = large_batch(api, csv, &label.replace('_', "-"))?;
+    api.action(&id, "start")?;
+    let started = Instant::now();
+    let cpu_at_start = machine_busy_seconds();
+    let batch = wait_for(api, &id, started + limit, is_final)?;
+    let state = batch["state"].as_str().unwrap_or("?");
+    if !is_final(state) {
+        bail!(
+            "{label}: the large batch was still {state} after {} s",
+            limit.as_secs()
+        );
+    }
+    println!(
+        "{label}_seconds: {:.2} ({state}, results {})",
+        started.elapsed().as_secs_f64(),
+        batch["results"]
+    );
+    if let (Some(start), Some(end)) = (cpu_at_start, machine_busy_seconds()) {
+        println!("{label}_machine_cpu_seconds: {:.1}", end - start);
+    }
+    Ok(())
+}
+
+/// The machine's busy CPU time so far, all cores and processes (the benchmark, the servers,
+/// the database and the broker share them): `/proc/stat`'s first line without idle and iowait.
+/// Its unit is USER_HZ, which Linux fixes at 100 for this file whatever the kernel's own tick.
+fn machine_busy_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .map(|f| f.parse().ok())
+        .collect::<Option<_>>()?;
+    // user nice system idle iowait irq softirq steal (guest time is counted in user already).
+    let busy: u64 = fields
+        .iter()
+        .take(8)
+        .enumerate()
+        .filter(|(i, _)| *i != 3 && *i != 4)
+        .map(|(_, v)| v)
+        .sum();
+    Some(busy as f64 / 100.0)
 }
 
 fn is_final(state: &str) -> bool {
@@ -185,6 +236,7 @@ fn track(
     submitted: &AtomicBool,
     large: &str,
     deadline: Instant,
+    cpu_at_start: Option<f64>,
 ) -> Tracked {
     let mut pending: HashMap<String, Instant> = HashMap::new();
     let mut finished = HashMap::new();
@@ -214,6 +266,9 @@ fn track(
                     "large_mixed_seconds: {:.2}",
                     (seen - *started).as_secs_f64()
                 );
+                if let (Some(start), Some(end)) = (cpu_at_start, machine_busy_seconds()) {
+                    println!("large_mixed_machine_cpu_seconds: {:.1}", end - start);
+                }
             }
             finished.insert(id.clone(), seen - *started);
             false
