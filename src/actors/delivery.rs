@@ -13,7 +13,7 @@ use super::gates::Gate;
 use super::{Deps, StepEnd};
 use crate::store::models::{Batch, Partition};
 use crate::store::{Store, StoreError};
-use crate::transport::{DeliveryTask, TaskReport, TransportError};
+use crate::transport::{DeliveryTask, TaskReport, Transport, TransportError};
 
 /// How long delivery lets nudges gather before it looks again: a burst of outcomes is one read.
 const GATHER: Duration = Duration::from_millis(20);
@@ -118,6 +118,7 @@ pub async fn run(deps: Deps, batch: Batch, gate: Arc<Gate>) -> Result<StepEnd, D
                     let next_retry = later.and_then(|due| (due - now).to_std().ok());
                     idle(
                         &gate,
+                        deps.transport.as_ref(),
                         next_retry,
                         replan_after.saturating_sub(last_progress.elapsed()),
                     )
@@ -277,6 +278,7 @@ pub async fn run(deps: Deps, batch: Batch, gate: Arc<Gate>) -> Result<StepEnd, D
         if dispatched == 0 {
             idle(
                 &gate,
+                deps.transport.as_ref(),
                 None,
                 replan_after.saturating_sub(last_progress.elapsed()),
             )
@@ -286,19 +288,34 @@ pub async fn run(deps: Deps, batch: Batch, gate: Arc<Gate>) -> Result<StepEnd, D
 }
 
 /// Waits, without touching the database, for the batch's counters to move (a nudge), for the
-/// next retry to fall due, for the time left before a re-plan may be needed, or for the gate to
-/// close; then lets nudges gather a moment.
-async fn idle(gate: &Gate, next_retry: Option<Duration>, replan_in: Duration) {
+/// next retry to fall due, for the time left before a re-plan may be needed (and then for the
+/// transport to hold no task that may be the batch's), or for the gate to close; then lets
+/// nudges gather a moment.
+async fn idle(
+    gate: &Gate,
+    transport: &dyn Transport,
+    next_retry: Option<Duration>,
+    replan_in: Duration,
+) {
     let retry = async {
         match next_retry {
             Some(d) => tokio::time::sleep(d).await,
             None => std::future::pending().await,
         }
     };
+    // A quiet spell calls for a look only once a re-plan may be needed, and none is while the
+    // transport may hold the batch's tasks behind other batches'. Looking again at once instead
+    // made every batch past its spell read its counters twice each 40 ms: with thousands of
+    // batches queued behind each other, that polling took the instances' CPU from the workers,
+    // and delivery stalled (BENCHMARKS.md, "Batches waiting behind others polled").
+    let quiet = async {
+        tokio::time::sleep(replan_in.max(GATHER)).await;
+        transport.held_tasks_gone().await;
+    };
     tokio::select! {
         () = gate.progressed() => {}
         () = retry => {}
-        () = tokio::time::sleep(replan_in.max(GATHER)) => {}
+        () = quiet => {}
         () = gate.closed() => return,
     }
     tokio::time::sleep(GATHER).await;

@@ -77,6 +77,11 @@ pub trait Transport: Send + Sync {
     fn may_hold_tasks(&self) -> bool {
         false
     }
+    /// Resolves once `may_hold_tasks` is false (at once when it already is), without polling:
+    /// a Delivery step without progress waits on it before it looks again.
+    fn held_tasks_gone(&self) -> BoxFuture<'_, ()> {
+        Box::pin(std::future::ready(()))
+    }
     /// Tasks waiting in the transport to be carried out, as last seen (a broker's queue depth,
     /// read once a second and counting this instance's publishes since): the Delivery step of a
     /// large batch holds back its tasks while it is high, so that a batch's tasks in the broker

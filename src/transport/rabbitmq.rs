@@ -61,6 +61,8 @@ pub struct BrokerLink {
     up: AtomicBool,
     /// Tasks ready in the queue at the last look (`QUEUED_UNKNOWN` while not connected).
     queued: AtomicU32,
+    /// Notified at each look that found the queue empty (`Transport::held_tasks_gone`).
+    drained: tokio::sync::Notify,
     last_error: Mutex<String>,
     metrics: Metrics,
     /// Set at shutdown: stop consuming, finish what is in flight, do not reconnect.
@@ -86,6 +88,7 @@ impl BrokerLink {
             channel: watch::channel(None).0,
             up: AtomicBool::new(false),
             queued: AtomicU32::new(QUEUED_UNKNOWN),
+            drained: tokio::sync::Notify::new(),
             last_error: Mutex::new("not connected yet".into()),
             metrics,
             stop: watch::Sender::new(false),
@@ -228,6 +231,9 @@ impl BrokerLink {
             _ => QUEUED_UNKNOWN,
         };
         self.queued.store(queued, Ordering::Release);
+        if queued == 0 {
+            self.drained.notify_waiters();
+        }
     }
 
     /// Publishes one task and waits for the broker's confirmation, retrying (with backoff, across
@@ -312,6 +318,19 @@ impl Transport for RabbitTransport {
 
     fn may_hold_tasks(&self) -> bool {
         self.0.queued.load(Ordering::Acquire) != 0
+    }
+
+    fn held_tasks_gone(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            loop {
+                // Registered before the check, so that a look in between is not missed.
+                let drained = self.0.drained.notified();
+                if !self.may_hold_tasks() {
+                    return;
+                }
+                drained.await;
+            }
+        })
     }
 
     fn backlog(&self) -> Option<usize> {
