@@ -307,7 +307,7 @@ async fn idle(
     // transport may hold the batch's tasks behind other batches'. Looking again at once instead
     // made every batch past its spell read its counters twice each 40 ms: with thousands of
     // batches queued behind each other, that polling took the instances' CPU from the workers,
-    // and delivery stalled (BENCHMARKS.md, "Batches waiting behind others polled").
+    // and delivery stalled (BENCHMARKS.md, "The stall with two instances").
     let quiet = async {
         tokio::time::sleep(replan_in.max(GATHER)).await;
         transport.held_tasks_gone().await;

@@ -39,7 +39,8 @@ const LARGE_BATCH: i64 = 10_000;
 /// give its id no rows at all, and each chunk's lookup of the numbers the batch may already have
 /// was then planned as a walk of the batch's messages instead of probes of its (batch, phone)
 /// index: 91 ms per chunk with 300,000 of them written, so that a batch of a million behind two
-/// others took 135 s instead of 21 (BENCHMARKS.md, "A large batch behind large batches").
+/// others took 133-143 s instead of 19-21 (BENCHMARKS.md, "A 1M batch behind two 1M batches was
+/// six times slower").
 const REFRESH_AFTER: i64 = LARGE_BATCH;
 
 /// How long a run keeps its turn among the instance's steps before it gives it up, between two
