@@ -64,6 +64,8 @@ pub struct BatchRegistry {
     watching: bool,
     /// When the watch last looked (by this process's clock).
     looked: Option<chrono::NaiveDateTime>,
+    /// What the watch's last look found: the next look, which overlaps it, forwards only news.
+    seen: crate::store::Changes,
 }
 
 impl BatchRegistry {
@@ -76,6 +78,7 @@ impl BatchRegistry {
             ticking: false,
             watching: false,
             looked: None,
+            seen: crate::store::Changes::default(),
         }
     }
 
@@ -123,16 +126,20 @@ impl BatchRegistry {
     }
 
     /// Tells each supervisor of these batches their version in the database: a supervisor
-    /// behind it reads its row again (an action saved through another instance).
-    fn forward_versions(&self, versions: &std::collections::BTreeMap<i64, i64>) {
+    /// behind it reads its row again (an action saved through another instance). Answers the
+    /// batches whose supervisor's mailbox was full.
+    fn forward_versions(&self, versions: &std::collections::BTreeMap<i64, i64>) -> Vec<i64> {
+        let mut refused = Vec::new();
         for (id, version) in versions {
             if let Some((_, addr, _)) = self.supervisors.get(id)
                 && addr.try_send(Changed(*version)).is_err()
             {
                 // A full mailbox is busy with this batch already; the next look tries again.
                 tracing::debug!(batch = id, "Supervisor did not take a change.");
+                refused.push(*id);
             }
         }
+        refused
     }
 
     /// The instance's one watch: every `poll_ms`, one statement finds the batches whose row or
@@ -141,6 +148,7 @@ impl BatchRegistry {
     fn watch(&mut self, ctx: &mut Context<Self>) {
         if self.supervisors.is_empty() {
             self.looked = None;
+            self.seen = crate::store::Changes::default();
             return;
         }
         if std::mem::replace(&mut self.watching, true) {
@@ -159,8 +167,13 @@ impl BatchRegistry {
                     match changes {
                         Ok(changes) => {
                             act.looked = Some(now);
-                            act.forward_versions(&changes.versions);
-                            for id in changes.progressed {
+                            let news = changes.news(&act.seen);
+                            act.seen = changes;
+                            // A change a supervisor did not take is news again next time.
+                            for id in act.forward_versions(&news.versions) {
+                                act.seen.versions.remove(&id);
+                            }
+                            for id in news.progressed {
                                 if let Some(gate) = act.deps.core.gates.get(id) {
                                     gate.nudge();
                                 }
@@ -199,7 +212,7 @@ impl BatchRegistry {
                 act.ticking = false;
                 match result {
                     Ok((held, taken, versions)) => {
-                        act.forward_versions(&versions);
+                        let _ = act.forward_versions(&versions);
                         // Supervisors of leases this instance lost (it was too slow to renew
                         // them, and another took over) stop: one supervisor per batch.
                         // (A supervisor started after this round began holds a lease the
