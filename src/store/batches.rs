@@ -7,6 +7,7 @@ use diesel::prelude::*;
 use diesel_async::RunQueryDsl;
 
 use super::bulk::BulkInsert;
+use super::cached::Cached;
 use super::models::*;
 use super::records::{BatchRecord, INSERT_CHUNK};
 use super::schema::{batches, checkpoints, messages, partitions, recipients};
@@ -43,11 +44,10 @@ impl Store {
                     .collect();
                 conn.insert_recipients(rows).await?;
             }
-            let batch: Batch = diesel::update(batches::table.find(batch.id))
+            let count = diesel::update(batches::table.find(batch.id))
                 .set(batches::recipients.eq(count))
-                .returning(Batch::as_returning())
-                .get_result(conn)
-                .await?;
+                .returning(Batch::as_returning());
+            let batch: Batch = Cached(count).get_result(conn).await?;
             let partitions = partitions::table
                 .filter(partitions::batch_id.eq(batch.id))
                 .order(partitions::idx)
@@ -207,17 +207,20 @@ impl Store {
         update: &LifecycleUpdate,
     ) -> Result<Batch, StoreError> {
         with_conn!(self, |conn| {
-            diesel::update(
+            // Three or four per batch (every transition): prepared once per connection, by
+            // its text (which fields the update sets).
+            let save = diesel::update(
                 batches::table
                     .filter(batches::id.eq(id))
                     .filter(batches::version.eq(version)),
             )
             .set((update, batches::version.eq(version + 1)))
-            .returning(Batch::as_returning())
-            .get_result(conn)
-            .await
-            .optional()?
-            .ok_or_else(|| StoreError::Conflict(id.to_string()))
+            .returning(Batch::as_returning());
+            Cached(save)
+                .get_result(conn)
+                .await
+                .optional()?
+                .ok_or_else(|| StoreError::Conflict(id.to_string()))
         })
     }
 

@@ -140,12 +140,11 @@ impl BulkInsert for AsyncPgConnection {
             };
             let (phones, vars): (Vec<String>, Vec<Option<String>>) =
                 rows.into_iter().map(|r| (r.phone, r.vars)).unzip();
-            diesel::sql_query(INSERT_RECIPIENTS_PG)
+            let insert = diesel::sql_query(INSERT_RECIPIENTS_PG)
                 .bind::<sql_types::BigInt, _>(batch_id)
                 .bind::<sql_types::Array<sql_types::Text>, _>(phones)
-                .bind::<sql_types::Array<sql_types::Nullable<sql_types::Text>>, _>(vars)
-                .execute(self)
-                .await
+                .bind::<sql_types::Array<sql_types::Nullable<sql_types::Text>>, _>(vars);
+            Cached(insert).execute(self).await
         })
     }
 

@@ -5,6 +5,7 @@ use diesel::prelude::*;
 use diesel_async::RunQueryDsl;
 
 use super::bulk::{BulkInsert, ChunkRecord};
+use super::cached::Cached;
 use super::models::*;
 use super::records::{ChunkWritten, INSERT_CHUNK, PreparedChunk, now, tally_inserted};
 use super::schema::{batches, checkpoints, opt_outs, preparation_chunks};
@@ -32,11 +33,10 @@ impl Store {
     /// being recorded, so the checkpoint read after it includes that chunk.
     pub async fn begin_preparation_run(&self, batch_id: i64) -> Result<i64, StoreError> {
         with_conn!(self, |conn| {
-            Ok(diesel::update(batches::table.find(batch_id))
+            let begin = diesel::update(batches::table.find(batch_id))
                 .set(batches::preparation_run.eq(batches::preparation_run + 1))
-                .returning(batches::preparation_run)
-                .get_result(conn)
-                .await?)
+                .returning(batches::preparation_run);
+            Ok(Cached(begin).get_result(conn).await?)
         })
     }
 
