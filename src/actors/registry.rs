@@ -173,7 +173,7 @@ impl BatchRegistry {
                             for id in act.forward_versions(&news.versions) {
                                 act.seen.versions.remove(&id);
                             }
-                            for id in news.progressed {
+                            for id in news.progressed() {
                                 if let Some(gate) = act.deps.core.gates.get(id) {
                                     gate.nudge();
                                 }

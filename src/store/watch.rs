@@ -13,19 +13,23 @@ use super::schema::{batches, leases, partitions};
 use super::{Store, StoreError, with_conn};
 
 /// What changed since a look: per batch, its version if its row changed (actions,
-/// transitions), and whether its counters moved (outcomes recorded by any instance).
+/// transitions), and the partition rows whose counters moved (outcomes recorded by any
+/// instance).
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Changes {
     /// Batches whose row changed, with their version now.
     pub versions: BTreeMap<i64, i64>,
-    /// Batches whose partitions' counters changed.
-    pub progressed: BTreeSet<i64>,
     /// Each partition row that changed, by batch and index, with its stamp: what tells the
     /// rows of a later look, which overlaps this one, from those this one saw already.
     pub counters: BTreeSet<(i64, i32, NaiveDateTime)>,
 }
 
 impl Changes {
+    /// Batches whose partitions' counters changed.
+    pub fn progressed(&self) -> BTreeSet<i64> {
+        self.counters.iter().map(|(id, _, _)| *id).collect()
+    }
+
     /// What this look found that `previous` (the look before, which this one overlaps by its
     /// margin) had not: a version it did not list, a partition row with a stamp it did not see.
     ///
@@ -36,11 +40,6 @@ impl Changes {
     /// would look like one: the second's nudge is then missed, and the step still looks at the
     /// end of its quiet spell; the workers of this process nudge their batch themselves.)
     pub fn news(&self, previous: &Changes) -> Changes {
-        let counters: BTreeSet<_> = self
-            .counters
-            .difference(&previous.counters)
-            .copied()
-            .collect();
         Changes {
             versions: self
                 .versions
@@ -48,8 +47,11 @@ impl Changes {
                 .filter(|(id, v)| previous.versions.get(id) != Some(v))
                 .map(|(id, v)| (*id, *v))
                 .collect(),
-            progressed: counters.iter().map(|(id, _, _)| *id).collect(),
-            counters,
+            counters: self
+                .counters
+                .difference(&previous.counters)
+                .copied()
+                .collect(),
         }
     }
 }
@@ -88,7 +90,6 @@ impl Store {
         let mut changes = Changes::default();
         for (id, version, idx, stamp) in rows {
             if version == PROGRESS {
-                changes.progressed.insert(id);
                 changes.counters.insert((id, idx, stamp));
             } else {
                 changes.versions.insert(id, version);
@@ -125,7 +126,6 @@ mod tests {
     fn look(versions: &[(i64, i64)], counters: &[(i64, i32, i64)]) -> Changes {
         Changes {
             versions: versions.iter().copied().collect(),
-            progressed: counters.iter().map(|c| c.0).collect(),
             counters: counters.iter().map(|&(b, p, ms)| (b, p, at(ms))).collect(),
         }
     }
@@ -142,11 +142,11 @@ mod tests {
         let second = look(&[(1, 3), (2, 8)], &[(1, 0, 10), (1, 1, 40), (5, 0, 11)]);
         let news = second.news(&first);
         assert_eq!(news.versions, [(2, 8)].into_iter().collect());
-        assert_eq!(news.progressed, [1].into_iter().collect());
+        assert_eq!(news.progressed(), [1].into_iter().collect());
         assert_eq!(news.counters, [(1, 1, at(40))].into_iter().collect());
         // An update that commits with an earlier stamp than the one seen is still news.
         let third = look(&[], &[(1, 1, 39)]);
-        assert_eq!(third.news(&second).progressed, [1].into_iter().collect());
+        assert_eq!(third.news(&second).progressed(), [1].into_iter().collect());
         assert_eq!(look(&[], &[]).news(&third), Changes::default());
     }
 }

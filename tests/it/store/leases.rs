@@ -276,7 +276,7 @@ async fn the_watch_sees_rows_and_counters_that_changed(store: Store) {
         .await
         .expect("retry");
     let changes = store.changed_since(quiet).await.expect("watch");
-    assert!(changes.progressed.contains(&batch.id), "{changes:?}");
+    assert!(changes.progressed().contains(&batch.id), "{changes:?}");
     assert!(!changes.versions.contains_key(&batch.id), "{changes:?}");
     let changes = store.changed_since(before).await.expect("watch");
     assert_eq!(
