@@ -114,7 +114,7 @@ pub async fn process_task(core: &Core, task: DeliveryTask) -> Result<TaskReport,
         report.failed += outcomes.failed.len();
         report.retried += outcomes.retry.len();
         report.released += outcomes.released.len();
-        report.cancelled += outcomes.cancelled.len();
+        report.cancelled += outcomes.cancelled.len() + outcomes.opted_out.len();
         // Whether to claim more, asked before the outcomes are recorded so that the two can
         // share a commit; the outcomes are recorded whatever the answer.
         let next_gate = if from <= task.last_id && !core.gates.stopping() {
@@ -182,6 +182,9 @@ async fn send_slice(core: &Core, gate: &Gate, claimed: Vec<ClaimedMessage>) -> O
                     gate.state()
                 };
                 let result = match state {
+                    // Cancelled whatever the gate says: it must never be sent, and it is not
+                    // waiting for anything.
+                    _ if m.opted_out => SendResult::OptedOut,
                     GateState::Held => SendResult::Released,
                     GateState::Cancelled => SendResult::Cancelled,
                     GateState::Open => match provider {
@@ -256,6 +259,10 @@ async fn send_slice(core: &Core, gate: &Gate, claimed: Vec<ClaimedMessage>) -> O
                 outcomes.cancelled.push(id);
                 continue;
             }
+            SendResult::OptedOut => {
+                outcomes.opted_out.push(id);
+                "opted_out"
+            }
         };
         core.metrics
             .messages
@@ -271,6 +278,7 @@ enum SendResult {
     Failed(ProviderError),
     Released,
     Cancelled,
+    OptedOut,
 }
 
 /// Exponential backoff: `base`, 2·`base`, 4·`base`… capped at five minutes.

@@ -1,5 +1,5 @@
 //! The admin API (docs/api.md), a file per resource: `batches`, lifecycle `actions`,
-//! `recipients` (the CSV upload), `messages`, `probes` and metrics, and the `auth` middleware;
+//! `recipients` (the CSV upload), `messages`, `opt_outs`, `probes` and metrics, and the `auth` middleware;
 //! `path` reads a route's batch id, `error` is every error answer, `views` the JSON bodies. Handlers
 //! turn requests into domain types at the edge and call the store or the registry; they build no
 //! SQL.
@@ -11,6 +11,7 @@ pub mod csv;
 pub mod error;
 mod messages;
 pub mod openapi;
+mod opt_outs;
 mod path;
 mod probes;
 mod recipients;
@@ -110,6 +111,16 @@ pub fn routes(cfg: &mut web::ServiceConfig, state: AppState) {
                 .service(
                     resource("/batches/{id}/retry", "POST")
                         .route(web::post().to(actions::retry_batch)),
+                )
+                .service(
+                    resource("/opt-outs", "GET, POST")
+                        .route(web::get().to(opt_outs::list_opt_outs))
+                        .route(web::post().to(opt_outs::add_opt_outs)),
+                )
+                .service(
+                    resource("/opt-outs/{phone}", "GET, DELETE")
+                        .route(web::get().to(opt_outs::get_opt_out))
+                        .route(web::delete().to(opt_outs::delete_opt_out)),
                 )
                 .default_service(web::to(no_route)),
         )

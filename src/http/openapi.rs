@@ -190,6 +190,10 @@ impl Modify for Extras {
         super::batches::get_batch,
         super::recipients::upload_recipients,
         super::messages::list_messages,
+        super::opt_outs::list_opt_outs,
+        super::opt_outs::add_opt_outs,
+        super::opt_outs::get_opt_out,
+        super::opt_outs::delete_opt_out,
         super::actions::start_batch,
         super::actions::pause_batch,
         super::actions::resume_batch,
@@ -204,6 +208,7 @@ impl Modify for Extras {
     modifiers(&Extras),
     tags(
         (name = "batches", description = "Batches and their lifecycle (docs/api.md)."),
+        (name = "opt-outs", description = "Numbers that said stop: no batch prepared after they are listed messages them."),
         (name = "operations", description = "Probes, metrics and this document."),
     ),
 )]

@@ -42,23 +42,11 @@ pub(super) async fn upload_recipients(
     state: web::Data<AppState>,
     request: HttpRequest,
     path: BatchPath,
-    mut payload: web::Payload,
+    payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let max_bytes = state.settings.http.max_csv_bytes;
-    let too_large = || {
-        ApiError::TooLarge(format!(
-            "upload over {max_bytes} bytes (http.max_csv_bytes)"
-        ))
-    };
     // A declared length over the limit is refused before a byte is read.
-    let declared = request
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > max_bytes) {
-        return Err(too_large());
-    }
+    check_declared_length(&request, max_bytes)?;
     let batch = path.find(&state.store).await?.batch;
     if batch.state != BatchState::Initial {
         return Err(ApiError::InvalidTransition(format!(
@@ -68,50 +56,79 @@ pub(super) async fn upload_recipients(
     }
     let (tx, rx) = tokio::sync::mpsc::channel(2);
     let import = state.store.import_recipients(batch.id, rx);
-    // The parser feeds the importing transaction through a small channel: the upload is never
-    // held whole in memory, and a slow database slows the reading of the body. Any error is
-    // sent down the channel, and the transaction rolls back everything sent before it.
-    let feed = async move {
-        let mut reader = csv::CsvRecords::new();
-        let mut rows = Vec::with_capacity(UPLOAD_CHUNK);
-        let mut received = 0u64;
-        let result: Result<(), ApiError> = async {
-            while let Some(bytes) = payload.next().await {
-                let bytes =
-                    bytes.map_err(|e| ApiError::BadRequest(format!("reading the body: {e}")))?;
-                received += bytes.len() as u64;
-                if received > max_bytes {
-                    return Err(too_large());
-                }
-                reader
-                    .feed(&bytes, &mut |row| rows.push(row))
-                    .map_err(|e| ApiError::BadCsv(e.to_string()))?;
-                if rows.len() >= UPLOAD_CHUNK {
-                    let chunk = std::mem::replace(&mut rows, Vec::with_capacity(UPLOAD_CHUNK));
-                    if tx.send(Ok(Some(chunk))).await.is_err() {
-                        return Ok(());
-                    }
-                }
-            }
-            reader
-                .finish(&mut |row| rows.push(row))
-                .map_err(|e| ApiError::BadCsv(e.to_string()))?;
-            Ok(())
-        }
-        .await;
-        let _ = match result {
-            Ok(()) => {
-                if !rows.is_empty() {
-                    let _ = tx.send(Ok(Some(rows))).await;
-                }
-                tx.send(Ok(None)).await
-            }
-            Err(e) => tx.send(Err(e)).await,
-        };
-    };
+    let feed = feed_csv(payload, max_bytes, tx, Some);
     let (imported, ()) = tokio::join!(import, feed);
     crate::memory::release_freed_memory();
     let (accepted, total) = imported?;
     tracing::info!(batch_id = %path.id(), accepted, total, "Recipients uploaded.");
     Ok(HttpResponse::Ok().json(UploadResult { accepted, total }))
+}
+
+/// Reads a CSV upload (a header row with a `phone` column) as it arrives and feeds what `keep`
+/// makes of its rows, in chunks, to an importing transaction through `tx`: the upload is never
+/// held whole in memory, and a slow database slows the reading of the body. Any error (a
+/// malformed file, a body over `max_bytes`) is sent down the channel, and the transaction rolls
+/// back everything sent before it; the end of the file is marked by `None`.
+pub(super) async fn feed_csv<T>(
+    mut payload: web::Payload,
+    max_bytes: u64,
+    tx: tokio::sync::mpsc::Sender<Result<Option<Vec<T>>, ApiError>>,
+    mut keep: impl FnMut(csv::Row) -> Option<T>,
+) {
+    let mut reader = csv::CsvRecords::new();
+    let mut rows = Vec::with_capacity(UPLOAD_CHUNK);
+    let mut received = 0u64;
+    let result: Result<(), ApiError> = async {
+        while let Some(bytes) = payload.next().await {
+            let bytes =
+                bytes.map_err(|e| ApiError::BadRequest(format!("reading the body: {e}")))?;
+            received += bytes.len() as u64;
+            if received > max_bytes {
+                return Err(too_large(max_bytes));
+            }
+            reader
+                .feed(&bytes, &mut |row| rows.extend(keep(row)))
+                .map_err(|e| ApiError::BadCsv(e.to_string()))?;
+            if rows.len() >= UPLOAD_CHUNK {
+                let chunk = std::mem::replace(&mut rows, Vec::with_capacity(UPLOAD_CHUNK));
+                if tx.send(Ok(Some(chunk))).await.is_err() {
+                    return Ok(());
+                }
+            }
+        }
+        reader
+            .finish(&mut |row| rows.extend(keep(row)))
+            .map_err(|e| ApiError::BadCsv(e.to_string()))?;
+        Ok(())
+    }
+    .await;
+    let _ = match result {
+        Ok(()) => {
+            if !rows.is_empty() {
+                let _ = tx.send(Ok(Some(rows))).await;
+            }
+            tx.send(Ok(None)).await
+        }
+        Err(e) => tx.send(Err(e)).await,
+    };
+}
+
+/// An upload over `http.max_csv_bytes`.
+pub(super) fn too_large(max_bytes: u64) -> ApiError {
+    ApiError::TooLarge(format!(
+        "upload over {max_bytes} bytes (http.max_csv_bytes)"
+    ))
+}
+
+/// Refuses, before a byte is read, an upload whose declared length is over `max_bytes`.
+pub(super) fn check_declared_length(request: &HttpRequest, max_bytes: u64) -> Result<(), ApiError> {
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max_bytes) {
+        return Err(too_large(max_bytes));
+    }
+    Ok(())
 }

@@ -326,3 +326,45 @@ pub struct UploadResult {
     /// Recipients of the batch so far.
     pub total: i64,
 }
+
+/// A number on the opt-out list.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct OptOutView {
+    /// E.164.
+    pub phone: String,
+    /// How it came on the list: `api`, `csv` or `inbound`.
+    #[schema(pattern = "^(api|csv|inbound)$")]
+    pub source: String,
+    /// When.
+    pub created_at: DateTime<Utc>,
+}
+
+impl From<crate::store::OptOut> for OptOutView {
+    fn from(o: crate::store::OptOut) -> Self {
+        OptOutView {
+            phone: o.phone,
+            source: o.source,
+            created_at: utc(o.created_at),
+        }
+    }
+}
+
+/// A page of the opt-out list, in number order.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct OptOutPage {
+    /// The numbers.
+    pub items: Vec<OptOutView>,
+    /// The `after` of the next page; null on the last one.
+    pub next: Option<String>,
+}
+
+/// The answer to adding numbers to the opt-out list.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct OptOutsAdded {
+    /// Numbers new on the list.
+    pub added: u64,
+    /// Numbers on it already (or given twice).
+    pub already: u64,
+    /// Entries that are not phone numbers; nothing else is refused for them.
+    pub invalid: u64,
+}

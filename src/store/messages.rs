@@ -1,7 +1,5 @@
-//! Messages: partitions and task ranges, claims, outcomes recorded with their counters,
-//! cancelling and listing.
-
-use std::collections::BTreeMap;
+//! Messages: partitions and task ranges, claims (with the sent slice recorded before the next
+//! claim), cancelling and listing. The general recording of outcomes is in `outcomes`.
 
 use chrono::NaiveDateTime;
 use diesel::prelude::*;
@@ -10,17 +8,16 @@ use diesel_async::RunQueryDsl;
 
 use super::cached::Cached;
 use super::models::*;
-use super::records::{INSERT_CHUNK, Outcomes, now};
+use super::records::{Outcomes, now};
 use super::schema::{messages, partitions};
 use super::types::{CANCELLED, FAILED, PENDING, SENDING, SENT};
 use super::{Backend, Pools, Store, StoreError, with_conn, with_tx};
 use crate::domain::batch::MessageStatus;
-use crate::domain::state::BatchState;
 
 /// The messages of a slice marked sent (with their provider ids): `$1` ids, `$2` provider ids,
 /// `$3` batch, `$4` partition, `$5` now. Only messages still `sending` become `sent`; `done` has
 /// a row for each.
-fn record_sent_cte() -> String {
+pub(super) fn record_sent_cte() -> String {
     format!(
         "WITH done AS ( \
             UPDATE messages m SET status = {SENT}, provider_message_id = v.pid, error = NULL, \
@@ -30,14 +27,6 @@ fn record_sent_cte() -> String {
             RETURNING 1) "
     )
 }
-
-/// Marks a slice's messages sent and counts them in the partition's counters, in one statement
-/// (parameters as in `record_sent_cte`).
-static RECORD_SENT_PG: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-    record_sent_cte()
-        + "UPDATE partitions SET sent = sent + (SELECT count(*) FROM done), updated_at = $5 \
-           WHERE batch_id = $3 AND idx = $4"
-});
 
 /// The claim of up to `limit` due messages of a task's range on PostgreSQL (`Store::claim`),
 /// with the placeholders of the batch, the partition, the time, the range's first and last id
@@ -61,11 +50,16 @@ fn claim_pg(placeholders: [&str; 6], limit: i64) -> String {
               AND status = {PENDING} AND (next_attempt_at IS NULL OR next_attempt_at <= {at}) \
             ORDER BY id LIMIT {limit}) \
            AND status = {PENDING} \
-         RETURNING id, phone, body, attempts"
+         RETURNING id, phone, body, attempts, {OPTED_OUT} AS opted_out"
     )
 }
 
-/// `RECORD_SENT_PG`, then the claim of the task's next slice (`claim_pg`) in the same
+/// Whether a claimed message's number is on the opt-out list, as the claim's `RETURNING`
+/// computes it: one probe of the list's primary key per claimed row, so that a number that says
+/// stop while its batch runs gets nothing not yet handed to a provider.
+const OPTED_OUT: &str = "EXISTS (SELECT 1 FROM opt_outs WHERE opt_outs.phone = messages.phone)";
+
+/// `outcomes::RECORD_SENT_PG`, then the claim of the task's next slice (`claim_pg`) in the same
 /// statement: `$6`..`$7` the task's remaining range, `$8` the claimer. The two updates touch
 /// different rows (`sending` ones, then `pending` ones).
 fn record_sent_and_claim_pg(limit: i64) -> String {
@@ -74,18 +68,6 @@ fn record_sent_and_claim_pg(limit: i64) -> String {
             UPDATE partitions SET sent = sent + (SELECT count(*) FROM done), updated_at = $5 \
             WHERE batch_id = $3 AND idx = $4) "
         + &claim_pg(["$3", "$4", "$5", "$6", "$7", "$8"], limit)
-}
-
-/// A batch's state, read in a recording transaction: under a share lock on PostgreSQL, so that
-/// a transition's update of the row waits for the transaction's end (SQLite's write transaction
-/// already excludes every other writer).
-const STATE_FOR_SHARE_PG: &str = "SELECT state FROM batches WHERE id = $1 FOR SHARE";
-const STATE_SQLITE: &str = "SELECT state FROM batches WHERE id = ?";
-
-#[derive(QueryableByName)]
-struct StateRow {
-    #[diesel(sql_type = sql_types::Text)]
-    state: BatchState,
 }
 
 /// `Store::message_id_bounds`'s statement, with `param` for the batch.
@@ -278,6 +260,7 @@ impl Store {
                     messages::phone,
                     messages::body,
                     messages::attempts,
+                    diesel::dsl::sql::<sql_types::Bool>(OPTED_OUT),
                 ));
                 Cached(claim).get_results(conn).await?
             }
@@ -322,191 +305,6 @@ impl Store {
         let mut claimed: Vec<ClaimedMessage> = Cached(statement).load(&mut conn).await?;
         claimed.sort_unstable_by_key(|m| m.id);
         Ok(Some(claimed))
-    }
-
-    /// Records a task's outcomes and the partition's counters in one transaction. Only messages
-    /// still `sending` change.
-    pub async fn record_outcomes(
-        &self,
-        batch_id: i64,
-        partition: i32,
-        outcomes: &Outcomes,
-    ) -> Result<(), StoreError> {
-        if outcomes.is_empty() {
-            return Ok(());
-        }
-        let at = now();
-        if let (Pools::Pg(pool), true) = (&self.pools, outcomes.len() == outcomes.sent.len()) {
-            // The common case — every message of the slice sent — in one statement.
-            let mut conn = pool.get().await?;
-            let (ids, provider_ids): (Vec<i64>, Vec<Option<String>>) =
-                outcomes.sent.iter().cloned().unzip();
-            let record = diesel::sql_query(RECORD_SENT_PG.as_str())
-                .bind::<sql_types::Array<sql_types::BigInt>, _>(ids)
-                .bind::<sql_types::Array<sql_types::Nullable<sql_types::Text>>, _>(provider_ids)
-                .bind::<sql_types::BigInt, _>(batch_id)
-                .bind::<sql_types::Integer, _>(partition)
-                .bind::<sql_types::Timestamp, _>(at);
-            Cached(record).execute(&mut conn).await?;
-            return Ok(());
-        }
-        let state_sql = match self.backend() {
-            Backend::Postgres => STATE_FOR_SHARE_PG,
-            Backend::Sqlite => STATE_SQLITE,
-        };
-        with_tx!(self, |conn| {
-            let mut sent = 0i64;
-            let mut failed = 0i64;
-            let mut cancelled = 0i64;
-            // Messages that go back to `pending` (a retry, a release) after their batch was
-            // cancelled would stay there for good: the cancel's sweep of pending messages may
-            // already have run. The batch's row, read first under a share lock, says which way they
-            // go: a cancel's state change waits for this transaction, or this one sees it.
-            let back_to_pending = !outcomes.retry.is_empty() || !outcomes.released.is_empty();
-            let cancelled_batch = back_to_pending && {
-                let row: StateRow = diesel::sql_query(state_sql)
-                    .bind::<sql_types::BigInt, _>(batch_id)
-                    .get_result(conn)
-                    .await?;
-                row.state == BatchState::Cancelled
-            };
-            // With the batch cancelled, its retries and releases are cancelled instead.
-            let (retry, released): (&[_], &[i64]) = if cancelled_batch {
-                (&[], &[])
-            } else {
-                (&outcomes.retry, &outcomes.released)
-            };
-            let mut to_cancel = outcomes.cancelled.clone();
-            if cancelled_batch {
-                to_cancel.extend(outcomes.retry.iter().map(|(id, _, _)| *id));
-                to_cancel.extend(outcomes.released.iter().copied());
-            }
-            // Sent messages without a provider id share one statement; the rest carry their own.
-            let (plain, with_id): (Vec<_>, Vec<_>) =
-                outcomes.sent.iter().partition(|(_, pid)| pid.is_none());
-            let plain: Vec<i64> = plain.iter().map(|(id, _)| *id).collect();
-            for ids in plain.chunks(INSERT_CHUNK) {
-                sent += diesel::update(
-                    messages::table
-                        .filter(messages::id.eq_any(ids))
-                        .filter(messages::batch_id.eq(batch_id))
-                        .filter(messages::partition.eq(partition))
-                        .filter(messages::status.eq(SENDING)),
-                )
-                .set((
-                    messages::status.eq(SENT),
-                    messages::error.eq(None::<String>),
-                    messages::updated_at.eq(at),
-                ))
-                .execute(conn)
-                .await? as i64;
-            }
-            for (id, pid) in with_id {
-                sent += diesel::update(
-                    messages::table
-                        .filter(messages::id.eq(*id))
-                        .filter(messages::batch_id.eq(batch_id))
-                        .filter(messages::partition.eq(partition))
-                        .filter(messages::status.eq(SENDING)),
-                )
-                .set((
-                    messages::status.eq(SENT),
-                    messages::provider_message_id.eq(pid),
-                    messages::error.eq(None::<String>),
-                    messages::updated_at.eq(at),
-                ))
-                .execute(conn)
-                .await? as i64;
-            }
-            let mut by_error: BTreeMap<&str, Vec<i64>> = BTreeMap::new();
-            for (id, err) in &outcomes.failed {
-                by_error.entry(err.as_str()).or_default().push(*id);
-            }
-            for (err, ids) in by_error {
-                for ids in ids.chunks(INSERT_CHUNK) {
-                    failed += diesel::update(
-                        messages::table
-                            .filter(messages::id.eq_any(ids))
-                            .filter(messages::batch_id.eq(batch_id))
-                            .filter(messages::partition.eq(partition))
-                            .filter(messages::status.eq(SENDING)),
-                    )
-                    .set((
-                        messages::status.eq(FAILED),
-                        messages::error.eq(err),
-                        messages::updated_at.eq(at),
-                    ))
-                    .execute(conn)
-                    .await? as i64;
-                }
-            }
-            let mut by_retry: BTreeMap<(NaiveDateTime, &str), Vec<i64>> = BTreeMap::new();
-            for (id, due, err) in retry {
-                by_retry.entry((*due, err.as_str())).or_default().push(*id);
-            }
-            for ((due, err), ids) in by_retry {
-                for ids in ids.chunks(INSERT_CHUNK) {
-                    diesel::update(
-                        messages::table
-                            .filter(messages::id.eq_any(ids))
-                            .filter(messages::batch_id.eq(batch_id))
-                            .filter(messages::partition.eq(partition))
-                            .filter(messages::status.eq(SENDING)),
-                    )
-                    .set((
-                        messages::status.eq(PENDING),
-                        messages::next_attempt_at.eq(Some(due)),
-                        messages::error.eq(err),
-                        messages::updated_at.eq(at),
-                    ))
-                    .execute(conn)
-                    .await?;
-                }
-            }
-            for ids in released.chunks(INSERT_CHUNK) {
-                // Released messages did not reach the provider: the claim's attempt is undone.
-                diesel::update(
-                    messages::table
-                        .filter(messages::id.eq_any(ids))
-                        .filter(messages::batch_id.eq(batch_id))
-                        .filter(messages::partition.eq(partition))
-                        .filter(messages::status.eq(SENDING)),
-                )
-                .set((
-                    messages::status.eq(PENDING),
-                    messages::attempts.eq(messages::attempts - 1),
-                    messages::updated_at.eq(at),
-                ))
-                .execute(conn)
-                .await?;
-            }
-            for ids in to_cancel.chunks(INSERT_CHUNK) {
-                cancelled += diesel::update(
-                    messages::table
-                        .filter(messages::id.eq_any(ids))
-                        .filter(messages::batch_id.eq(batch_id))
-                        .filter(messages::partition.eq(partition))
-                        .filter(messages::status.eq(SENDING)),
-                )
-                .set((messages::status.eq(CANCELLED), messages::updated_at.eq(at)))
-                .execute(conn)
-                .await? as i64;
-            }
-            // Every outcome touches the partition's row, retries and releases too: the
-            // instance watch (`Store::changed_since`) sees the batch move by its `updated_at`.
-            {
-                diesel::update(partitions::table.find((batch_id, partition)))
-                    .set((
-                        partitions::sent.eq(partitions::sent + sent),
-                        partitions::failed.eq(partitions::failed + failed),
-                        partitions::cancelled.eq(partitions::cancelled + cancelled),
-                        partitions::updated_at.eq(at),
-                    ))
-                    .execute(conn)
-                    .await?;
-            }
-            Ok(())
-        })
     }
 
     /// Marks every message of a batch still `pending` as `cancelled`; returns how many. Runs

@@ -11,6 +11,7 @@ mod leases;
 mod messages;
 pub mod models;
 mod opt_outs;
+mod outcomes;
 mod preparation;
 mod recipients;
 mod records;
@@ -34,6 +35,7 @@ use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
 use futures_util::FutureExt;
 
 pub use leases::before;
+pub use opt_outs::{OptOut, OptOutChunk};
 pub use records::*;
 pub use watch::Changes;
 

@@ -181,6 +181,10 @@ pub struct ClaimedMessage {
     pub phone: String,
     pub body: String,
     pub attempts: i32,
+    /// The number is on the opt-out list (looked up by the claim): the message is cancelled,
+    /// not sent.
+    #[diesel(sql_type = diesel::sql_types::Bool)]
+    pub opted_out: bool,
 }
 
 /// Delivery counters of one partition.

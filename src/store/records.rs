@@ -69,6 +69,9 @@ pub struct Outcomes {
     pub released: Vec<i64>,
     /// Not sent because the batch was cancelled.
     pub cancelled: Vec<i64>,
+    /// Not sent because the number is on the opt-out list: `cancelled`, with `error`
+    /// `opted_out`, and the claim's attempt undone.
+    pub opted_out: Vec<i64>,
 }
 
 impl Outcomes {
@@ -79,6 +82,7 @@ impl Outcomes {
             + self.retry.len()
             + self.released.len()
             + self.cancelled.len()
+            + self.opted_out.len()
     }
     /// True when no message is covered.
     pub fn is_empty(&self) -> bool {

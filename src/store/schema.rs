@@ -101,6 +101,7 @@ diesel::table! {
     opt_outs (phone) {
         phone -> Text,
         created_at -> Timestamp,
+        source -> Text,
     }
 }
 

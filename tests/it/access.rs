@@ -59,6 +59,13 @@ fn call(
                 None => req.send_empty(),
             }
         }
+        "DELETE" => {
+            let mut req = agent.delete(&url);
+            if let Some(a) = authorization {
+                req = req.header("Authorization", a);
+            }
+            req.call()
+        }
         other => panic!("no method {other} here"),
     };
     let mut response = result.unwrap_or_else(|e| panic!("{method} {path}: {e}"));
@@ -108,6 +115,17 @@ fn the_token_guards_every_v1_route_and_nothing_else() {
         Some(token.clone()),
     ];
     let csv = "phone\n+8613800001235\n";
+    let phones = json!({"phones": ["+8613800001236"]}).to_string();
+    // A number on the opt-out list, for the refused lookups and removals to aim at.
+    let (status, _, added) = call(
+        base,
+        "POST",
+        "/v1/opt-outs",
+        Some(&right),
+        Some(("application/json", &phones)),
+    );
+    assert_eq!(status, 200, "{added:#}");
+    let listed = "/v1/opt-outs/%2B8613800001236".to_owned();
     let routes: Vec<(&str, String, Body<'_>)> = vec![
         ("GET", "/v1/batches".into(), None),
         (
@@ -127,6 +145,15 @@ fn the_token_guards_every_v1_route_and_nothing_else() {
         ("POST", format!("/v1/batches/{id}/resume"), None),
         ("POST", format!("/v1/batches/{id}/cancel"), None),
         ("POST", format!("/v1/batches/{id}/retry"), None),
+        ("GET", "/v1/opt-outs".into(), None),
+        (
+            "POST",
+            "/v1/opt-outs".into(),
+            Some(("application/json", r#"{"phones": ["+8613800001237"]}"#)),
+        ),
+        ("POST", "/v1/opt-outs".into(), Some(("text/csv", csv))),
+        ("GET", listed.clone(), None),
+        ("DELETE", listed.clone(), None),
         // Unknown routes under /v1/ do not tell what exists.
         ("GET", "/v1/secrets".into(), None),
         ("GET", format!("/v1/batches/{}", uuid::Uuid::now_v7()), None),
@@ -154,6 +181,20 @@ fn the_token_guards_every_v1_route_and_nothing_else() {
         num(&items[0], "/results/recipients"),
         1,
         "refused upload stored nothing"
+    );
+
+    let (status, _, list) = call(base, "GET", "/v1/opt-outs", Some(&right), None);
+    assert_eq!(status, 200, "{list:#}");
+    let listed: Vec<&str> = list["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|i| i["phone"].as_str())
+        .collect();
+    assert_eq!(
+        listed,
+        ["+8613800001236"],
+        "refused additions and removals changed nothing"
     );
 
     // The probes, the metrics and the document never need the token.
@@ -442,6 +483,10 @@ fn the_openapi_document_matches_api_md() {
         ("post", "/v1/batches/{id}/resume"),
         ("post", "/v1/batches/{id}/cancel"),
         ("post", "/v1/batches/{id}/retry"),
+        ("get", "/v1/opt-outs"),
+        ("post", "/v1/opt-outs"),
+        ("get", "/v1/opt-outs/{phone}"),
+        ("delete", "/v1/opt-outs/{phone}"),
         ("get", "/healthz"),
         ("get", "/readyz"),
         ("get", "/metrics"),
@@ -515,6 +560,10 @@ fn the_openapi_document_matches_api_md() {
         );
     }
     has("get", "/readyz", &["200", "503"]);
+    has("get", "/v1/opt-outs", &["200", "400", "401"]);
+    has("post", "/v1/opt-outs", &["200", "400", "401", "413"]);
+    has("get", "/v1/opt-outs/{phone}", &["200", "401", "404"]);
+    has("delete", "/v1/opt-outs/{phone}", &["204", "401", "404"]);
 
     let schemas = &doc["components"]["schemas"];
     let states: Vec<&str> = schemas["BatchState"]["enum"]

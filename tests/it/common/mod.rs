@@ -308,6 +308,13 @@ impl TestServer {
         self.post_raw(path, "text/csv", body)
     }
 
+    /// `DELETE path`.
+    pub fn delete(&self, path: &str) -> (u16, Value) {
+        let url = self.url(path);
+        let reply = self.finish(&format!("DELETE {path}"), self.agent.delete(&url).call());
+        (reply.status, reply.json())
+    }
+
     /// `POST path` with no body.
     pub fn post_empty(&self, path: &str) -> (u16, Value) {
         let url = self.url(path);

@@ -18,6 +18,9 @@ on_both_backends!(cancel_pending_and_recover_sending
     => cancel_pending_and_recover_sending_sqlite, cancel_pending_and_recover_sending_postgres);
 on_both_backends!(recover_sending_for_resend
     => recover_sending_for_resend_sqlite, recover_sending_for_resend_postgres);
+on_both_backends!(a_number_that_opted_out_after_preparation_is_cancelled
+    => a_number_that_opted_out_after_preparation_is_cancelled_sqlite,
+       a_number_that_opted_out_after_preparation_is_cancelled_postgres);
 on_both_backends!(outcomes_after_a_cancel_cancel_what_would_wait
     => outcomes_after_a_cancel_cancel_what_would_wait_sqlite,
        outcomes_after_a_cancel_cancel_what_would_wait_postgres);
@@ -202,6 +205,7 @@ async fn record_outcomes_moves_messages_and_counters(store: Store) {
         retry: vec![(m[3], due, "throttled".into())],
         released: vec![m[4]],
         cancelled: vec![m[5]],
+        opted_out: vec![],
     };
     assert_eq!(outcomes.len(), 7);
     store
@@ -291,6 +295,7 @@ async fn record_outcomes_moves_messages_and_counters(store: Store) {
                 retry: vec![(m[0], due, "late".into())],
                 released: vec![m[2], m[3]],
                 cancelled: vec![m[0], m[1], m[3]],
+                opted_out: vec![m[0], m[5]],
             },
         )
         .await
@@ -796,5 +801,44 @@ async fn outcomes_after_a_cancel_cancel_what_would_wait(store: Store) {
     assert_eq!(
         store.earliest_retry(batch.id).await.expect("earliest"),
         None
+    );
+}
+
+/// A number listed after its message was written: the claim says so, and the message is
+/// recorded `cancelled` with `error` `opted_out`, its attempt undone, in the cancelled counter;
+/// the others of the slice are claimed as usual.
+async fn a_number_that_opted_out_after_preparation_is_cancelled(store: Store) {
+    let batch = create(&store, "opted-out-late", 2).await;
+    let m = seed_last_apart(&store, batch.id, "+861370000", 4).await;
+    let added = store
+        .add_opt_outs(&["+8613700000001".to_owned()], "api")
+        .await
+        .expect("add_opt_outs");
+    assert_eq!(added, 1);
+    let claimed = store
+        .claim(batch.id, 0, m[0], m[2], i64::MAX, "test-instance")
+        .await
+        .expect("claim");
+    let flags: Vec<(i64, bool)> = claimed.iter().map(|c| (c.id, c.opted_out)).collect();
+    assert_eq!(flags, vec![(m[0], false), (m[1], true), (m[2], false)]);
+    store
+        .record_outcomes(
+            batch.id,
+            0,
+            &Outcomes {
+                sent: vec![(m[0], None), (m[2], None)],
+                opted_out: vec![m[1]],
+                ..Outcomes::default()
+            },
+        )
+        .await
+        .expect("record_outcomes");
+    let r1 = message_by_id(&store, batch.id, m[1]).await;
+    assert_eq!((r1.status, r1.attempts), (CANCELLED, 0));
+    assert_eq!(r1.error.as_deref(), Some("opted_out"));
+    assert_eq!(message_by_id(&store, batch.id, m[0]).await.status, SENT);
+    assert_eq!(
+        counters(&store, batch.id).await,
+        vec![(3, 2, 0, 0, 1), (1, 0, 0, 0, 0)]
     );
 }

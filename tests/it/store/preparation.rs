@@ -188,7 +188,7 @@ async fn prepared_chunks_drop_duplicates_and_opt_outs(store: Store) {
 
     assert_eq!(
         store
-            .add_opt_outs(&[phone(9), phone(8), phone(9)])
+            .add_opt_outs(&[phone(9), phone(8), phone(9)], "api")
             .await
             .expect("add_opt_outs"),
         2,
@@ -196,7 +196,7 @@ async fn prepared_chunks_drop_duplicates_and_opt_outs(store: Store) {
     );
     assert_eq!(
         store
-            .add_opt_outs(&[phone(9), phone(7)])
+            .add_opt_outs(&[phone(9), phone(7)], "api")
             .await
             .expect("add_opt_outs"),
         1,
@@ -429,7 +429,7 @@ async fn large_prepared_chunk_is_written(store: Store) {
     let batch = create(&store, "large", 4).await;
     let phones: Vec<String> = (0..N).map(|i| format!("+86131{i:08}")).collect();
     store
-        .add_opt_outs(&[phones[7].clone(), phones[N - 1].clone()])
+        .add_opt_outs(&[phones[7].clone(), phones[N - 1].clone()], "api")
         .await
         .expect("add_opt_outs");
     let messages: Vec<NewMessage> = phones
