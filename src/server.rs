@@ -95,6 +95,7 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
     );
 
     let store_for_shutdown = store.clone();
+    let providers_for_shutdown = providers.clone();
     let shutdown_timeout = Duration::from_millis(settings.smsbatch.shutdown_timeout_ms);
     let state = AppState {
         broker: broker.clone(),
@@ -146,6 +147,13 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
             .is_err()
     {
         tracing::warn!("Broker link did not settle its tasks in time.");
+    }
+    // Nothing is being sent any more: close the providers' sessions (SMPP's `unbind`).
+    if tokio::time::timeout_at(deadline, providers_for_shutdown.shut_down())
+        .await
+        .is_err()
+    {
+        tracing::warn!("Provider sessions did not close in time.");
     }
     // Give the leases back, so another instance takes the batches over without waiting for them
     // to expire: worth a moment past the deadline, not more. The release runs as a task of its

@@ -10,8 +10,10 @@ use futures_util::StreamExt;
 
 use super::Core;
 use super::gates::{Gate, GateState};
+use crate::config::Redelivery;
 use crate::domain::state::BatchState;
 use crate::provider::{OutgoingSms, ProviderError};
+use crate::store::UNKNOWN_OUTCOME;
 use crate::store::models::ClaimedMessage;
 use crate::store::{Outcomes, StoreError};
 use crate::transport::{DeliveryTask, TaskReport, TransportError};
@@ -239,6 +241,22 @@ async fn send_slice(core: &Core, gate: &Gate, claimed: Vec<ClaimedMessage>) -> O
             SendResult::Sent(pid) => {
                 outcomes.sent.push((id, pid));
                 "sent"
+            }
+            // The provider may have it: sending again could deliver it twice, so only
+            // `at_least_once` tries again, and `at_most_once` settles it as a crash would.
+            SendResult::Failed(ProviderError::Unknown(why))
+                if settings.redelivery == Redelivery::AtMostOnce =>
+            {
+                tracing::warn!(message_id = id, reason = %why, "Provider outcome unknown; settled as unknown_outcome.");
+                outcomes.failed.push((id, UNKNOWN_OUTCOME.to_owned()));
+                "failed"
+            }
+            SendResult::Failed(e @ ProviderError::Unknown(_))
+                if attempts <= settings.retry_count as i32 =>
+            {
+                let backoff = retry_delay(settings.retry_backoff_ms, attempts);
+                outcomes.retry.push((id, now + backoff, e.to_string()));
+                "retried"
             }
             SendResult::Failed(e)
                 if e.is_transient() && attempts <= settings.retry_count as i32 =>

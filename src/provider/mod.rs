@@ -1,10 +1,12 @@
 //! SMS providers: the `SmsProvider` trait, the rate limiter in front of each provider, and the
-//! kinds (`kinds.rs`): the built-in `simulator` and the generic JSON-over-HTTP `http` gateways.
+//! kinds (`kinds.rs`): the built-in `simulator`, the generic JSON-over-HTTP `http` gateways and
+//! `smpp` accounts.
 
 pub mod http;
 pub mod kinds;
 pub mod registry;
 pub mod simulator;
+pub mod smpp;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -49,6 +51,10 @@ pub enum ProviderError {
     /// Retrying will not help (invalid destination, rejected content).
     #[error("{0}")]
     Permanent(String),
+    /// The message may have reached the provider, and its answer was lost (a connection that
+    /// dropped after the request went): `smsbatch.redelivery` decides, as after a crash.
+    #[error("outcome unknown: {0}")]
+    Unknown(String),
 }
 
 impl ProviderError {
@@ -65,6 +71,11 @@ pub trait SmsProvider: Send + Sync {
         &'a self,
         sms: &'a OutgoingSms<'a>,
     ) -> BoxFuture<'a, Result<Accepted, ProviderError>>;
+
+    /// Closes its connections cleanly once nothing more is sent (SMPP's `unbind`).
+    fn shutdown(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
 }
 
 /// A provider with its name and rate limit.
@@ -105,6 +116,16 @@ impl Providers {
     /// A provider by name.
     pub fn get(&self, name: &str) -> Option<Arc<Provider>> {
         self.by_name.get(name).cloned()
+    }
+
+    /// Closes every provider's connections; called once no message is being sent.
+    pub async fn shut_down(&self) {
+        let all: Vec<_> = self
+            .by_name
+            .values()
+            .map(|provider| provider.gateway.shutdown())
+            .collect();
+        futures_util::future::join_all(all).await;
     }
 
     /// The name of the default provider.

@@ -7,10 +7,10 @@ use std::fmt;
 use serde::Deserialize;
 
 use super::kinds::{Configured, Kind, SettingError};
-use super::{http, simulator};
+use super::{http, simulator, smpp};
 
 /// Every provider kind, by its key under `providers.`.
-pub static KINDS: &[&dyn Kind] = &[&simulator::Kind, &http::Kind];
+pub static KINDS: &[&dyn Kind] = &[&simulator::Kind, &http::Kind, &smpp::Kind];
 
 /// `providers.*`: the default provider and each kind's table, read by its kind.
 #[derive(Clone, Deserialize)]

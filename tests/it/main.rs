@@ -1,6 +1,6 @@
 //! The integration tests, in one binary: the real server over HTTP (`api`, `access`,
-//! `bad_input`, `http_provider`), the fault suite (`faults`), lifecycle races (`races`) and the
-//! store conformance suite (`store`), sharing the harness in `common`.
+//! `bad_input`, `http_provider`), the fault suite (`faults`), lifecycle races (`races`), the `smpp` provider
+//! against a real SMSC (`smpp`) and the store conformance suite (`store`), sharing the harness in `common`.
 
 #[macro_use]
 mod common;
@@ -14,5 +14,6 @@ mod many;
 mod opt_outs;
 mod provider_http;
 mod races;
+mod smpp;
 mod store;
 mod turns;

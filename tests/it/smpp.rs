@@ -1,0 +1,262 @@
+//! The `smpp` provider against a real SMSC (node-smpp's server, `common::smsc`): every message
+//! submitted once and recorded with the SMSC's id, the window never exceeded, error statuses
+//! failing their messages with the status named, throttling slowing down without losing or
+//! repeating anything, long UCS-2 text as concatenated parts that reassemble, and a clean
+//! `unbind` when the service stops. The core scenario on SQLite, PostgreSQL, and PostgreSQL with
+//! RabbitMQ and two instances sharing the batch.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::common::smsc::Smsc;
+use crate::common::{Backend, TestDb, TestServer, count_by_status, mobile, num, text};
+
+const SHORT: Duration = Duration::from_secs(120);
+const WINDOW: u64 = 3;
+
+on_both_backends!(every_message_is_submitted_once_within_the_window
+    => every_message_is_submitted_once_within_the_window_sqlite,
+       every_message_is_submitted_once_within_the_window_postgres,
+       every_message_is_submitted_once_within_the_window_rabbitmq);
+
+fn smsc(extra: Value) -> Smsc {
+    let mut config = json!({"system_id": "esme", "password": "s3cret"});
+    config
+        .as_object_mut()
+        .unwrap()
+        .extend(extra.as_object().unwrap().clone());
+    Smsc::start(config)
+}
+
+fn server(db: &TestDb, smsc: &Smsc, account: &[(&str, &str)], env: &[(&str, &str)]) -> TestServer {
+    let mut all = smsc.env("acme", account);
+    all.extend(env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
+    let all: Vec<(&str, &str)> = all.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    TestServer::start(db, &all)
+}
+
+/// A batch through `acme` of `phones`, each with a `name` var, started.
+fn start_batch(server: &TestServer, content: &str, phones: &[String]) -> String {
+    let recipients: Vec<Value> = phones
+        .iter()
+        .enumerate()
+        .map(|(i, p)| json!({"phone": p, "vars": {"name": format!("N{i}")}}))
+        .collect();
+    let id = server.create_batch(&json!({
+        "name": "smpp",
+        "content": content,
+        "provider": "acme",
+        "recipients": recipients,
+    }));
+    server.action_ok(&id, "start", "preparing");
+    id
+}
+
+/// The SMSC's submits by destination (E.164, with its `+`).
+fn by_destination(submits: &[Value]) -> BTreeMap<String, Vec<Value>> {
+    let mut map: BTreeMap<String, Vec<Value>> = BTreeMap::new();
+    for s in submits {
+        map.entry(format!("+{}", text(s, "/destination")))
+            .or_default()
+            .push(s.clone());
+    }
+    map
+}
+
+fn every_message_is_submitted_once_within_the_window(backend: Backend) {
+    let smsc = smsc(json!({"response_delay_ms": 30}));
+    let db = TestDb::new(backend);
+    let window = WINDOW.to_string();
+    let account = [("WINDOW", window.as_str())];
+    let first = server(&db, &smsc, &account, &[]);
+    // Two instances share the batch on the production stack; each binds its own session.
+    let second = (backend == Backend::PostgresRabbitmq).then(|| server(&db, &smsc, &account, &[]));
+    let phones: Vec<String> = (0..120).map(|i| mobile(7000 + i)).collect();
+    let id = start_batch(&first, "Hi {{name}}, your code is ready.", &phones);
+    let batch = first.wait_for_state(&id, &["completed"], SHORT);
+    assert_eq!(num(&batch, "/results/sent"), 120, "{batch:#}");
+    assert_eq!(num(&batch, "/results/failed"), 0, "{batch:#}");
+
+    let accepted = smsc.accepted();
+    let seen = by_destination(&accepted);
+    assert_eq!(seen.len(), 120, "every number reached the SMSC");
+    assert!(
+        seen.values().all(|s| s.len() == 1),
+        "no number submitted twice: {:?}",
+        seen.iter()
+            .filter(|(_, s)| s.len() > 1)
+            .map(|(p, _)| p)
+            .collect::<Vec<_>>()
+    );
+    let messages = first.all_messages(&id, None);
+    assert_eq!(count_by_status(&messages).get("sent"), Some(&120));
+    for m in &messages {
+        let phone = text(m, "/phone");
+        let submit = &seen[phone][0];
+        assert_eq!(
+            m["provider_message_id"], submit["message_id"],
+            "the message keeps the SMSC's id: {m}"
+        );
+        let index = phones.iter().position(|p| p == phone).unwrap();
+        assert_eq!(
+            text(submit, "/text"),
+            format!("Hi N{index}, your code is ready."),
+            "{submit}"
+        );
+        assert_eq!(
+            submit["registered_delivery"], 1,
+            "a receipt is asked: {submit}"
+        );
+        assert_eq!(submit["data_coding"], 0, "GSM-7: {submit}");
+        assert_eq!(
+            (
+                &submit["source"],
+                &submit["source_ton"],
+                &submit["source_npi"]
+            ),
+            (&json!("Shop"), &json!(5), &json!(0)),
+            "an alphanumeric sender: {submit}"
+        );
+    }
+    let binds = smsc.events_of("bind");
+    let sessions = if second.is_some() { 2 } else { 1 };
+    assert_eq!(binds.len(), sessions, "one session per instance: {binds:?}");
+    let most = accepted.iter().map(|s| num(s, "/in_flight")).max().unwrap();
+    assert!(
+        most <= WINDOW,
+        "at most {WINDOW} unanswered per session, the SMSC saw {most}"
+    );
+    assert_eq!(
+        most, WINDOW,
+        "the window is used: the SMSC saw at most {most} in flight"
+    );
+    drop(second);
+}
+
+#[test]
+fn error_statuses_fail_their_messages_with_the_status_named() {
+    // Numbers whose digits start 861380000 are refused; the others go.
+    let smsc = smsc(json!({"reject_prefix": "861380000"}));
+    let db = TestDb::new(Backend::Sqlite);
+    let server = server(&db, &smsc, &[], &[]);
+    let refused: Vec<String> = (0..5).map(mobile).collect();
+    let taken: Vec<String> = (0..5).map(|i| mobile(50_000_000 + i)).collect();
+    let phones: Vec<String> = refused.iter().chain(&taken).cloned().collect();
+    let id = start_batch(&server, "Hello {{name}}", &phones);
+    let batch = server.wait_for_state(&id, &["completed", "failed"], SHORT);
+    assert_eq!(num(&batch, "/results/sent"), 5, "{batch:#}");
+    assert_eq!(num(&batch, "/results/failed"), 5, "{batch:#}");
+    for m in server.all_messages(&id, None) {
+        let phone = text(&m, "/phone");
+        if refused.iter().any(|p| p == phone) {
+            assert_eq!(m["status"], "failed", "{m}");
+            assert_eq!(m["error"], "ESME_RINVDSTADR (0x0000000B)", "{m}");
+            assert_eq!(m["attempts"], 1, "a permanent refusal is not retried: {m}");
+        } else {
+            assert_eq!(m["status"], "sent", "{m}");
+        }
+    }
+    assert_eq!(
+        smsc.events_of("submit").len(),
+        10,
+        "each refused number tried once"
+    );
+}
+
+#[test]
+fn throttling_slows_down_and_loses_nothing() {
+    // Every third submit is refused with ESME_RTHROTTLED.
+    let smsc = smsc(json!({"throttle_every": 3}));
+    let db = TestDb::new(Backend::Sqlite);
+    let server = server(
+        &db,
+        &smsc,
+        &[],
+        &[("SMSBATCH__SMSBATCH__RETRY_COUNT", "20")],
+    );
+    let phones: Vec<String> = (0..30).map(|i| mobile(8000 + i)).collect();
+    let id = start_batch(&server, "Hi {{name}}", &phones);
+    let batch = server.wait_for_state(&id, &["completed"], SHORT);
+    assert_eq!(num(&batch, "/results/sent"), 30, "{batch:#}");
+    let submits = smsc.events_of("submit");
+    let throttled = submits.iter().filter(|s| s["status"] == 0x58).count();
+    assert!(
+        throttled >= 10,
+        "the SMSC throttled {throttled} of {}",
+        submits.len()
+    );
+    let accepted = by_destination(&smsc.accepted());
+    assert_eq!(accepted.len(), 30);
+    assert!(
+        accepted.values().all(|s| s.len() == 1),
+        "each number accepted once"
+    );
+    for m in server.all_messages(&id, None) {
+        let submit = &accepted[text(&m, "/phone")][0];
+        assert_eq!(m["provider_message_id"], submit["message_id"], "{m}");
+    }
+}
+
+#[test]
+fn a_long_ucs2_message_goes_as_concatenated_parts_that_reassemble() {
+    let smsc = smsc(json!({}));
+    let db = TestDb::new(Backend::Sqlite);
+    let server = server(&db, &smsc, &[], &[]);
+    // 91 characters of Cyrillic and a name: over 70, so two UCS-2 segments.
+    let content = "Здравствуйте, {{name}}! Ваш заказ готов к выдаче в пункте самовывоза до конца недели. Спасибо!";
+    let phones = vec![mobile(9001), mobile(9002)];
+    let id = start_batch(&server, content, &phones);
+    server.wait_for_state(&id, &["completed"], SHORT);
+    let seen = by_destination(&smsc.accepted());
+    let mut references = HashMap::new();
+    for m in server.all_messages(&id, None) {
+        let phone = text(&m, "/phone");
+        let index = phones.iter().position(|p| p == phone).unwrap();
+        let rendered = content.replace("{{name}}", &format!("N{index}"));
+        assert_eq!(m["segments"], 2, "{m}");
+        let parts = &seen[phone];
+        assert_eq!(parts.len(), 2, "one submit_sm per segment: {parts:#?}");
+        let mut reassembled = String::new();
+        for (i, part) in parts.iter().enumerate() {
+            assert_eq!(part["data_coding"], 8, "UCS-2: {part}");
+            assert_eq!(
+                num(part, "/esm_class") & 0x40,
+                0x40,
+                "a UDH follows: {part}"
+            );
+            // IEI 0 (concatenation, 8-bit reference), length 3: reference, total, this part.
+            let udh = text(part, "/udh");
+            assert_eq!(udh.len(), 12, "{part}");
+            assert_eq!(&udh[..6], "050003", "{part}");
+            assert_eq!(&udh[8..], format!("02{:02x}", i + 1), "{part}");
+            references
+                .entry(phone.to_owned())
+                .or_insert_with(|| udh[6..8].to_owned());
+            assert_eq!(
+                references[phone],
+                udh[6..8],
+                "one reference for the parts: {parts:#?}"
+            );
+            reassembled.push_str(text(part, "/text"));
+        }
+        assert_eq!(reassembled, rendered);
+        assert_eq!(
+            m["provider_message_id"], parts[0]["message_id"],
+            "the first part's id: {m}"
+        );
+    }
+}
+
+#[test]
+fn stopping_the_service_unbinds_its_session() {
+    let smsc = smsc(json!({}));
+    let db = TestDb::new(Backend::Sqlite);
+    let mut server = server(&db, &smsc, &[], &[]);
+    smsc.wait_for(SHORT, "a bind", |e| e.iter().any(|e| e["event"] == "bind"));
+    let (code, _) = server.terminate();
+    assert_eq!(code, Some(0));
+    assert_eq!(smsc.events_of("unbind").len(), 1, "{:#?}", smsc.events());
+}
