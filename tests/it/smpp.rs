@@ -260,3 +260,105 @@ fn stopping_the_service_unbinds_its_session() {
     assert_eq!(code, Some(0));
     assert_eq!(smsc.events_of("unbind").len(), 1, "{:#?}", smsc.events());
 }
+
+/// Every number the SMSC accepted at most once, and what the service recorded agreeing with it:
+/// `sent` with the SMSC's id, or `failed` as `unknown_outcome` for a submit whose answer was
+/// lost. Returns how many were settled as unknown.
+fn nothing_accepted_twice(server: &TestServer, id: &str, smsc: &Smsc, total: usize) -> usize {
+    let accepted = by_destination(&smsc.accepted());
+    let twice: Vec<&String> = accepted
+        .iter()
+        .filter(|(_, s)| s.len() > 1)
+        .map(|(p, _)| p)
+        .collect();
+    assert!(twice.is_empty(), "accepted twice by the SMSC: {twice:?}");
+    let messages = server.all_messages(id, None);
+    assert_eq!(messages.len(), total);
+    let mut unknown = 0;
+    for m in &messages {
+        match text(m, "/status") {
+            "sent" => {
+                let submit = accepted
+                    .get(text(m, "/phone"))
+                    .unwrap_or_else(|| panic!("sent, yet the SMSC never took it: {m}"));
+                assert_eq!(m["provider_message_id"], submit[0]["message_id"], "{m}");
+            }
+            "failed" => {
+                assert_eq!(m["error"], "unknown_outcome", "{m}");
+                unknown += 1;
+            }
+            other => panic!("a message ended {other}: {m}"),
+        }
+    }
+    unknown
+}
+
+#[test]
+fn the_smsc_killed_mid_batch_and_restarted_sends_nothing_twice() {
+    let mut smsc = smsc(json!({"response_delay_ms": 100}));
+    let db = TestDb::new(Backend::Sqlite);
+    let server = server(
+        &db,
+        &smsc,
+        &[("WINDOW", "3"), ("RECONNECT_MS", "200")],
+        &[("SMSBATCH__SMSBATCH__RETRY_COUNT", "20")],
+    );
+    let phones: Vec<String> = (0..60).map(|i| mobile(6000 + i)).collect();
+    let recipients: Vec<Value> = phones.iter().map(|p| json!({"phone": p})).collect();
+    let id = server.create_batch(&json!({
+        "name": "smpp", "content": "Your code", "provider": "acme",
+        "recipients": recipients, "failure_threshold": 1.0,
+    }));
+    server.action_ok(&id, "start", "preparing");
+    smsc.wait_for(SHORT, "ten submits", |e| {
+        e.iter().filter(|e| e["event"] == "submit").count() >= 10
+    });
+    smsc.restart_after(Duration::from_millis(500));
+    let batch = server.wait_for_state(&id, &["completed"], SHORT);
+    let unknown = nothing_accepted_twice(&server, &id, &smsc, 60);
+    assert!(
+        unknown <= 3,
+        "at most a window's worth lost its answer: {unknown}"
+    );
+    assert_eq!(
+        num(&batch, "/results/sent") as usize + unknown,
+        60,
+        "{batch:#}"
+    );
+    assert!(
+        smsc.events_of("bind").len() >= 2,
+        "the session bound again after the restart"
+    );
+}
+
+#[test]
+fn an_smsc_that_stops_answering_is_left_and_bound_again() {
+    // After the 10th submit, that session answers nothing more; a new one answers again.
+    let smsc = smsc(json!({"response_delay_ms": 20, "silent_after": 10}));
+    let db = TestDb::new(Backend::Sqlite);
+    let server = server(
+        &db,
+        &smsc,
+        &[
+            ("WINDOW", "4"),
+            ("RESPONSE_TIMEOUT_MS", "800"),
+            ("RECONNECT_MS", "100"),
+        ],
+        &[],
+    );
+    let phones: Vec<String> = (0..40).map(|i| mobile(5000 + i)).collect();
+    let recipients: Vec<Value> = phones.iter().map(|p| json!({"phone": p})).collect();
+    let id = server.create_batch(&json!({
+        "name": "smpp", "content": "Your code", "provider": "acme",
+        "recipients": recipients, "failure_threshold": 1.0,
+    }));
+    server.action_ok(&id, "start", "preparing");
+    let batch = server.wait_for_state(&id, &["completed"], SHORT);
+    let unknown = nothing_accepted_twice(&server, &id, &smsc, 40);
+    assert!(
+        (1..=4).contains(&unknown),
+        "the submits left unanswered are settled as unknown: {unknown}"
+    );
+    assert_eq!(num(&batch, "/results/sent") as usize + unknown, 40);
+    assert!(smsc.events_of("bind").len() >= 2, "a new session took over");
+}

@@ -8,6 +8,8 @@
 //   reject_prefix      destinations starting with it get ESME_RINVDSTADR
 //   throttle_every     every Nth submit_sm (1st, N+1th, …) gets ESME_RTHROTTLED
 //   id_format          "decimal" (default) or "hex" message ids
+//   silent_after       after this many submit_sm in all, the session that got the last one
+//                      stops answering anything (it still reads); later sessions answer again
 //
 // Lines printed: {"event": "bind", "system_id", "ok"}, {"event": "submit", "session",
 // "destination", "source", "source_ton", "source_npi", "data_coding", "esm_class",
@@ -22,6 +24,7 @@ const delay = config.response_delay_ms || 0;
 let submits = 0;
 let nextId = 1;
 let sessions = 0;
+let silenced = false;
 
 function emit(event) {
   process.stdout.write(JSON.stringify(event) + '\n');
@@ -44,6 +47,7 @@ function messageId() {
 const server = smpp.createServer(function (session) {
   const number = ++sessions;
   let inFlight = 0;
+  let silent = false;
   session.on('error', function () {});
   session.on('bind_transceiver', function (pdu) {
     const ok = (!config.system_id || pdu.system_id === config.system_id) &&
@@ -57,6 +61,10 @@ const server = smpp.createServer(function (session) {
     session.send(pdu.response({ system_id: 'test-smsc' }));
   });
   session.on('submit_sm', function (pdu) {
+    if (silent) {
+      emit({ event: 'ignored', session: number });
+      return;
+    }
     submits += 1;
     inFlight += 1;
     let status = smpp.ESME_ROK;
@@ -84,7 +92,15 @@ const server = smpp.createServer(function (session) {
       message_id: id,
       in_flight: inFlight,
     });
+    if (config.silent_after && !silenced && submits >= config.silent_after) {
+      silenced = true;
+      silent = true;
+      emit({ event: 'silent', session: number });
+    }
     setTimeout(function () {
+      if (silent) {
+        return;
+      }
       inFlight -= 1;
       session.send(pdu.response(status === smpp.ESME_ROK
         ? { message_id: id }
@@ -92,7 +108,9 @@ const server = smpp.createServer(function (session) {
     }, delay);
   });
   session.on('enquire_link', function (pdu) {
-    session.send(pdu.response());
+    if (!silent) {
+      session.send(pdu.response());
+    }
   });
   session.on('deliver_sm_resp', function () {});
   session.on('unbind', function (pdu) {

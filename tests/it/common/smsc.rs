@@ -86,6 +86,23 @@ impl Smsc {
         }
     }
 
+    /// Kills the SMSC (SIGKILL: its sessions drop with no unbind) and starts it again on the
+    /// same port with the same config once `down` has passed; its events go on in the same list.
+    pub fn restart_after(&mut self, down: Duration) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.events
+            .lock()
+            .unwrap()
+            .push(serde_json::json!({"event": "killed"}));
+        thread::sleep(down);
+        let mut config = self.config.clone();
+        config["port"] = self.port.into();
+        let next = Self::spawn(config, self.events.clone());
+        // The old child is already reaped: dropping it signals nothing.
+        drop(std::mem::replace(self, next));
+    }
+
     /// Its port on 127.0.0.1.
     pub fn port(&self) -> u16 {
         self.port
