@@ -69,6 +69,12 @@ pub struct Metrics {
     pub supervised: IntGauge,
     /// `smsbatch_steps_waiting`: steps waiting for one of the instance's `active_steps` places.
     pub steps_waiting: IntGauge,
+    /// `smsbatch_smpp_sessions{provider,state}`: this instance's SMPP sessions by state (set
+    /// at each scrape).
+    pub smpp_sessions: IntGaugeVec,
+    /// `smsbatch_smpp_window_in_use{provider}`: `submit_sm` written and unanswered, over the
+    /// instance's sessions of the account (set at each scrape).
+    pub smpp_window_in_use: IntGaugeVec,
 }
 
 impl Metrics {
@@ -118,6 +124,20 @@ impl Metrics {
             ),
             &["actor"],
         )?;
+        let smpp_sessions = IntGaugeVec::new(
+            Opts::new(
+                "smsbatch_smpp_sessions",
+                "SMPP sessions of this instance, by account and state.",
+            ),
+            &["provider", "state"],
+        )?;
+        let smpp_window_in_use = IntGaugeVec::new(
+            Opts::new(
+                "smsbatch_smpp_window_in_use",
+                "SMPP submit_sm written and not yet answered, by account.",
+            ),
+            &["provider"],
+        )?;
         let tasks_in_flight = IntGauge::new(
             "smsbatch_tasks_in_flight",
             "Delivery tasks dispatched and not yet finished.",
@@ -162,6 +182,8 @@ impl Metrics {
         registry.register(Box::new(preparation_rows.clone()))?;
         registry.register(Box::new(preparation_seconds.clone()))?;
         registry.register(Box::new(mailbox_depth.clone()))?;
+        registry.register(Box::new(smpp_sessions.clone()))?;
+        registry.register(Box::new(smpp_window_in_use.clone()))?;
         registry.register(Box::new(tasks_in_flight.clone()))?;
         registry.register(Box::new(tasks.clone()))?;
         registry.register(Box::new(step_restarts.clone()))?;
@@ -200,6 +222,8 @@ impl Metrics {
             amqp_prefetch_in_flight,
             supervised,
             steps_waiting,
+            smpp_sessions,
+            smpp_window_in_use,
         })
     }
 

@@ -147,6 +147,28 @@ pub struct Readiness {
     pub timestamp: chrono::DateTime<chrono::Utc>,
     /// Each dependency's check.
     pub checks: ReadinessChecks,
+    /// The sessions of each provider that keeps connections open (SMPP accounts), by name:
+    /// shown, never making the instance unready.
+    pub providers: std::collections::BTreeMap<String, ProviderCheck>,
+}
+
+/// A provider's sessions in [`Readiness`].
+#[derive(Serialize, ToSchema)]
+pub struct ProviderCheck {
+    /// One entry per session this instance opens.
+    pub sessions: Vec<SessionCheck>,
+}
+
+/// One session in [`ProviderCheck`].
+#[derive(Serialize, ToSchema)]
+pub struct SessionCheck {
+    /// `connecting`, `bound`, `refused` (the bind was refused), `down` (waiting to reconnect)
+    /// or `closed`.
+    #[schema(value_type = String, pattern = "^(connecting|bound|refused|down|closed)$")]
+    pub state: &'static str,
+    /// Why it is refused (the status, `ESME_RBINDFAIL (0x0000000D)`) or down.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 /// The checks of [`Readiness`]: `ok`, or the failed check's error text.

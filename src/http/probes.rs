@@ -8,7 +8,7 @@ use chrono::Utc;
 
 use super::AppState;
 use super::error::ApiError;
-use super::openapi::{Health, Readiness, ReadinessChecks};
+use super::openapi::{Health, ProviderCheck, Readiness, ReadinessChecks, SessionCheck};
 use crate::domain::state::BatchState;
 
 /// Liveness: touches no dependency.
@@ -48,10 +48,27 @@ pub(super) async fn readyz(state: web::Data<AppState>) -> HttpResponse {
         },
     };
     let healthy = database == "ok" && queue == "ok";
+    // Shown, never failing the probe: the API serves whatever an SMSC does.
+    let providers = state
+        .providers
+        .sessions()
+        .into_iter()
+        .map(|(name, sessions)| {
+            let sessions = sessions
+                .into_iter()
+                .map(|s| SessionCheck {
+                    state: s.state,
+                    reason: s.reason,
+                })
+                .collect();
+            (name, ProviderCheck { sessions })
+        })
+        .collect();
     let body = Readiness {
         status: if healthy { "healthy" } else { "unhealthy" },
         timestamp: Utc::now(),
         checks: ReadinessChecks { database, queue },
+        providers,
     };
     if healthy {
         HttpResponse::Ok().json(body)
@@ -81,6 +98,22 @@ pub(super) async fn metrics(state: web::Data<AppState>) -> Result<HttpResponse, 
                 .with_label_values(&[s.as_str()])
                 .set(counts.get(s.as_str()).copied().unwrap_or(0));
         }
+    }
+    for (name, sessions) in state.providers.sessions() {
+        for kind in ["connecting", "bound", "refused", "down", "closed"] {
+            let n = sessions.iter().filter(|s| s.state == kind).count();
+            state
+                .metrics
+                .smpp_sessions
+                .with_label_values(&[name.as_str(), kind])
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+        let in_flight: usize = sessions.iter().map(|s| s.in_flight).sum();
+        state
+            .metrics
+            .smpp_window_in_use
+            .with_label_values(&[name.as_str()])
+            .set(i64::try_from(in_flight).unwrap_or(i64::MAX));
     }
     let text = state
         .metrics

@@ -8,7 +8,7 @@ pub mod registry;
 pub mod simulator;
 pub mod smpp;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -64,6 +64,18 @@ impl ProviderError {
     }
 }
 
+/// One session of a provider that keeps connections open (SMPP), as `/readyz` and the metrics
+/// show it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionReport {
+    /// `connecting`, `bound`, `refused`, `down` or `closed`.
+    pub state: &'static str,
+    /// Why it is refused or down.
+    pub reason: Option<String>,
+    /// Requests written and not yet answered (SMPP's window in use).
+    pub in_flight: usize,
+}
+
 /// An SMS gateway.
 pub trait SmsProvider: Send + Sync {
     /// Sends one message.
@@ -71,6 +83,11 @@ pub trait SmsProvider: Send + Sync {
         &'a self,
         sms: &'a OutgoingSms<'a>,
     ) -> BoxFuture<'a, Result<Accepted, ProviderError>>;
+
+    /// Its sessions, for a provider that keeps connections open; none for the others.
+    fn sessions(&self) -> Vec<SessionReport> {
+        Vec::new()
+    }
 
     /// Closes its connections cleanly once nothing more is sent (SMPP's `unbind`).
     fn shutdown(&self) -> BoxFuture<'_, ()> {
@@ -126,6 +143,15 @@ impl Providers {
             .map(|provider| provider.gateway.shutdown())
             .collect();
         futures_util::future::join_all(all).await;
+    }
+
+    /// The sessions of each provider that keeps some, by name.
+    pub fn sessions(&self) -> BTreeMap<String, Vec<SessionReport>> {
+        self.by_name
+            .values()
+            .map(|p| (p.name.clone(), p.gateway.sessions()))
+            .filter(|(_, sessions)| !sessions.is_empty())
+            .collect()
     }
 
     /// The name of the default provider.

@@ -362,3 +362,54 @@ fn an_smsc_that_stops_answering_is_left_and_bound_again() {
     assert_eq!(num(&batch, "/results/sent") as usize + unknown, 40);
     assert!(smsc.events_of("bind").len() >= 2, "a new session took over");
 }
+
+#[test]
+fn readiness_and_metrics_show_each_session_and_a_refused_bind() {
+    let smsc = smsc(json!({}));
+    let db = TestDb::new(Backend::Sqlite);
+    // `acme` binds; `wrong` gives a password the SMSC refuses.
+    let mut env = smsc.env("wrong", &[("PASSWORD", "nope")]);
+    env.push(("SMSBATCH__PROVIDERS__SMPP__ACME__BINDS".into(), "2".into()));
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let server = server(&db, &smsc, &[], &env);
+    let sessions = |name: &str| {
+        let (status, body) = server.get_json("/readyz");
+        assert_eq!(
+            status, 200,
+            "an SMSC never makes the instance unready: {body}"
+        );
+        body["providers"][name]["sessions"].clone()
+    };
+    crate::common::eventually("both of acme's sessions bound", SHORT, || {
+        let s = sessions("acme");
+        let bound = s
+            .as_array()
+            .is_some_and(|a| a.len() == 2 && a.iter().all(|s| s["state"] == "bound"));
+        if bound { Ok(()) } else { Err(s.to_string()) }
+    });
+    crate::common::eventually("wrong's bind refused", SHORT, || {
+        let s = sessions("wrong");
+        if s[0]["state"] == "refused" {
+            Ok(())
+        } else {
+            Err(s.to_string())
+        }
+    });
+    let wrong = sessions("wrong");
+    assert_eq!(wrong[0]["reason"], "ESME_RBINDFAIL (0x0000000D)", "{wrong}");
+    let metrics = server.get("/metrics").body;
+    for line in [
+        "smsbatch_smpp_sessions{provider=\"acme\",state=\"bound\"} 2",
+        "smsbatch_smpp_sessions{provider=\"wrong\",state=\"refused\"} 1",
+        "smsbatch_smpp_window_in_use{provider=\"acme\"} 0",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "{line} not in:\n{metrics}"
+        );
+    }
+    assert!(
+        smsc.events_of("bind").iter().any(|b| b["ok"] == false),
+        "the SMSC refused a bind"
+    );
+}

@@ -26,7 +26,7 @@ use self::pdu::{Address, SubmitSm};
 use self::session::{Config, State, Submit, Submitted};
 use self::text::Parts;
 use super::kinds::BuildError;
-use super::{Accepted, OutgoingSms, ProviderError, RateLimiter, SmsProvider};
+use super::{Accepted, OutgoingSms, ProviderError, RateLimiter, SessionReport, SmsProvider};
 
 pub use settings::{Kind, MessageIdFormat, SmppProviderSettings};
 
@@ -41,6 +41,8 @@ pub struct SmppProvider {
     name: String,
     sessions: Vec<mpsc::Sender<Submit>>,
     states: watch::Receiver<Vec<State>>,
+    /// Each session's submits written and unanswered.
+    in_flight: Vec<Arc<AtomicUsize>>,
     next: AtomicUsize,
     /// Segments per second, for this instance.
     limiter: RateLimiter,
@@ -72,7 +74,9 @@ impl SmppProvider {
         let (stop, stop_rx) = watch::channel(false);
         let mut sessions = Vec::with_capacity(settings.binds);
         let mut tasks = Vec::with_capacity(settings.binds);
-        for index in 0..settings.binds {
+        let in_flight: Vec<Arc<AtomicUsize>> =
+            (0..settings.binds).map(|_| Arc::default()).collect();
+        for (index, in_flight) in in_flight.iter().enumerate() {
             // A session holds `window` submits written and as many queued: no more wait in it.
             let (tx, rx) = mpsc::channel(settings.window);
             sessions.push(tx);
@@ -81,6 +85,7 @@ impl SmppProvider {
                 index,
                 rx,
                 states_tx.clone(),
+                in_flight.clone(),
                 stop_rx.clone(),
             )));
         }
@@ -88,17 +93,13 @@ impl SmppProvider {
             name: name.to_owned(),
             sessions,
             states,
+            in_flight,
             next: AtomicUsize::new(0),
             limiter: RateLimiter::new(settings.rate_limit),
             source: settings.source(),
             stop,
             tasks: Mutex::new(tasks),
         })
-    }
-
-    /// The state of each session, in order.
-    pub fn session_states(&self) -> Vec<State> {
-        self.states.borrow().clone()
     }
 
     /// A bound session, the one with the most room in its window (round robin among equals),
@@ -235,6 +236,28 @@ impl SmsProvider for SmppProvider {
         sms: &'a OutgoingSms<'a>,
     ) -> BoxFuture<'a, Result<Accepted, ProviderError>> {
         Box::pin(self.send_message(sms))
+    }
+
+    fn sessions(&self) -> Vec<SessionReport> {
+        let states = self.states.borrow();
+        states
+            .iter()
+            .zip(&self.in_flight)
+            .map(|(state, in_flight)| {
+                let (state, reason) = match state {
+                    State::Connecting => ("connecting", None),
+                    State::Bound => ("bound", None),
+                    State::Refused(why) => ("refused", Some(why.clone())),
+                    State::Down(why) => ("down", Some(why.clone())),
+                    State::Closed => ("closed", None),
+                };
+                SessionReport {
+                    state,
+                    reason,
+                    in_flight: in_flight.load(Ordering::Relaxed),
+                }
+            })
+            .collect()
     }
 
     fn shutdown(&self) -> BoxFuture<'_, ()> {

@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -91,6 +92,7 @@ pub async fn run(
     index: usize,
     mut requests: mpsc::Receiver<Submit>,
     states: watch::Sender<Vec<State>>,
+    in_flight: Arc<AtomicUsize>,
     mut stop: watch::Receiver<bool>,
 ) {
     let set = |state: State| states.send_modify(|all| all[index] = state);
@@ -102,7 +104,7 @@ pub async fn run(
                 set(State::Bound);
                 tracing::info!(provider = %config.provider, session = index, "SMPP session bound.");
                 delay = config.reconnect;
-                match Link::new(&config, stream, buf)
+                match Link::new(&config, stream, buf, in_flight.clone())
                     .serve(&mut requests, &mut stop)
                     .await
                 {
@@ -223,10 +225,17 @@ struct Link<'a> {
     paused_until: Option<Instant>,
     throttle: Duration,
     unbound: bool,
+    /// `pending.len()`, for the metrics.
+    in_flight: Arc<AtomicUsize>,
 }
 
 impl<'a> Link<'a> {
-    fn new(config: &'a Config, stream: TcpStream, buf: BytesMut) -> Self {
+    fn new(
+        config: &'a Config,
+        stream: TcpStream,
+        buf: BytesMut,
+        in_flight: Arc<AtomicUsize>,
+    ) -> Self {
         let (reader, writer) = stream.into_split();
         Link {
             config,
@@ -239,6 +248,7 @@ impl<'a> Link<'a> {
             paused_until: None,
             throttle: FIRST_THROTTLE,
             unbound: false,
+            in_flight,
         }
     }
 
@@ -253,6 +263,7 @@ impl<'a> Link<'a> {
         let mut keepalive = tokio::time::interval_at(Instant::now() + period, period);
         keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let result = loop {
+            self.in_flight.store(self.pending.len(), Ordering::Relaxed);
             if self.paused_until.is_some_and(|t| t <= Instant::now()) {
                 self.paused_until = None;
             }
@@ -294,6 +305,7 @@ impl<'a> Link<'a> {
         for (_, pending) in self.pending.drain() {
             let _ = pending.reply.send(Submitted::Unknown(why.clone()));
         }
+        self.in_flight.store(0, Ordering::Relaxed);
         result
     }
 
