@@ -251,15 +251,10 @@ async fn send_slice(core: &Core, gate: &Gate, claimed: Vec<ClaimedMessage>) -> O
                 outcomes.failed.push((id, UNKNOWN_OUTCOME.to_owned()));
                 "failed"
             }
-            SendResult::Failed(e @ ProviderError::Unknown(_))
-                if attempts <= settings.retry_count as i32 =>
-            {
-                let backoff = retry_delay(settings.retry_backoff_ms, attempts);
-                outcomes.retry.push((id, now + backoff, e.to_string()));
-                "retried"
-            }
+            // Under `at_least_once`, an unknown outcome is retried like a transient error.
             SendResult::Failed(e)
-                if e.is_transient() && attempts <= settings.retry_count as i32 =>
+                if (e.is_transient() || matches!(e, ProviderError::Unknown(_)))
+                    && attempts <= settings.retry_count as i32 =>
             {
                 let backoff = retry_delay(settings.retry_backoff_ms, attempts);
                 outcomes.retry.push((id, now + backoff, e.to_string()));

@@ -306,6 +306,14 @@ mod tests {
     }
 
     #[test]
+    fn session_state_pattern_lists_every_reported_state() {
+        let pattern =
+            &doc()["components"]["schemas"]["SessionCheck"]["properties"]["state"]["pattern"];
+        let states = crate::provider::SessionReport::STATES.join("|");
+        assert_eq!(pattern.as_str(), Some(format!("^({states})$").as_str()));
+    }
+
+    #[test]
     fn enums_list_the_domain_names() {
         let doc = doc();
         let names = |schema: &str| -> Vec<String> {

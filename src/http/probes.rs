@@ -10,6 +10,7 @@ use super::AppState;
 use super::error::ApiError;
 use super::openapi::{Health, ProviderCheck, Readiness, ReadinessChecks, SessionCheck};
 use crate::domain::state::BatchState;
+use crate::provider::SessionReport;
 
 /// Liveness: touches no dependency.
 #[utoipa::path(
@@ -100,7 +101,7 @@ pub(super) async fn metrics(state: web::Data<AppState>) -> Result<HttpResponse, 
         }
     }
     for (name, sessions) in state.providers.sessions() {
-        for kind in ["connecting", "bound", "refused", "down", "closed"] {
+        for kind in SessionReport::STATES {
             let n = sessions.iter().filter(|s| s.state == kind).count();
             state
                 .metrics

@@ -68,12 +68,17 @@ impl ProviderError {
 /// show it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SessionReport {
-    /// `connecting`, `bound`, `refused`, `down` or `closed`.
+    /// One of `SessionReport::STATES`.
     pub state: &'static str,
     /// Why it is refused or down.
     pub reason: Option<String>,
     /// Requests written and not yet answered (SMPP's window in use).
     pub in_flight: usize,
+}
+
+impl SessionReport {
+    /// Every state a session reports.
+    pub const STATES: [&'static str; 5] = ["connecting", "bound", "refused", "down", "closed"];
 }
 
 /// An SMS gateway.

@@ -131,10 +131,10 @@ impl SmppProvider {
 
     /// Why no session is bound: the first session's state.
     fn why_unbound(&self) -> String {
-        match self.states.borrow().first() {
-            Some(State::Refused(status)) => format!("bind refused: {status}"),
-            Some(State::Down(why)) => why.clone(),
-            Some(State::Closed) => "the service is stopping".into(),
+        match self.states.borrow().first().map(State::report) {
+            Some(("refused", Some(status))) => format!("bind refused: {status}"),
+            Some(("down", Some(why))) => why.to_owned(),
+            Some(("closed", _)) => "the service is stopping".into(),
             _ => "connecting".into(),
         }
     }
@@ -244,16 +244,10 @@ impl SmsProvider for SmppProvider {
             .iter()
             .zip(&self.in_flight)
             .map(|(state, in_flight)| {
-                let (state, reason) = match state {
-                    State::Connecting => ("connecting", None),
-                    State::Bound => ("bound", None),
-                    State::Refused(why) => ("refused", Some(why.clone())),
-                    State::Down(why) => ("down", Some(why.clone())),
-                    State::Closed => ("closed", None),
-                };
+                let (state, reason) = state.report();
                 SessionReport {
                     state,
-                    reason,
+                    reason: reason.map(str::to_owned),
                     in_flight: in_flight.load(Ordering::Relaxed),
                 }
             })

@@ -61,6 +61,19 @@ pub enum State {
     Closed,
 }
 
+impl State {
+    /// Its name in `SessionReport::STATES`, and why it is refused or down.
+    pub fn report(&self) -> (&'static str, Option<&str>) {
+        match self {
+            State::Connecting => ("connecting", None),
+            State::Bound => ("bound", None),
+            State::Refused(why) => ("refused", Some(why)),
+            State::Down(why) => ("down", Some(why)),
+            State::Closed => ("closed", None),
+        }
+    }
+}
+
 /// What a session needs to connect and bind.
 #[derive(Debug)]
 pub struct Config {
