@@ -51,6 +51,30 @@ pub struct Settings {
     pub providers: ProviderSettings,
     /// Logging.
     pub log: LogSettings,
+    /// The words of inbound messages that opt a number out and back in.
+    pub opt_out: OptOutSettings,
+}
+
+/// `opt_out.*`: an inbound message whose whole text (trimmed, case-folded) is one of
+/// `stop_words` opts its sender out; one of `start_words` opts it back in. In the environment,
+/// a list is written with commas (`SMSBATCH__OPT_OUT__STOP_WORDS=STOP,ARRET`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OptOutSettings {
+    /// Words that opt out.
+    pub stop_words: Vec<String>,
+    /// Words that opt back in.
+    pub start_words: Vec<String>,
+}
+
+impl Default for OptOutSettings {
+    fn default() -> Self {
+        let owned = |words: &[&str]| words.iter().map(|w| (*w).to_owned()).collect();
+        Self {
+            stop_words: owned(&crate::domain::receipt::STOP_WORDS),
+            start_words: owned(&crate::domain::receipt::START_WORDS),
+        }
+    }
 }
 
 /// `http.*`
@@ -348,6 +372,9 @@ impl Settings {
                     .prefix_separator("__")
                     .separator("__")
                     .try_parsing(true)
+                    .list_separator(",")
+                    .with_list_parse_key("opt_out.stop_words")
+                    .with_list_parse_key("opt_out.start_words")
                     .source(vars),
             )
             .build()?
@@ -452,6 +479,29 @@ impl Settings {
         )?;
         positive("smsbatch.active_steps", self.smsbatch.active_steps as u64)?;
         self.region()?;
+        let words = crate::domain::receipt::Keywords::new(&self.opt_out.stop_words, &[]);
+        for (key, list) in [
+            ("opt_out.stop_words", &self.opt_out.stop_words),
+            ("opt_out.start_words", &self.opt_out.start_words),
+        ] {
+            if let Some(blank) = list.iter().find(|w| w.trim().is_empty()) {
+                return Err(ConfigError::Invalid {
+                    key: key.into(),
+                    reason: format!("`{blank}`: a word must not be blank"),
+                });
+            }
+        }
+        if let Some(both) = self
+            .opt_out
+            .start_words
+            .iter()
+            .find(|w| words.classify(w) == crate::domain::receipt::Keyword::Stop)
+        {
+            return Err(ConfigError::Invalid {
+                key: "opt_out.start_words".into(),
+                reason: format!("`{both}` is a stop word too"),
+            });
+        }
         crate::provider::configure(&self.providers)?;
         tracing_subscriber::EnvFilter::try_new(&self.log.level).map_err(|e| {
             ConfigError::Invalid {

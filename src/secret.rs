@@ -23,6 +23,20 @@ impl Secret {
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
+    /// True when `given` is the value, compared in a time that does not tell how much of a
+    /// guess matched.
+    pub fn matches(&self, given: &str) -> bool {
+        constant_time_eq(given.as_bytes(), self.0.as_bytes())
+    }
+}
+
+/// Compares without an early exit, so the time taken does not tell how much of a guess matched.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = a.len() ^ b.len();
+    for (i, &x) in b.iter().enumerate() {
+        diff |= usize::from(x ^ a.get(i).copied().unwrap_or(0));
+    }
+    diff == 0
 }
 
 impl fmt::Debug for Secret {
@@ -87,5 +101,15 @@ mod tests {
             "http://sms.example/send"
         );
         assert_eq!(format!("{:?}", Secret::new("k3y")), "Secret(***)");
+    }
+
+    #[test]
+    fn secrets_compare_whole_values() {
+        let secret = Secret::new("secret");
+        assert!(secret.matches("secret"));
+        assert!(!secret.matches("secreT"));
+        assert!(!secret.matches("secre"));
+        assert!(!secret.matches("secret!"));
+        assert!(!secret.matches(""));
     }
 }

@@ -11,9 +11,10 @@ use tracing_actix_web::TracingLogger;
 
 use crate::actors::registry::{BatchRegistry, Recover, Shutdown};
 use crate::actors::worker::PartitionWorker;
-use crate::actors::{Core, Deps, gates::Gates};
+use crate::actors::{Core, Deps, gates::Gates, incoming};
 use crate::admission::Admission;
 use crate::config::{Settings, TransportKind};
+use crate::domain::receipt::Keywords;
 use crate::http::{AppState, routes};
 use crate::provider::Providers;
 use crate::secret::redact_url;
@@ -43,8 +44,21 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
     )
     .context("opening the database pool for requests")?;
     let metrics = Metrics::new().context("registering metrics")?;
-    let providers =
-        Providers::from_settings(&settings.providers).context("building the providers")?;
+    // What providers receive (receipts, inbound messages) goes to the instance's desk.
+    let (incoming, incoming_rx) = tokio::sync::mpsc::channel(incoming::CHANNEL);
+    let (desk_stop, desk_stop_rx) = tokio::sync::watch::channel(false);
+    let desk = actix::spawn(incoming::run(
+        incoming::Desk {
+            store: store.clone(),
+            metrics: metrics.clone(),
+            keywords: Keywords::new(&settings.opt_out.stop_words, &settings.opt_out.start_words),
+            region: settings.region()?,
+        },
+        incoming_rx,
+        desk_stop_rx,
+    ));
+    let providers = Providers::from_settings(&settings.providers, &incoming)
+        .context("building the providers")?;
     let core = Core {
         store: store.clone(),
         requests: requests.clone(),
@@ -104,6 +118,7 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
         metrics,
         settings: settings.clone(),
         providers,
+        incoming,
     };
     let mut server = HttpServer::new(move || {
         let state = state.clone();
@@ -154,6 +169,19 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
         .is_err()
     {
         tracing::warn!("Provider sessions did not close in time.");
+    }
+    // The sessions are closed: the desk answers what it holds and stops.
+    let _ = desk_stop.send(true);
+    if tokio::time::timeout_at(
+        deadline.max(tokio::time::Instant::now() + LEASE_RELEASE),
+        desk,
+    )
+    .await
+    .is_err()
+    {
+        tracing::warn!(
+            "Receipts still being stored at the deadline; their providers send them again."
+        );
     }
     // Give the leases back, so another instance takes the batches over without waiting for them
     // to expire: worth a moment past the deadline, not more. The release runs as a task of its

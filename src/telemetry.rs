@@ -2,8 +2,8 @@
 //! low-cardinality: never a batch id or a phone number.
 
 use prometheus::{
-    CounterVec, Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    CounterVec, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::layer::SubscriberExt;
@@ -75,6 +75,20 @@ pub struct Metrics {
     /// `smsbatch_smpp_window_in_use{provider}`: `submit_sm` written and unanswered, over the
     /// instance's sessions of the account (set at each scrape).
     pub smpp_window_in_use: IntGaugeVec,
+    /// `smsbatch_receipts_total{outcome}`: receipts stored by this instance, by what they did:
+    /// `delivered`, `failed` (a message settled), `part` (a part of a message still waiting
+    /// for its others), `repeated` (its message already settled), `kept` (no message yet),
+    /// `dropped` (kept too long).
+    pub receipts: IntCounterVec,
+    /// `smsbatch_receipt_latency_seconds`: from a message's submit to the receipt that settled
+    /// it.
+    pub receipt_latency: Histogram,
+    /// `smsbatch_inbound_messages_total{provider,action}`: mobile-originated messages, by what
+    /// they asked (`stop`, `start`, `none`).
+    pub inbound: IntCounterVec,
+    /// `smsbatch_opt_outs_total{source}`: numbers added to the opt-out list (`api`, `csv`,
+    /// `inbound`).
+    pub opt_outs: IntCounterVec,
 }
 
 impl Metrics {
@@ -138,6 +152,46 @@ impl Metrics {
             ),
             &["provider"],
         )?;
+        let receipts = IntCounterVec::new(
+            Opts::new(
+                "smsbatch_receipts_total",
+                "Delivery receipts stored by this instance, by what they did.",
+            ),
+            &["outcome"],
+        )?;
+        let receipt_latency = Histogram::with_opts(
+            HistogramOpts::new(
+                "smsbatch_receipt_latency_seconds",
+                "Seconds from a message's submit to the receipt that settled it.",
+            )
+            .buckets(vec![
+                0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 1800.0, 3600.0, 21600.0, 86400.0,
+            ]),
+        )?;
+        let inbound = IntCounterVec::new(
+            Opts::new(
+                "smsbatch_inbound_messages_total",
+                "Mobile-originated messages, by provider and what they asked.",
+            ),
+            &["provider", "action"],
+        )?;
+        let opt_outs = IntCounterVec::new(
+            Opts::new(
+                "smsbatch_opt_outs_total",
+                "Numbers added to the opt-out list, by source.",
+            ),
+            &["source"],
+        )?;
+        registry.register(Box::new(receipts.clone()))?;
+        registry.register(Box::new(receipt_latency.clone()))?;
+        registry.register(Box::new(inbound.clone()))?;
+        registry.register(Box::new(opt_outs.clone()))?;
+        for outcome in ["delivered", "failed", "part", "repeated", "kept", "dropped"] {
+            receipts.with_label_values(&[outcome]);
+        }
+        for source in ["api", "csv", "inbound"] {
+            opt_outs.with_label_values(&[source]);
+        }
         let tasks_in_flight = IntGauge::new(
             "smsbatch_tasks_in_flight",
             "Delivery tasks dispatched and not yet finished.",
@@ -224,6 +278,10 @@ impl Metrics {
             steps_waiting,
             smpp_sessions,
             smpp_window_in_use,
+            receipts,
+            receipt_latency,
+            inbound,
+            opt_outs,
         })
     }
 

@@ -5,6 +5,7 @@
 
 pub mod delivery;
 pub mod gates;
+pub mod incoming;
 pub mod preparation;
 pub mod registry;
 pub mod supervisor;

@@ -11,8 +11,9 @@ use futures_util::StreamExt;
 use super::Core;
 use super::gates::{Gate, GateState};
 use crate::config::Redelivery;
+use crate::domain::receipt::receipt_key;
 use crate::domain::state::BatchState;
-use crate::provider::{OutgoingSms, ProviderError};
+use crate::provider::{Accepted, OutgoingSms, ProviderError};
 use crate::store::UNKNOWN_OUTCOME;
 use crate::store::models::ClaimedMessage;
 use crate::store::{Outcomes, StoreError};
@@ -215,9 +216,7 @@ async fn send_slice(core: &Core, gate: &Gate, claimed: Vec<ClaimedMessage>) -> O
                                     .with_label_values(&[provider.name.as_str()])
                                     .observe(started.elapsed().as_secs_f64());
                                 match answer {
-                                    Ok(Ok(accepted)) => {
-                                        SendResult::Sent(accepted.provider_message_id)
-                                    }
+                                    Ok(Ok(accepted)) => SendResult::Sent(accepted),
                                     Ok(Err(e)) => SendResult::Failed(e),
                                     Err(_) => SendResult::Failed(ProviderError::Transient(
                                         "provider timeout".into(),
@@ -238,8 +237,14 @@ async fn send_slice(core: &Core, gate: &Gate, claimed: Vec<ClaimedMessage>) -> O
     let now = chrono::Utc::now().naive_utc();
     for (id, attempts, result) in results {
         let outcome = match result {
-            SendResult::Sent(pid) => {
-                outcomes.sent.push((id, pid));
+            SendResult::Sent(accepted) => {
+                outcomes.receipt_keys.extend(
+                    accepted
+                        .receipt_ids
+                        .iter()
+                        .map(|rid| (id, receipt_key(&gate.provider, rid))),
+                );
+                outcomes.sent.push((id, accepted.provider_message_id));
                 "sent"
             }
             // The provider may have it: sending again could deliver it twice, so only
@@ -287,7 +292,7 @@ async fn send_slice(core: &Core, gate: &Gate, claimed: Vec<ClaimedMessage>) -> O
 
 /// What happened to one message.
 enum SendResult {
-    Sent(Option<String>),
+    Sent(Accepted),
     Failed(ProviderError),
     Released,
     Cancelled,

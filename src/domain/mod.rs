@@ -43,6 +43,7 @@ pub mod batch;
 pub mod counts;
 pub mod lifecycle;
 pub mod phone;
+pub mod receipt;
 pub mod seen;
 pub mod sms;
 pub mod state;

@@ -16,6 +16,7 @@ mod path;
 mod probes;
 mod recipients;
 pub mod views;
+mod webhooks;
 
 use std::sync::Arc;
 
@@ -25,7 +26,7 @@ use actix_web::{HttpResponse, web};
 
 use crate::actors::registry::BatchRegistry;
 use crate::config::Settings;
-use crate::provider::Providers;
+use crate::provider::{IncomingSink, Providers};
 use crate::store::Store;
 use crate::telemetry::Metrics;
 pub use error::ApiError;
@@ -45,6 +46,8 @@ pub struct AppState {
     pub settings: Arc<Settings>,
     /// The providers.
     pub providers: Providers,
+    /// Where the webhooks hand receipts and inbound messages (the instance's desk).
+    pub incoming: IncomingSink,
 }
 
 /// A resource whose other methods answer 405 with the error body and an `Allow` header (actix
@@ -75,6 +78,20 @@ pub fn routes(cfg: &mut web::ServiceConfig, state: AppState) {
         .service(resource("/readyz", "GET").route(web::get().to(probes::readyz)))
         .service(resource("/metrics", "GET").route(web::get().to(probes::metrics)))
         .service(resource("/openapi.json", "GET").route(web::get().to(openapi::openapi_json)))
+        // The gateways' webhooks take their provider's token, not the admin token: a scope of
+        // their own, before `/v1`'s.
+        .service(
+            web::scope("/v1/providers")
+                .service(
+                    resource("/{name}/receipts", "POST")
+                        .route(web::post().to(webhooks::post_receipts)),
+                )
+                .service(
+                    resource("/{name}/inbound", "POST")
+                        .route(web::post().to(webhooks::post_inbound)),
+                )
+                .default_service(web::to(no_route)),
+        )
         .service(
             web::scope("/v1")
                 .wrap(from_fn(auth::require_token))

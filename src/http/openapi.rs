@@ -24,6 +24,8 @@ use super::error::ErrorBody;
 /// The name of the security scheme every `/v1/` operation requires when `admin.token` is set
 /// (the handlers' `security(("bearer" = []))` attributes take it only as a literal).
 pub const BEARER: &str = "bearer";
+/// The scheme of the gateways' webhooks: a bearer token too, their provider's `webhook_token`.
+pub const WEBHOOK: &str = "webhook";
 
 /// Implements `ToSchema` for a domain enum as a string schema listing its API names.
 macro_rules! name_schema {
@@ -200,6 +202,10 @@ impl Modify for Extras {
             BEARER,
             SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
         );
+        components.add_security_scheme(
+            WEBHOOK,
+            SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
+        );
     }
 }
 
@@ -216,6 +222,8 @@ impl Modify for Extras {
         super::opt_outs::add_opt_outs,
         super::opt_outs::get_opt_out,
         super::opt_outs::delete_opt_out,
+        super::webhooks::post_receipts,
+        super::webhooks::post_inbound,
         super::actions::start_batch,
         super::actions::pause_batch,
         super::actions::resume_batch,
@@ -231,6 +239,7 @@ impl Modify for Extras {
     tags(
         (name = "batches", description = "Batches and their lifecycle (docs/api.md)."),
         (name = "opt-outs", description = "Numbers that said stop: no batch prepared after they are listed messages them."),
+        (name = "webhooks", description = "What `http` gateways post back (receipts, inbound messages), with their provider's `webhook_token`."),
         (name = "operations", description = "Probes, metrics and this document."),
     ),
 )]
@@ -379,13 +388,18 @@ mod tests {
         let doc = doc();
         for (path, item) in doc["paths"].as_object().unwrap() {
             for (method, op) in item.as_object().unwrap() {
-                let secured = op.get("security").is_some_and(|s| {
-                    s.as_array()
-                        .is_some_and(|a| a.iter().any(|r| r.get(BEARER).is_some()))
-                });
+                let secured_by = |scheme: &str| {
+                    op.get("security").is_some_and(|s| {
+                        s.as_array()
+                            .is_some_and(|a| a.iter().any(|r| r.get(scheme).is_some()))
+                    })
+                };
+                // The gateways' webhooks take their provider's token instead.
+                let webhook = path.starts_with("/v1/providers/");
+                assert_eq!(secured_by(WEBHOOK), webhook, "{method} {path}: webhook");
                 assert_eq!(
-                    secured,
-                    path.starts_with("/v1/"),
+                    secured_by(BEARER),
+                    path.starts_with("/v1/") && !webhook,
                     "{method} {path}: security {:?}",
                     op.get("security")
                 );

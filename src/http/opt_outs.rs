@@ -6,7 +6,6 @@ use std::cell::Cell;
 
 use actix_web::http::header;
 use actix_web::{HttpRequest, HttpResponse, web};
-use futures_util::StreamExt;
 use serde::Deserialize;
 use utoipa::{IntoParams, ToSchema};
 
@@ -14,6 +13,7 @@ use super::AppState;
 use super::error::{ApiError, ErrorBody};
 use super::recipients::{check_declared_length, feed_csv};
 use super::views::{OptOutPage, OptOutView, OptOutsAdded};
+use super::webhooks::read_json;
 use crate::domain::phone::{E164Phone, Region};
 
 /// `GET /v1/opt-outs` query.
@@ -173,9 +173,12 @@ pub(super) async fn add_opt_outs(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.split(';').next())
         .map(|v| v.trim().to_ascii_lowercase());
-    let added = match media.as_deref() {
-        Some("text/csv") => add_from_csv(&state, &request, payload, region).await?,
-        Some("application/json") => add_from_json(&state, payload, region).await?,
+    let (added, source) = match media.as_deref() {
+        Some("text/csv") => (
+            add_from_csv(&state, &request, payload, region).await?,
+            "csv",
+        ),
+        Some("application/json") => (add_from_json(&state, payload, region).await?, "api"),
         _ => {
             return Err(ApiError::BadRequest(
                 "expected Content-Type: application/json or text/csv".into(),
@@ -188,27 +191,20 @@ pub(super) async fn add_opt_outs(
         invalid = added.invalid,
         "Opt-outs added."
     );
+    state
+        .metrics
+        .opt_outs
+        .with_label_values(&[source])
+        .inc_by(added.added);
     Ok(HttpResponse::Ok().json(added))
 }
 
 async fn add_from_json(
     state: &AppState,
-    mut payload: web::Payload,
+    payload: web::Payload,
     region: Region,
 ) -> Result<OptOutsAdded, ApiError> {
-    let limit = state.settings.http.max_json_bytes;
-    let mut body = web::BytesMut::new();
-    while let Some(bytes) = payload.next().await {
-        let bytes = bytes.map_err(|e| ApiError::BadRequest(format!("reading the body: {e}")))?;
-        if body.len() + bytes.len() > limit {
-            return Err(ApiError::TooLarge(format!(
-                "body over {limit} bytes (http.max_json_bytes)"
-            )));
-        }
-        body.extend_from_slice(&bytes);
-    }
-    let request: AddOptOuts = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::BadRequest(format!("malformed JSON: {e}")))?;
+    let request: AddOptOuts = read_json(state, payload).await?;
     let mut invalid = 0u64;
     let phones: Vec<String> = request
         .phones

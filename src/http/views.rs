@@ -292,6 +292,9 @@ pub struct MessageView {
     pub error: Option<String>,
     /// When it last changed.
     pub updated_at: DateTime<Utc>,
+    /// When the provider's receipt said it was delivered (of a message of several parts, the
+    /// last part's); null until then.
+    pub delivered_at: Option<DateTime<Utc>>,
 }
 
 impl From<MessageRow> for MessageView {
@@ -305,6 +308,7 @@ impl From<MessageRow> for MessageView {
             provider_message_id: m.provider_message_id,
             error: m.error,
             updated_at: utc(m.updated_at),
+            delivered_at: m.delivered_at.map(utc),
         }
     }
 }

@@ -5,7 +5,7 @@
 use std::fmt;
 use std::sync::Arc;
 
-use super::SmsProvider;
+use super::{IncomingSink, SmsProvider};
 
 /// A kind of provider.
 pub trait Kind: Sync {
@@ -32,7 +32,12 @@ pub struct Configured {
 /// Settings that build a provider. `Debug` never shows a secret.
 pub trait Build: fmt::Debug + Send + Sync {
     /// The provider `name`, from these (checked) settings.
-    fn build(&self, name: &str) -> Result<Arc<dyn SmsProvider>, BuildError>;
+    /// What it receives from the network (receipts, inbound messages) goes to `incoming`.
+    fn build(
+        &self,
+        name: &str,
+        incoming: &IncomingSink,
+    ) -> Result<Arc<dyn SmsProvider>, BuildError>;
 }
 
 /// A setting out of range, naming its key.

@@ -12,11 +12,14 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use futures_util::future::BoxFuture;
 
 pub use http::HttpProvider;
+
+use crate::domain::receipt::Receipt;
 pub use simulator::Simulator;
 
 pub use kinds::{BuildError, SettingError};
@@ -40,6 +43,10 @@ pub struct OutgoingSms<'a> {
 pub struct Accepted {
     /// The provider's id for the message, if it gives one.
     pub provider_message_id: Option<String>,
+    /// The ids its receipts will name, one per part, in their canonical form
+    /// (`domain::receipt::canonical_text` or the account's `message_id_format`); empty when
+    /// the provider sends no receipts.
+    pub receipt_ids: Vec<String>,
 }
 
 /// Why a provider did not take a message.
@@ -81,6 +88,42 @@ impl SessionReport {
     pub const STATES: [&'static str; 5] = ["connecting", "bound", "refused", "down", "closed"];
 }
 
+/// A mobile-originated message, as a provider received it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InboundSms {
+    /// The provider it came through.
+    pub provider: String,
+    /// The sender, as given (normalised to E.164 where it is acted on).
+    pub from: String,
+    /// The number or name it was sent to.
+    pub to: String,
+    /// Its text.
+    pub text: String,
+}
+
+/// What a provider receives from the network.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Incoming {
+    /// A delivery receipt.
+    Receipt(Receipt),
+    /// A mobile-originated message.
+    Inbound(InboundSms),
+}
+
+/// One thing received, and where to say whether it was stored: a provider acknowledges it to
+/// its peer (`deliver_sm_resp`, a webhook's 2xx) only once `stored` says `true`.
+#[derive(Debug)]
+pub struct Delivery {
+    /// What came.
+    pub incoming: Incoming,
+    /// `true` once it is durable; `false` (or dropped) when it could not be stored.
+    pub stored: oneshot::Sender<bool>,
+}
+
+/// Where providers hand what they receive: the instance's desk (`actors::incoming`), behind a
+/// bounded channel.
+pub type IncomingSink = mpsc::Sender<Delivery>;
+
 /// An SMS gateway.
 pub trait SmsProvider: Send + Sync {
     /// Sends one message.
@@ -92,6 +135,13 @@ pub trait SmsProvider: Send + Sync {
     /// Its sessions, for a provider that keeps connections open; none for the others.
     fn sessions(&self) -> Vec<SessionReport> {
         Vec::new()
+    }
+
+    /// True when `token` opens this provider's webhooks (receipts, inbound messages): only an
+    /// `http` provider with its `webhook_token` set has them.
+    fn webhook_accepts(&self, token: &str) -> bool {
+        let _ = token;
+        false
     }
 
     /// Closes its connections cleanly once nothing more is sent (SMPP's `unbind`).
@@ -119,11 +169,14 @@ pub struct Providers {
 
 impl Providers {
     /// Builds every provider the configuration names (`kinds::configure`).
-    pub fn from_settings(settings: &ProviderSettings) -> Result<Self, BuildError> {
+    pub fn from_settings(
+        settings: &ProviderSettings,
+        incoming: &IncomingSink,
+    ) -> Result<Self, BuildError> {
         let mut by_name = HashMap::new();
         for configured in configure(settings)? {
             let provider = Provider {
-                gateway: configured.settings.build(&configured.name)?,
+                gateway: configured.settings.build(&configured.name, incoming)?,
                 limiter: RateLimiter::new(configured.rate_limit),
                 name: configured.name,
             };

@@ -8,7 +8,7 @@ use futures_util::future::BoxFuture;
 use serde::Deserialize;
 
 use super::kinds::{self, Build, BuildError, Configured, SettingError};
-use super::{Accepted, OutgoingSms, ProviderError, SmsProvider};
+use super::{Accepted, IncomingSink, OutgoingSms, ProviderError, SmsProvider};
 
 /// The name of the built-in simulator provider (also its kind's key).
 pub const NAME: &str = "simulator";
@@ -24,7 +24,11 @@ pub struct SimulatorSettings {
 }
 
 impl Build for SimulatorSettings {
-    fn build(&self, _name: &str) -> Result<Arc<dyn SmsProvider>, BuildError> {
+    fn build(
+        &self,
+        _name: &str,
+        _incoming: &IncomingSink,
+    ) -> Result<Arc<dyn SmsProvider>, BuildError> {
         Ok(Arc::new(Simulator::new(Duration::from_millis(
             self.latency_ms,
         ))))
@@ -70,6 +74,7 @@ impl Simulator {
         } else {
             Ok(Accepted {
                 provider_message_id: None,
+                receipt_ids: Vec::new(),
             })
         }
     }

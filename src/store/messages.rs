@@ -17,14 +17,19 @@ use crate::domain::batch::MessageStatus;
 /// The messages of a slice marked sent (with their provider ids): `$1` ids, `$2` provider ids,
 /// `$3` batch, `$4` partition, `$5` now. Only messages still `sending` become `sent`; `done` has
 /// a row for each.
-pub(super) fn record_sent_cte() -> String {
+pub(super) fn record_sent_cte(keys: &str, key_ids: &str) -> String {
     format!(
         "WITH done AS ( \
             UPDATE messages m SET status = {SENT}, provider_message_id = v.pid, error = NULL, \
                    updated_at = $5 \
             FROM unnest($1::bigint[], $2::text[]) AS v(id, pid) \
             WHERE m.id = v.id AND m.batch_id = $3 AND m.partition = $4 AND m.status = {SENDING} \
-            RETURNING 1) "
+            RETURNING m.id), \
+         keyed AS ( \
+            INSERT INTO receipt_keys (receipt_key, message_id, done) \
+            SELECT k.key, k.id, FALSE FROM unnest({keys}::text[], {key_ids}::bigint[]) AS k(key, id) \
+            WHERE k.id IN (SELECT id FROM done) \
+            ON CONFLICT (receipt_key) DO UPDATE SET message_id = excluded.message_id, done = FALSE) "
     )
 }
 
@@ -60,10 +65,11 @@ fn claim_pg(placeholders: [&str; 6], limit: i64) -> String {
 const OPTED_OUT: &str = "EXISTS (SELECT 1 FROM opt_outs WHERE opt_outs.phone = messages.phone)";
 
 /// `outcomes::RECORD_SENT_PG`, then the claim of the task's next slice (`claim_pg`) in the same
-/// statement: `$6`..`$7` the task's remaining range, `$8` the claimer. The two updates touch
+/// statement: `$6`..`$7` the task's remaining range, `$8` the claimer, `$9`..`$10` the receipt
+/// keys and their messages. The two updates touch
 /// different rows (`sending` ones, then `pending` ones).
 fn record_sent_and_claim_pg(limit: i64) -> String {
-    record_sent_cte()
+    record_sent_cte("$9", "$10")
         + ", counted AS ( \
             UPDATE partitions SET sent = sent + (SELECT count(*) FROM done), updated_at = $5 \
             WHERE batch_id = $3 AND idx = $4) "
@@ -293,6 +299,7 @@ impl Store {
         let mut conn = pool.get().await?;
         let (ids, provider_ids): (Vec<i64>, Vec<Option<String>>) =
             outcomes.sent.iter().cloned().unzip();
+        let (key_ids, keys) = outcomes.receipt_key_columns();
         let statement = diesel::sql_query(record_sent_and_claim_pg(limit))
             .bind::<sql_types::Array<sql_types::BigInt>, _>(ids)
             .bind::<sql_types::Array<sql_types::Nullable<sql_types::Text>>, _>(provider_ids)
@@ -301,7 +308,9 @@ impl Store {
             .bind::<sql_types::Timestamp, _>(now())
             .bind::<sql_types::BigInt, _>(first_id)
             .bind::<sql_types::BigInt, _>(last_id)
-            .bind::<sql_types::Text, _>(claimer);
+            .bind::<sql_types::Text, _>(claimer)
+            .bind::<sql_types::Array<sql_types::Text>, _>(keys)
+            .bind::<sql_types::Array<sql_types::BigInt>, _>(key_ids);
         let mut claimed: Vec<ClaimedMessage> = Cached(statement).load(&mut conn).await?;
         claimed.sort_unstable_by_key(|m| m.id);
         Ok(Some(claimed))

@@ -13,6 +13,7 @@ pub mod models;
 mod opt_outs;
 mod outcomes;
 mod preparation;
+mod receipts;
 mod recipients;
 mod records;
 pub mod schema;
@@ -36,6 +37,7 @@ use futures_util::FutureExt;
 
 pub use leases::before;
 pub use opt_outs::{OptOut, OptOutChunk};
+pub use receipts::{PENDING_RECEIPT_TRIES, ReceiptsApplied};
 pub use records::*;
 pub use watch::Changes;
 

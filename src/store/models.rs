@@ -171,6 +171,8 @@ pub struct MessageRow {
     pub provider_message_id: Option<String>,
     pub error: Option<String>,
     pub updated_at: NaiveDateTime,
+    /// When its (last) receipt said it was delivered.
+    pub delivered_at: Option<NaiveDateTime>,
 }
 
 /// A message a worker has claimed (`pending → sending`) and must now send.

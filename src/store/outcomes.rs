@@ -1,6 +1,6 @@
 //! A task's outcomes recorded with their partition's counters.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 
 use chrono::NaiveDateTime;
 use diesel::prelude::*;
@@ -10,7 +10,7 @@ use diesel_async::RunQueryDsl;
 use super::cached::Cached;
 use super::messages::record_sent_cte;
 use super::records::{INSERT_CHUNK, Outcomes, now};
-use super::schema::{messages, partitions};
+use super::schema::{messages, partitions, receipt_keys};
 use super::types::{CANCELLED, FAILED, PENDING, SENDING, SENT};
 use super::{Backend, Pools, Store, StoreError, with_tx};
 use crate::domain::state::BatchState;
@@ -18,10 +18,10 @@ use crate::domain::state::BatchState;
 /// The `error` of a message cancelled because its number opted out.
 pub const OPTED_OUT_ERROR: &str = "opted_out";
 
-/// Marks a slice's messages sent and counts them in the partition's counters, in one statement
-/// (parameters as in `record_sent_cte`).
+/// Marks a slice's messages sent, stores their receipt keys and counts them in the partition's
+/// counters, in one statement (parameters as in `record_sent_cte`, `$6`..`$7` the keys).
 static RECORD_SENT_PG: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-    record_sent_cte()
+    record_sent_cte("$6", "$7")
         + "UPDATE partitions SET sent = sent + (SELECT count(*) FROM done), updated_at = $5 \
            WHERE batch_id = $3 AND idx = $4"
 });
@@ -68,12 +68,15 @@ impl Store {
             let mut conn = pool.get().await?;
             let (ids, provider_ids): (Vec<i64>, Vec<Option<String>>) =
                 outcomes.sent.iter().cloned().unzip();
+            let (key_ids, keys) = outcomes.receipt_key_columns();
             let record = diesel::sql_query(RECORD_SENT_PG.as_str())
                 .bind::<sql_types::Array<sql_types::BigInt>, _>(ids)
                 .bind::<sql_types::Array<sql_types::Nullable<sql_types::Text>>, _>(provider_ids)
                 .bind::<sql_types::BigInt, _>(batch_id)
                 .bind::<sql_types::Integer, _>(partition)
-                .bind::<sql_types::Timestamp, _>(at);
+                .bind::<sql_types::Timestamp, _>(at)
+                .bind::<sql_types::Array<sql_types::Text>, _>(keys)
+                .bind::<sql_types::Array<sql_types::BigInt>, _>(key_ids);
             Cached(record).execute(&mut conn).await?;
             return Ok(());
         }
@@ -122,8 +125,9 @@ impl Store {
                     .execute(conn)
                     .await? as i64;
             }
+            let mut keyed: Vec<i64> = Vec::new();
             for (id, pid) in with_id {
-                sent += diesel::update(still_sending!(
+                let moved = diesel::update(still_sending!(
                     std::slice::from_ref(id),
                     batch_id,
                     partition
@@ -136,6 +140,33 @@ impl Store {
                 ))
                 .execute(conn)
                 .await? as i64;
+                if moved > 0 {
+                    keyed.push(*id);
+                }
+                sent += moved;
+            }
+            // Receipt keys only for the messages this record moved to `sent`: one recorded
+            // again (its answer was lost) may have been settled by its receipts meanwhile.
+            let keyed: HashSet<i64> = keyed.into_iter().collect();
+            for (id, key) in outcomes
+                .receipt_keys
+                .iter()
+                .filter(|(id, _)| keyed.contains(id))
+            {
+                diesel::insert_into(receipt_keys::table)
+                    .values((
+                        receipt_keys::receipt_key.eq(key),
+                        receipt_keys::message_id.eq(id),
+                        receipt_keys::done.eq(false),
+                    ))
+                    .on_conflict(receipt_keys::receipt_key)
+                    .do_update()
+                    .set((
+                        receipt_keys::message_id.eq(id),
+                        receipt_keys::done.eq(false),
+                    ))
+                    .execute(conn)
+                    .await?;
             }
             let mut by_error: BTreeMap<&str, Vec<i64>> = BTreeMap::new();
             for (id, err) in &outcomes.failed {

@@ -72,9 +72,17 @@ pub struct Outcomes {
     /// Not sent because the number is on the opt-out list: `cancelled`, with `error`
     /// `opted_out`, and the claim's attempt undone.
     pub opted_out: Vec<i64>,
+    /// The receipt keys (`domain::receipt::receipt_key`) of sent messages, one per part that a
+    /// receipt will name: (message id, key).
+    pub receipt_keys: Vec<(i64, String)>,
 }
 
 impl Outcomes {
+    /// `receipt_keys` as two columns: the messages and their keys.
+    pub(super) fn receipt_key_columns(&self) -> (Vec<i64>, Vec<String>) {
+        self.receipt_keys.iter().cloned().unzip()
+    }
+
     /// Messages covered.
     pub fn len(&self) -> usize {
         self.sent.len()

@@ -71,6 +71,7 @@ diesel::table! {
         error -> Nullable<Text>,
         updated_at -> Timestamp,
         claimed_by -> Nullable<Text>,
+        delivered_at -> Nullable<Timestamp>,
     }
 }
 
@@ -120,6 +121,26 @@ diesel::table! {
     }
 }
 
+diesel::table! {
+    receipt_keys (receipt_key) {
+        receipt_key -> Text,
+        message_id -> BigInt,
+        done -> Bool,
+    }
+}
+
+diesel::table! {
+    pending_receipts (id) {
+        id -> BigInt,
+        receipt_key -> Text,
+        delivered -> Bool,
+        error -> Nullable<Text>,
+        received_at -> Timestamp,
+        tries -> Integer,
+        next_at -> Timestamp,
+    }
+}
+
 diesel::joinable!(leases -> batches (batch_id));
 diesel::joinable!(recipients -> batches (batch_id));
 diesel::joinable!(messages -> batches (batch_id));
@@ -136,4 +157,6 @@ diesel::allow_tables_to_appear_in_same_query!(
     instances,
     leases,
     preparation_chunks,
+    receipt_keys,
+    pending_receipts,
 );

@@ -19,6 +19,7 @@ use crate::domain::state::BatchState;
 pub(super) const PENDING: i16 = MessageStatus::Pending.as_i16();
 pub(super) const SENDING: i16 = MessageStatus::Sending.as_i16();
 pub(super) const SENT: i16 = MessageStatus::Sent.as_i16();
+pub(super) const DELIVERED: i16 = MessageStatus::Delivered.as_i16();
 pub(super) const FAILED: i16 = MessageStatus::Failed.as_i16();
 pub(super) const CANCELLED: i16 = MessageStatus::Cancelled.as_i16();
 

@@ -22,7 +22,7 @@ on_both_backends!(every_message_is_submitted_once_within_the_window
        every_message_is_submitted_once_within_the_window_postgres,
        every_message_is_submitted_once_within_the_window_rabbitmq);
 
-fn smsc(extra: Value) -> Smsc {
+pub(crate) fn smsc(extra: Value) -> Smsc {
     let mut config = json!({"system_id": "esme", "password": "s3cret"});
     config
         .as_object_mut()
@@ -31,7 +31,12 @@ fn smsc(extra: Value) -> Smsc {
     Smsc::start(config)
 }
 
-fn server(db: &TestDb, smsc: &Smsc, account: &[(&str, &str)], env: &[(&str, &str)]) -> TestServer {
+pub(crate) fn server(
+    db: &TestDb,
+    smsc: &Smsc,
+    account: &[(&str, &str)],
+    env: &[(&str, &str)],
+) -> TestServer {
     let mut all = smsc.env("acme", account);
     all.extend(env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
     let all: Vec<(&str, &str)> = all.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
@@ -39,7 +44,7 @@ fn server(db: &TestDb, smsc: &Smsc, account: &[(&str, &str)], env: &[(&str, &str
 }
 
 /// A batch through `acme` of `phones`, each with a `name` var, started.
-fn start_batch(server: &TestServer, content: &str, phones: &[String]) -> String {
+pub(crate) fn start_batch(server: &TestServer, content: &str, phones: &[String]) -> String {
     let recipients: Vec<Value> = phones
         .iter()
         .enumerate()
@@ -56,7 +61,7 @@ fn start_batch(server: &TestServer, content: &str, phones: &[String]) -> String 
 }
 
 /// The SMSC's submits by destination (E.164, with its `+`).
-fn by_destination(submits: &[Value]) -> BTreeMap<String, Vec<Value>> {
+pub(crate) fn by_destination(submits: &[Value]) -> BTreeMap<String, Vec<Value>> {
     let mut map: BTreeMap<String, Vec<Value>> = BTreeMap::new();
     for s in submits {
         map.entry(format!("+{}", text(s, "/destination")))

@@ -27,6 +27,8 @@ pub use settings::{HttpProviderSettings, Kind};
 
 use super::kinds::BuildError;
 use super::{Accepted, OutgoingSms, ProviderError, SmsProvider};
+use crate::domain::receipt::canonical_text;
+use crate::secret::Secret;
 
 /// The header that carries a message's idempotency key: its message id.
 pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
@@ -52,6 +54,8 @@ pub struct HttpProvider {
     url: reqwest::Url,
     id_field: String,
     timeout: Duration,
+    /// Opens the webhooks; empty: closed, and no receipts expected.
+    webhook_token: Secret,
 }
 
 impl HttpProvider {
@@ -94,6 +98,7 @@ impl HttpProvider {
             url,
             id_field: settings.id_field.clone(),
             timeout,
+            webhook_token: settings.webhook_token.clone(),
         })
     }
 
@@ -117,7 +122,14 @@ impl HttpProvider {
         // The status is the gateway's answer: once it is 2xx the message went, whatever happens
         // to the rest of the answer, and a failure to read it must not cause a resend.
         let body = read_capped(&mut response).await;
-        classify(status, &body, &self.id_field)
+        let mut accepted = classify(status, &body, &self.id_field)?;
+        // With the webhook open, the gateway reports on the message under its id.
+        if !self.webhook_token.is_empty()
+            && let Some(id) = &accepted.provider_message_id
+        {
+            accepted.receipt_ids = vec![canonical_text(id)];
+        }
+        Ok(accepted)
     }
 
     fn request_error(&self, e: reqwest::Error) -> ProviderError {
@@ -143,6 +155,10 @@ impl SmsProvider for HttpProvider {
     ) -> BoxFuture<'a, Result<Accepted, ProviderError>> {
         Box::pin(self.post(sms))
     }
+
+    fn webhook_accepts(&self, token: &str) -> bool {
+        !self.webhook_token.is_empty() && self.webhook_token.matches(token)
+    }
 }
 
 /// Maps a gateway's answer to the provider outcome.
@@ -150,6 +166,7 @@ fn classify(status: StatusCode, body: &[u8], id_field: &str) -> Result<Accepted,
     if status.is_success() {
         return Ok(Accepted {
             provider_message_id: message_id(body, id_field),
+            receipt_ids: Vec::new(),
         });
     }
     let refusal = match error_text(body) {

@@ -8,8 +8,8 @@ use std::sync::Arc;
 use serde::Deserialize;
 
 use super::{HttpProvider, IDEMPOTENCY_KEY};
-use crate::provider::SmsProvider;
 use crate::provider::kinds::{self, Build, BuildError, Configured, SettingError};
+use crate::provider::{IncomingSink, SmsProvider};
 use crate::secret::{Secret, redact_http_url};
 
 /// `providers.http.<name>.*`: one JSON-over-HTTP gateway (`src/provider/http/`).
@@ -28,6 +28,10 @@ pub struct HttpProviderSettings {
     pub id_field: String,
     /// Messages per second (token bucket); 0 means unlimited.
     pub rate_limit: u32,
+    /// The bearer token the gateway's receipts and inbound messages are posted with
+    /// (`/v1/providers/<name>/receipts`, `/inbound`); while empty those routes are closed and
+    /// no receipt is expected.
+    pub webhook_token: Secret,
 }
 
 impl Default for HttpProviderSettings {
@@ -38,6 +42,7 @@ impl Default for HttpProviderSettings {
             timeout_ms: 5000,
             id_field: "id".into(),
             rate_limit: 0,
+            webhook_token: Secret::default(),
         }
     }
 }
@@ -50,6 +55,7 @@ impl fmt::Debug for HttpProviderSettings {
             .field("timeout_ms", &self.timeout_ms)
             .field("id_field", &self.id_field)
             .field("rate_limit", &self.rate_limit)
+            .field("webhook_token", &self.webhook_token)
             .finish()
     }
 }
@@ -103,7 +109,11 @@ impl HttpProviderSettings {
 }
 
 impl Build for HttpProviderSettings {
-    fn build(&self, name: &str) -> Result<Arc<dyn SmsProvider>, BuildError> {
+    fn build(
+        &self,
+        name: &str,
+        _incoming: &IncomingSink,
+    ) -> Result<Arc<dyn SmsProvider>, BuildError> {
         Ok(Arc::new(HttpProvider::new(name, self)?))
     }
 }

@@ -10,6 +10,7 @@
 //! [`ProviderError::Unknown`], settled by `smsbatch.redelivery` as a crash's would be.
 
 pub mod pdu;
+pub mod receipt;
 pub mod session;
 pub mod settings;
 pub mod text;
@@ -26,7 +27,9 @@ use self::pdu::{Address, SubmitSm};
 use self::session::{Config, State, Submit, Submitted};
 use self::text::Parts;
 use super::kinds::BuildError;
-use super::{Accepted, OutgoingSms, ProviderError, RateLimiter, SessionReport, SmsProvider};
+use super::{
+    Accepted, IncomingSink, OutgoingSms, ProviderError, RateLimiter, SessionReport, SmsProvider,
+};
 
 pub use settings::{Kind, MessageIdFormat, SmppProviderSettings};
 
@@ -49,11 +52,16 @@ pub struct SmppProvider {
     source: Address,
     stop: watch::Sender<bool>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
+    message_id_format: MessageIdFormat,
 }
 
 impl SmppProvider {
     /// Starts the sessions of the account `name` on the current Tokio runtime.
-    pub fn start(name: &str, settings: &SmppProviderSettings) -> Result<Self, BuildError> {
+    pub fn start(
+        name: &str,
+        settings: &SmppProviderSettings,
+        incoming: IncomingSink,
+    ) -> Result<Self, BuildError> {
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| BuildError {
             name: name.to_owned(),
             reason: "an SMPP provider starts inside the service's runtime".into(),
@@ -69,6 +77,8 @@ impl SmppProvider {
             enquire_link: Duration::from_millis(settings.enquire_link_ms),
             response_timeout: settings.response_timeout(),
             reconnect: Duration::from_millis(settings.reconnect_ms),
+            message_id_format: settings.message_id_format,
+            incoming,
         });
         let (states_tx, states) = watch::channel(vec![State::Connecting; settings.binds]);
         let (stop, stop_rx) = watch::channel(false);
@@ -99,6 +109,7 @@ impl SmppProvider {
             source: settings.source(),
             stop,
             tasks: Mutex::new(tasks),
+            message_id_format: settings.message_id_format,
         })
     }
 
@@ -169,6 +180,7 @@ impl SmppProvider {
         };
         let session = self.pick().await?;
         let mut first_id = None;
+        let mut receipt_ids = Vec::with_capacity(total);
         for (index, (esm_class, short_message)) in messages.into_iter().enumerate() {
             let pdu = SubmitSm {
                 source: self.source.clone(),
@@ -201,6 +213,13 @@ impl SmppProvider {
             };
             match outcome {
                 Submitted::Accepted(id) => {
+                    if !id.is_empty() {
+                        receipt_ids.push(receipt::canonical_id(
+                            self.message_id_format,
+                            receipt::Side::Submit,
+                            &id,
+                        ));
+                    }
                     if index == 0 {
                         first_id = Some(id);
                     }
@@ -226,6 +245,7 @@ impl SmppProvider {
         }
         Ok(Accepted {
             provider_message_id: first_id.filter(|id| !id.is_empty()),
+            receipt_ids,
         })
     }
 }

@@ -26,6 +26,10 @@ pub const ROK: u32 = 0x0000_0000;
 pub const RINVCMDID: u32 = 0x0000_0003;
 /// `ESME_RMSGQFUL`.
 pub const RMSGQFUL: u32 = 0x0000_0014;
+/// `ESME_RSYSERR`: a system error.
+pub const RSYSERR: u32 = 0x0000_0008;
+/// `ESME_RX_T_APPN`: the ESME cannot take the message now; the SMSC is to try again later.
+pub const RX_T_APPN: u32 = 0x0000_0064;
 /// `ESME_RTHROTTLED`.
 pub const RTHROTTLED: u32 = 0x0000_0058;
 

@@ -16,7 +16,14 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{Instant, sleep_until, timeout, timeout_at};
 
-use super::pdu::{self, Frame, SubmitSm};
+use futures_util::StreamExt;
+use futures_util::future::BoxFuture;
+use futures_util::stream::FuturesUnordered;
+
+use super::pdu::{self, DeliverSm, Frame, SubmitSm};
+use super::receipt::{self, Delivered};
+use super::settings::MessageIdFormat;
+use crate::provider::{Delivery, Incoming, IncomingSink};
 
 /// The reconnect delay doubles up to this.
 const MAX_RECONNECT: Duration = Duration::from_secs(60);
@@ -24,6 +31,9 @@ const MAX_RECONNECT: Duration = Duration::from_secs(60);
 const FIRST_THROTTLE: Duration = Duration::from_millis(100);
 /// The longest pause for throttling.
 const MAX_THROTTLE: Duration = Duration::from_secs(5);
+/// `deliver_sm` taken and not yet answered (their store pending), at most, per session: past
+/// this the session reads nothing more until answers go out.
+const MAX_UNACKED: usize = 1000;
 
 /// What became of one `submit_sm`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -97,6 +107,10 @@ pub struct Config {
     pub response_timeout: Duration,
     /// The first reconnect delay.
     pub reconnect: Duration,
+    /// How receipt ids compare with submit ids.
+    pub message_id_format: MessageIdFormat,
+    /// Where receipts and inbound messages go to be stored.
+    pub incoming: IncomingSink,
 }
 
 /// The session task: runs until `stop` turns true (or its provider is dropped), then unbinds.
@@ -240,6 +254,9 @@ struct Link<'a> {
     unbound: bool,
     /// `pending.len()`, for the metrics.
     in_flight: Arc<AtomicUsize>,
+    /// `deliver_sm` handed to the desk: each gives its sequence number and whether it was
+    /// stored, and is answered then.
+    acks: FuturesUnordered<BoxFuture<'static, (u32, bool)>>,
 }
 
 impl<'a> Link<'a> {
@@ -262,6 +279,7 @@ impl<'a> Link<'a> {
             throttle: FIRST_THROTTLE,
             unbound: false,
             in_flight,
+            acks: FuturesUnordered::new(),
         }
     }
 
@@ -288,6 +306,7 @@ impl<'a> Link<'a> {
                 .min();
             let accepting = self.pending.len() < self.config.window && self.paused_until.is_none();
             let resume = self.paused_until;
+            let reading = self.acks.len() < MAX_UNACKED;
             let step = tokio::select! {
                 changed = stop.changed() => {
                     if changed.is_err() || *stop.borrow() {
@@ -295,11 +314,14 @@ impl<'a> Link<'a> {
                     }
                     Ok(())
                 }
-                read = self.reader.read_buf(&mut self.buf) => match read {
+                read = self.reader.read_buf(&mut self.buf), if reading => match read {
                     Ok(0) => Err("the SMSC closed the connection".to_owned()),
                     Err(e) => Err(format!("reading: {e}")),
                     Ok(_) => self.handle_frames().await,
                 },
+                Some((sequence, stored)) = self.acks.next(), if !self.acks.is_empty() => {
+                    self.acknowledge(sequence, stored).await
+                }
                 Some(submit) = requests.recv(), if accepting => self.submit(submit).await,
                 _ = keepalive.tick() => self.enquire_link().await,
                 _ = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
@@ -415,10 +437,7 @@ impl<'a> Link<'a> {
                 self.write(&answer).await?;
                 return Err("the SMSC unbound the session".into());
             }
-            pdu::DELIVER_SM => {
-                self.write(&pdu::deliver_sm_resp(pdu::ROK, h.sequence))
-                    .await?;
-            }
+            pdu::DELIVER_SM => self.deliver_sm(h.sequence, &frame.body).await?,
             c if c & pdu::RESPONSE == 0 => {
                 let answer = pdu::bare_response(pdu::GENERIC_NACK, pdu::RINVCMDID, h.sequence);
                 self.write(&answer).await?;
@@ -427,6 +446,47 @@ impl<'a> Link<'a> {
             _ => {}
         }
         Ok(())
+    }
+
+    /// A receipt or an inbound message: handed to the desk, and answered once stored (or at
+    /// once, `ESME_RX_T_APPN`, when the desk cannot take it now: the SMSC sends it again).
+    async fn deliver_sm(&mut self, sequence: u32, body: &[u8]) -> Result<(), String> {
+        let deliver = match DeliverSm::decode(body) {
+            Ok(deliver) => deliver,
+            Err(e) => {
+                tracing::warn!(provider = %self.config.provider, error = %e, "Unreadable deliver_sm.");
+                let answer = pdu::deliver_sm_resp(pdu::RSYSERR, sequence);
+                return self.write(&answer).await;
+            }
+        };
+        let incoming = match receipt::read(
+            &self.config.provider,
+            self.config.message_id_format,
+            &deliver,
+        ) {
+            Delivered::Receipt(receipt) => Incoming::Receipt(receipt),
+            Delivered::Inbound(sms) => Incoming::Inbound(sms),
+            Delivered::Ignored(why) => {
+                tracing::debug!(provider = %self.config.provider, reason = %why, "deliver_sm ignored.");
+                return self.write(&pdu::deliver_sm_resp(pdu::ROK, sequence)).await;
+            }
+        };
+        let (stored, answer) = oneshot::channel();
+        match self.config.incoming.try_send(Delivery { incoming, stored }) {
+            Ok(()) => {
+                self.acks.push(Box::pin(async move {
+                    (sequence, answer.await.unwrap_or(false))
+                }));
+                Ok(())
+            }
+            Err(_) => self.acknowledge(sequence, false).await,
+        }
+    }
+
+    /// Answers a `deliver_sm`: taken once stored, else "try again later".
+    async fn acknowledge(&mut self, sequence: u32, stored: bool) -> Result<(), String> {
+        let status = if stored { pdu::ROK } else { pdu::RX_T_APPN };
+        self.write(&pdu::deliver_sm_resp(status, sequence)).await
     }
 
     /// No submit for a while, longer each time the SMSC keeps saying so.
@@ -443,6 +503,10 @@ impl<'a> Link<'a> {
         let deadline = Instant::now() + self.config.response_timeout;
         while !self.pending.is_empty() {
             self.read_until(deadline).await?;
+        }
+        // Receipts taken are answered before the unbind, or the SMSC sends them again.
+        while let Ok(Some((sequence, stored))) = timeout_at(deadline, self.acks.next()).await {
+            self.acknowledge(sequence, stored).await?;
         }
         let sequence = self.next_sequence();
         self.write(&pdu::bare(pdu::UNBIND, sequence)).await?;

@@ -10,8 +10,8 @@ use serde::Deserialize;
 
 use super::SmppProvider;
 use super::pdu::Address;
-use crate::provider::SmsProvider;
 use crate::provider::kinds::{self, Build, BuildError, Configured, SettingError};
+use crate::provider::{IncomingSink, SmsProvider};
 use crate::secret::Secret;
 
 /// How receipt ids compare with the ids of `submit_sm_resp`.
@@ -179,8 +179,12 @@ impl SmppProviderSettings {
 }
 
 impl Build for SmppProviderSettings {
-    fn build(&self, name: &str) -> Result<Arc<dyn SmsProvider>, BuildError> {
-        Ok(Arc::new(SmppProvider::start(name, self)?))
+    fn build(
+        &self,
+        name: &str,
+        incoming: &IncomingSink,
+    ) -> Result<Arc<dyn SmsProvider>, BuildError> {
+        Ok(Arc::new(SmppProvider::start(name, self, incoming.clone())?))
     }
 }
 

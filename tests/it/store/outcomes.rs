@@ -206,6 +206,7 @@ async fn record_outcomes_moves_messages_and_counters(store: Store) {
         released: vec![m[4]],
         cancelled: vec![m[5]],
         opted_out: vec![],
+        receipt_keys: vec![],
     };
     assert_eq!(outcomes.len(), 7);
     store
@@ -296,6 +297,7 @@ async fn record_outcomes_moves_messages_and_counters(store: Store) {
                 released: vec![m[2], m[3]],
                 cancelled: vec![m[0], m[1], m[3]],
                 opted_out: vec![m[0], m[5]],
+                receipt_keys: vec![],
             },
         )
         .await
