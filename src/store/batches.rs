@@ -10,12 +10,41 @@ use super::bulk::BulkInsert;
 use super::cached::Cached;
 use super::models::*;
 use super::records::{BatchRecord, INSERT_CHUNK};
-use super::schema::{batches, checkpoints, messages, partitions, recipients};
+use super::schema::{batches, checkpoints, partitions, recipients};
 use super::{Store, StoreError, with_conn, with_tx};
 use crate::domain::batch::MessageStatus;
 use crate::domain::counts::{BatchTally, ByStatus, Prepared};
 use crate::domain::lifecycle::Bookkeeping;
 use crate::domain::state::BatchState;
+
+/// `batch_tally`'s rows: message statuses by their codes, then the partitions' counters under
+/// keys no status has.
+const COUNTED_TOTAL: i32 = 100;
+const COUNTED_SENT: i32 = 101;
+const COUNTED_DELIVERED: i32 = 102;
+const COUNTED_FAILED: i32 = 103;
+const COUNTED_CANCELLED: i32 = 104;
+/// The same parameter, `$1`, is the batch throughout (SQLite reads `$1` as one named
+/// parameter too).
+const TALLY_SQL: &str = "\
+    SELECT CAST(status AS INTEGER) AS k, count(*) AS n FROM messages WHERE batch_id = $1 \
+    GROUP BY status \
+    UNION ALL SELECT 100, CAST(COALESCE(sum(total), 0) AS BIGINT) FROM partitions WHERE batch_id = $1 \
+    UNION ALL SELECT 101, CAST(COALESCE(sum(sent), 0) AS BIGINT) FROM partitions WHERE batch_id = $1 \
+    UNION ALL SELECT 102, CAST(COALESCE(sum(delivered), 0) AS BIGINT) FROM partitions \
+    WHERE batch_id = $1 \
+    UNION ALL SELECT 103, CAST(COALESCE(sum(failed), 0) AS BIGINT) FROM partitions \
+    WHERE batch_id = $1 \
+    UNION ALL SELECT 104, CAST(COALESCE(sum(cancelled), 0) AS BIGINT) FROM partitions \
+    WHERE batch_id = $1";
+
+#[derive(QueryableByName)]
+struct TallyRow {
+    #[diesel(sql_type = diesel::sql_types::Integer)]
+    k: i32,
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    n: i64,
+}
 
 impl Store {
     /// Creates a batch in state `initial` with its partitions and inline recipients, atomically.
@@ -294,41 +323,43 @@ impl Store {
                 .await
                 .optional()?
                 .unwrap_or(0);
-            let rows: Vec<(i16, i64)> = messages::table
-                .filter(messages::batch_id.eq(batch_id))
-                .group_by(messages::status)
-                .select((messages::status, diesel::dsl::count_star()))
+            // The rows by status and the counters in one statement, so from one snapshot:
+            // receipts move messages and counters (sent → delivered, failed) while this runs.
+            let rows: Vec<TallyRow> = diesel::sql_query(TALLY_SQL)
+                .bind::<diesel::sql_types::BigInt, _>(batch_id)
                 .load(conn)
                 .await?;
             let mut by_status = ByStatus::default();
-            for (code, n) in rows {
-                let status = MessageStatus::from_i16(code).ok_or_else(|| {
-                    StoreError::Corrupt(format!("message status {code} of batch {batch_id}"))
-                })?;
-                *match status {
-                    MessageStatus::Pending => &mut by_status.pending,
-                    MessageStatus::Sending => &mut by_status.sending,
-                    MessageStatus::Sent => &mut by_status.sent,
-                    MessageStatus::Delivered => &mut by_status.delivered,
-                    MessageStatus::Failed => &mut by_status.failed,
-                    MessageStatus::Cancelled => &mut by_status.cancelled,
-                } += n;
+            let mut counted = ByStatus::default();
+            let mut partition_total = 0;
+            for TallyRow { k, n } in rows {
+                let slot = match k {
+                    COUNTED_TOTAL => &mut partition_total,
+                    COUNTED_SENT => &mut counted.sent,
+                    COUNTED_DELIVERED => &mut counted.delivered,
+                    COUNTED_FAILED => &mut counted.failed,
+                    COUNTED_CANCELLED => &mut counted.cancelled,
+                    code => {
+                        let status = i16::try_from(code)
+                            .ok()
+                            .and_then(MessageStatus::from_i16)
+                            .ok_or_else(|| {
+                                StoreError::Corrupt(format!(
+                                    "message status {code} of batch {batch_id}"
+                                ))
+                            })?;
+                        match status {
+                            MessageStatus::Pending => &mut by_status.pending,
+                            MessageStatus::Sending => &mut by_status.sending,
+                            MessageStatus::Sent => &mut by_status.sent,
+                            MessageStatus::Delivered => &mut by_status.delivered,
+                            MessageStatus::Failed => &mut by_status.failed,
+                            MessageStatus::Cancelled => &mut by_status.cancelled,
+                        }
+                    }
+                };
+                *slot += n;
             }
-            let parts: Vec<Partition> = partitions::table
-                .filter(partitions::batch_id.eq(batch_id))
-                .select(Partition::as_select())
-                .load(conn)
-                .await?;
-            let sum = |f: fn(&Partition) -> i64| parts.iter().map(f).sum::<i64>();
-            let partition_total = sum(|p| p.total);
-            let counted = ByStatus {
-                pending: 0,
-                sending: 0,
-                sent: sum(|p| p.sent),
-                delivered: sum(|p| p.delivered),
-                failed: sum(|p| p.failed),
-                cancelled: sum(|p| p.cancelled),
-            };
             Ok(BatchTally {
                 counters: Prepared {
                     recipients: batch.recipients,

@@ -111,9 +111,13 @@ impl Store {
                 to_cancel.extend(outcomes.retry.iter().map(|(id, _, _)| *id));
                 to_cancel.extend(outcomes.released.iter().copied());
             }
-            // Sent messages without a provider id share one statement; the rest carry their own.
-            let (plain, with_id): (Vec<_>, Vec<_>) =
-                outcomes.sent.iter().partition(|(_, pid)| pid.is_none());
+            // Sent messages without a provider id or receipt keys share one statement; the rest
+            // go one by one, to learn which of them this record moved.
+            let has_keys: HashSet<i64> = outcomes.receipt_keys.iter().map(|(id, _)| *id).collect();
+            let (plain, with_id): (Vec<_>, Vec<_>) = outcomes
+                .sent
+                .iter()
+                .partition(|(id, pid)| pid.is_none() && !has_keys.contains(id));
             let plain: Vec<i64> = plain.iter().map(|(id, _)| *id).collect();
             for ids in plain.chunks(INSERT_CHUNK) {
                 sent += diesel::update(still_sending!(ids, batch_id, partition))

@@ -1,5 +1,6 @@
 //! Delivery receipts applied to their messages: a lot of receipts in one transaction, matched
-//! through `receipt_keys` (written with each part a provider took), moving `sent` messages to
+//! through `receipt_keys` (written with each part a provider took, and kept once the message
+//! settles, so that a receipt sent again is known as a repeat), moving `sent` messages to
 //! `delivered` or `failed` with their partitions' counters. A receipt that matches no key yet
 //! (its message's id is not committed: the SMSC answered and reported within milliseconds) is
 //! kept in `pending_receipts` and tried again with a doubling delay, a bounded number of times.
@@ -314,7 +315,6 @@ impl Store {
             }
             // The partitions' counters, in key order (the order every writer locks them in).
             let mut counters: BTreeMap<(i64, i32), (i64, i64)> = BTreeMap::new();
-            let mut settled: Vec<i64> = Vec::with_capacity(failed.len() + delivered.len());
             for (message, is_delivered) in failed
                 .keys()
                 .map(|m| (*m, false))
@@ -334,7 +334,6 @@ impl Store {
                 applied
                     .latencies
                     .push((at - sent_at).num_milliseconds().max(0) as f64 / 1000.0);
-                settled.push(message);
             }
             for ((batch, partition), (d, f)) in counters {
                 diesel::update(partitions::table.find((batch, partition)))
@@ -347,12 +346,10 @@ impl Store {
                     .execute(conn)
                     .await?;
             }
-            // A settled message's keys are done with.
-            for chunk in settled.chunks(INSERT_CHUNK) {
-                diesel::delete(receipt_keys::table.filter(receipt_keys::message_id.eq_any(chunk)))
-                    .execute(conn)
-                    .await?;
-            }
+            // A settled message keeps its keys: an SMSC that sends a receipt again (its
+            // `deliver_sm_resp` was lost) finds a settled message, a repeat, instead of leaving
+            // a receipt to be tried again for an hour. A provider that reuses an id takes the
+            // key over for its newer message (`record_outcomes`).
             Ok(applied)
         })
     }

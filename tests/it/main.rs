@@ -14,6 +14,7 @@ mod many;
 mod opt_outs;
 mod provider_http;
 mod races;
+mod receipts;
 mod smpp;
 mod store;
 mod turns;

@@ -1,6 +1,7 @@
 -- Delivery receipts. Every part a provider took under an id that a receipt will name gets a row
 -- in `receipt_keys` (`<provider>/<canonical id>`), written in the statement that marks its
--- message `sent`; a receipt finds its message there, and the rows go once the message settles.
+-- message `sent`; a receipt finds its message there. The rows stay once the message settles, so
+-- that a receipt sent again is known as a repeat; a provider that reuses an id takes its key over.
 -- A message is `delivered` when every one of its keys is `done`.
 CREATE TABLE receipt_keys (
     receipt_key TEXT PRIMARY KEY,

@@ -250,7 +250,8 @@ mod tests {
     #[test]
     fn tlvs_win_over_the_text() {
         let tlvs = vec![
-            (RECEIPTED_MESSAGE_ID, b"1F\0".to_vec()),
+            // In the receipt's base, like the text form's id: decimal for `hex_decimal`.
+            (RECEIPTED_MESSAGE_ID, b"0000000031\0".to_vec()),
             (MESSAGE_STATE, vec![3]),
             (NETWORK_ERROR_CODE, vec![3, 0, 5]),
         ];
@@ -259,10 +260,11 @@ mod tests {
             MessageIdFormat::HexDecimal,
             &deliver(0x04, "id:99 stat:DELIVRD", tlvs),
         );
+        let submitted = canonical_id(MessageIdFormat::HexDecimal, Side::Submit, "1F");
         assert_eq!(
             got,
             Delivered::Receipt(Receipt {
-                key: "acme/31".into(),
+                key: format!("acme/{submitted}"),
                 outcome: ReceiptOutcome::Failed("expired: EXPIRED err 005".into()),
             })
         );

@@ -1,12 +1,13 @@
 //! A real SMSC for tests: node-smpp's server (npm `smpp`, pinned in `tests/smsc/package.json`),
 //! run by `tests/smsc/smsc.js` as a child process on a loopback port. It is told how to behave
-//! by a JSON config and reports every bind, submit and unbind as a JSON line, which a thread
-//! here collects: counting at the SMSC, outside the service, is how a test proves what was sent.
+//! by a JSON config and reports every bind, submit, receipt, MO and unbind as a JSON line, which
+//! a thread here collects: counting at the SMSC, outside the service, is how a test proves what
+//! was sent. Mobile-originated messages are asked of it on its stdin ([`Smsc::mo`]).
 #![allow(dead_code, clippy::unwrap_used)]
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -41,6 +42,8 @@ fn install() {
 /// A running SMSC.
 pub struct Smsc {
     child: Child,
+    /// Its stdin, where mobile-originated messages are written.
+    stdin: Mutex<ChildStdin>,
     port: u16,
     config: Value,
     events: Arc<Mutex<Vec<Value>>>,
@@ -57,10 +60,12 @@ impl Smsc {
         let mut child = Command::new("node")
             .arg(folder().join("smsc.js"))
             .env("SMSC_CONFIG", config.to_string())
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
             .expect("start node tests/smsc/smsc.js");
+        let stdin = Mutex::new(child.stdin.take().unwrap());
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
         let first = lines
             .next()
@@ -80,6 +85,7 @@ impl Smsc {
         });
         Smsc {
             child,
+            stdin,
             port,
             config,
             events,
@@ -133,7 +139,7 @@ impl Smsc {
         self.events.lock().unwrap().clone()
     }
 
-    /// The events of one kind (`bind`, `submit`, `unbind`).
+    /// The events of one kind (`bind`, `submit`, `receipt`, `mo`, `unbind`).
     pub fn events_of(&self, kind: &str) -> Vec<Value> {
         self.events()
             .into_iter()
@@ -144,6 +150,24 @@ impl Smsc {
     /// The submits it accepted (status 0).
     pub fn accepted(&self) -> Vec<Value> {
         self.events_of("submit")
+            .into_iter()
+            .filter(|e| e["status"] == 0)
+            .collect()
+    }
+
+    /// Sends a mobile-originated message from `from` (E.164) to `to` on the most recently bound
+    /// session; its `mo` event tells how the service answered.
+    pub fn mo(&self, from: &str, to: &str, text: &str) {
+        let line = serde_json::json!({"mo": {"from": from, "to": to, "text": text}});
+        let mut stdin = self.stdin.lock().unwrap();
+        writeln!(stdin, "{line}")
+            .and_then(|()| stdin.flush())
+            .expect("write to the SMSC's stdin");
+    }
+
+    /// The receipts the service acknowledged as stored (`deliver_sm_resp` with status 0).
+    pub fn receipts_acked(&self) -> Vec<Value> {
+        self.events_of("receipt")
             .into_iter()
             .filter(|e| e["status"] == 0)
             .collect()

@@ -81,6 +81,7 @@ mod messages;
 mod outcomes;
 mod preparation;
 mod preparation_races;
+mod receipts;
 mod recipients;
 // ---------------------------------------------------------------------------------------------
 // Helpers
