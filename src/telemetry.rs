@@ -78,7 +78,7 @@ pub struct Metrics {
     /// `smsbatch_receipts_total{outcome}`: receipts stored by this instance, by what they did:
     /// `delivered`, `failed` (a message settled), `part` (a part of a message still waiting
     /// for its others), `repeated` (its message already settled), `kept` (no message yet),
-    /// `dropped` (kept too long).
+    /// `dropped` (kept too long), `late` (after its provider's `receipt_timeout_ms`).
     pub receipts: IntCounterVec,
     /// `smsbatch_receipt_latency_seconds`: from a message's submit to the receipt that settled
     /// it.

@@ -13,6 +13,7 @@ pub mod models;
 mod opt_outs;
 mod outcomes;
 mod preparation;
+mod rates;
 mod receipts;
 mod recipients;
 mod records;
@@ -37,7 +38,7 @@ use futures_util::FutureExt;
 
 pub use leases::before;
 pub use opt_outs::{OptOut, OptOutChunk};
-pub use receipts::{PENDING_RECEIPT_TRIES, ReceiptsApplied};
+pub use receipts::{PENDING_RECEIPT_TRIES, ReceiptTimeouts, ReceiptsApplied};
 pub use records::*;
 pub use watch::Changes;
 

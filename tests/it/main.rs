@@ -16,5 +16,6 @@ mod provider_http;
 mod races;
 mod receipts;
 mod smpp;
+mod smpp_account;
 mod store;
 mod turns;
