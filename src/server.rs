@@ -59,6 +59,9 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
     ));
     let providers = Providers::from_settings(&settings.providers, &incoming)
         .context("building the providers")?;
+    for configured in crate::provider::configure(&settings.providers)? {
+        metrics.expose_provider(&configured.name);
+    }
     let core = Core {
         store: store.clone(),
         requests: requests.clone(),

@@ -11,6 +11,7 @@ mod bad_input;
 mod faults;
 mod http_provider;
 mod many;
+mod monitoring;
 mod opt_outs;
 mod provider_http;
 mod races;
