@@ -62,6 +62,9 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
         incoming_rx,
         desk_stop_rx,
     ));
+    for configured in crate::provider::configure(&settings.providers)? {
+        metrics.expose_provider(&configured.name);
+    }
     let core = Core {
         store: store.clone(),
         requests: requests.clone(),

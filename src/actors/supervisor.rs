@@ -345,6 +345,7 @@ impl BatchSupervisor {
             }
             Ok(StepEnd::TooManyFailures(reason)) if state == BatchState::Delivering => {
                 tracing::warn!(batch_id = %self.batch.public_id, %reason, "Pausing the batch: too many failures.");
+                self.deps.core.metrics.failure_threshold_pauses.inc();
                 let cause = Cause::new("FailureThresholdExceeded", reason);
                 self.apply_own(Event::Pause, Some(cause), ctx);
             }

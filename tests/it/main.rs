@@ -1,6 +1,7 @@
 //! The integration tests, in one binary: the real server over HTTP (`api`, `access`,
 //! `bad_input`, `http_provider`), the fault suite (`faults`), lifecycle races (`races`), the `smpp` provider
-//! against a real SMSC (`smpp`) and the store conformance suite (`store`), sharing the harness in `common`.
+//! against a real SMSC (`smpp`), the store conformance suite (`store`), the deployment files
+//! (`deploy`) and the monitored stack (`monitoring`), sharing the harness in `common`.
 
 #[macro_use]
 mod common;
@@ -8,9 +9,11 @@ mod common;
 mod access;
 mod api;
 mod bad_input;
+mod deploy;
 mod faults;
 mod http_provider;
 mod many;
+mod monitoring;
 mod opt_outs;
 mod provider_http;
 mod races;

@@ -65,6 +65,7 @@ pub use db::{Backend, TestDb};
 pub mod faults;
 pub mod sink;
 pub mod smsc;
+pub mod tools;
 
 /// How long the server may take to print its listening line (migrations included).
 const STARTUP_DEADLINE: Duration = Duration::from_secs(90);
