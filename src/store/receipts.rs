@@ -58,6 +58,16 @@ impl ReceiptTimeouts {
     }
 }
 
+/// Which receipts `Store::apply` applies.
+enum Source {
+    /// These, new.
+    Lot(Vec<Entry>),
+    /// Up to this many kept ones that are due.
+    Due(i64),
+    /// Up to this many kept ones whose key exists now.
+    Keyed(i64),
+}
+
 /// One receipt of a lot: new, or kept earlier (its row and the tries so far).
 struct Entry {
     receipt: Receipt,
@@ -101,7 +111,7 @@ impl Store {
                 received_at: at,
             })
             .collect();
-        self.apply(Some(lot), 0, at, timeouts).await
+        self.apply(Source::Lot(lot), at, timeouts).await
     }
 
     /// Tries again up to `limit` kept receipts that are due.
@@ -110,7 +120,18 @@ impl Store {
         limit: i64,
         timeouts: &ReceiptTimeouts,
     ) -> Result<ReceiptsApplied, StoreError> {
-        self.apply(None, limit, now(), timeouts).await
+        self.apply(Source::Due(limit), now(), timeouts).await
+    }
+
+    /// Applies up to `limit` kept receipts whose key has been written since, due or not: what a
+    /// receipt that came before its message's id was committed waits for, usually for
+    /// milliseconds (the worker records a slice's outcomes once the slice is sent).
+    pub async fn match_keyed_receipts(
+        &self,
+        limit: i64,
+        timeouts: &ReceiptTimeouts,
+    ) -> Result<ReceiptsApplied, StoreError> {
+        self.apply(Source::Keyed(limit), now(), timeouts).await
     }
 
     /// Receipts kept, due or not.
@@ -120,21 +141,37 @@ impl Store {
         })
     }
 
-    /// Applies `lot`, or (with `None`) up to `limit` due kept receipts, in one transaction.
+    /// Applies the receipts of `source` in one transaction.
     async fn apply(
         &self,
-        lot: Option<Vec<Entry>>,
-        limit: i64,
+        source: Source,
         at: NaiveDateTime,
         timeouts: &ReceiptTimeouts,
     ) -> Result<ReceiptsApplied, StoreError> {
         with_tx!(self, |conn| {
-            let lot: Vec<Entry> = match lot {
-                Some(lot) => lot,
-                None => pending_receipts::table
-                    .filter(pending_receipts::next_at.le(at))
-                    .order(pending_receipts::next_at)
-                    .limit(limit)
+            let kept = match source {
+                Source::Lot(_) => None,
+                Source::Due(limit) => Some(
+                    pending_receipts::table
+                        .filter(pending_receipts::next_at.le(at))
+                        .order(pending_receipts::next_at)
+                        .limit(limit)
+                        .into_boxed(),
+                ),
+                Source::Keyed(limit) => Some(
+                    pending_receipts::table
+                        .filter(diesel::dsl::exists(receipt_keys::table.filter(
+                            receipt_keys::receipt_key.eq(pending_receipts::receipt_key),
+                        )))
+                        .order(pending_receipts::id)
+                        .limit(limit)
+                        .into_boxed(),
+                ),
+            };
+            let lot: Vec<Entry> = match (source, kept) {
+                (Source::Lot(lot), _) => lot,
+                (_, None) => Vec::new(),
+                (_, Some(kept)) => kept
                     .select((
                         pending_receipts::id,
                         pending_receipts::receipt_key,

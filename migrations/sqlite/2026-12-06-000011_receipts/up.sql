@@ -22,5 +22,7 @@ CREATE TABLE pending_receipts (
     next_at     TIMESTAMP NOT NULL
 );
 CREATE INDEX pending_receipts_due ON pending_receipts (next_at);
+-- A kept receipt is applied as soon as its key is written (`Store::match_keyed_receipts`).
+CREATE INDEX pending_receipts_key ON pending_receipts (receipt_key);
 
 ALTER TABLE messages ADD COLUMN delivered_at TIMESTAMP;

@@ -56,8 +56,11 @@ impl Smsc {
             .spawn()
             .context("starting node tests/smsc/smsc.js")?;
         let stdout = child.stdout.take().context("the SMSC's stdout")?;
+        let mut reader = BufReader::new(stdout);
         let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line)?;
+        reader.read_line(&mut line)?;
+        // Its other lines (binds, unbinds) are read and dropped: a closed pipe would kill it.
+        std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
         let port = line
             .trim()
             .strip_prefix("listening ")

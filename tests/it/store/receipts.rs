@@ -31,6 +31,9 @@ on_both_backends!(a_slice_recorded_with_the_next_claim_gets_its_receipts
 on_both_backends!(a_receipt_after_its_providers_timeout_leaves_the_message_sent
     => a_receipt_after_its_providers_timeout_leaves_the_message_sent_sqlite,
        a_receipt_after_its_providers_timeout_leaves_the_message_sent_postgres);
+on_both_backends!(a_kept_receipt_is_applied_as_soon_as_its_key_is_written
+    => a_kept_receipt_is_applied_as_soon_as_its_key_is_written_sqlite,
+       a_kept_receipt_is_applied_as_soon_as_its_key_is_written_postgres);
 on_both_backends!(a_keyed_message_without_a_provider_id_gets_its_receipt
     => a_keyed_message_without_a_provider_id_gets_its_receipt_sqlite,
        a_keyed_message_without_a_provider_id_gets_its_receipt_postgres);
@@ -681,4 +684,45 @@ async fn a_receipt_after_its_providers_timeout_leaves_the_message_sent(store: St
     );
     assert_eq!(counters(&store, batch.id).await, vec![(2, 1, 1, 0, 0)]);
     assert_eq!(pending(&store).await, 0, "a late receipt is not kept");
+}
+
+/// A receipt kept for want of its key is applied by `match_keyed_receipts` as soon as the key is
+/// written, before its next try is due; a kept receipt whose key has not come is left as it is.
+async fn a_kept_receipt_is_applied_as_soon_as_its_key_is_written(store: Store) {
+    let batch = create(&store, "keyed-receipt", 1).await;
+    let m = seed_n(&store, batch.id, "+861340008", 1).await;
+    assert_eq!(claim_range(&store, batch.id, 0, m[0], m[0]).await, 1);
+    let none = ReceiptTimeouts::default();
+    let kept = receipts(&store, vec![delivered("acme/50"), delivered("acme/51")]).await;
+    assert_eq!(kept.kept, 2);
+    assert_eq!(
+        store.match_keyed_receipts(100, &none).await.expect("keyed"),
+        ReceiptsApplied::default(),
+        "no key yet: nothing is applied, nothing is tried"
+    );
+    record(
+        &store,
+        batch.id,
+        0,
+        &sent_with_keys(&[(m[0], &["acme/50"])]),
+    )
+    .await;
+    let applied = store.match_keyed_receipts(100, &none).await.expect("keyed");
+    assert_eq!(
+        counts(&applied),
+        ReceiptsApplied {
+            delivered: 1,
+            ..ReceiptsApplied::default()
+        }
+    );
+    assert_eq!(
+        message_by_id(&store, batch.id, m[0]).await.status,
+        DELIVERED
+    );
+    assert_eq!(pending(&store).await, 1, "the other one is still kept");
+    assert_eq!(
+        store.match_pending_receipts(100, &none).await.expect("due"),
+        ReceiptsApplied::default(),
+        "and its first try is not due yet"
+    );
 }
