@@ -1,5 +1,5 @@
 //! The integration tests, in one binary: the real server over HTTP (`api`, `access`,
-//! `bad_input`, `http_provider`), the fault suite (`faults`), lifecycle races (`races`), the `smpp` provider
+//! `bad_input`, `http_provider`, `export`, `resend`), the command-line client (`cli`), the fault suite (`faults`), lifecycle races (`races`), the `smpp` provider
 //! against a real SMSC (`smpp`) and the store conformance suite (`store`), sharing the harness in `common`.
 
 #[macro_use]
@@ -8,6 +8,8 @@ mod common;
 mod access;
 mod api;
 mod bad_input;
+mod cli;
+mod export;
 mod faults;
 mod http_provider;
 mod many;
@@ -15,6 +17,7 @@ mod opt_outs;
 mod provider_http;
 mod races;
 mod receipts;
+mod resend;
 mod smpp;
 mod store;
 mod turns;
