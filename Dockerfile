@@ -8,9 +8,9 @@ WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 RUN mkdir src && echo 'fn main() {}' > src/main.rs && echo '' > src/lib.rs \
     && cargo build --release --locked --bin smsbatch || true
+COPY build.rs diesel.toml ./
 COPY src ./src
 COPY migrations ./migrations
-COPY diesel.toml ./
 RUN touch src/main.rs src/lib.rs && cargo build --release --locked --bin smsbatch
 
 FROM debian:bookworm-slim

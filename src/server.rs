@@ -16,9 +16,9 @@ use crate::admission::Admission;
 use crate::config::{Settings, TransportKind};
 use crate::domain::receipt::Keywords;
 use crate::http::{AppState, routes};
-use crate::provider::Providers;
+use crate::provider::{Providers, RateLedger};
 use crate::secret::redact_url;
-use crate::store::Store;
+use crate::store::{ReceiptTimeouts, Store};
 use crate::telemetry::Metrics;
 use crate::transport::rabbitmq::{BrokerLink, LinkActor, RabbitTransport};
 use crate::transport::{InProcess, Transport};
@@ -46,6 +46,10 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
     let metrics = Metrics::new().context("registering metrics")?;
     // What providers receive (receipts, inbound messages) goes to the instance's desk.
     let (incoming, incoming_rx) = tokio::sync::mpsc::channel(incoming::CHANNEL);
+    // Every rate limit holds for its account across the instances sharing the database.
+    let ledger: Arc<dyn RateLedger> = Arc::new(store.clone());
+    let providers = Providers::from_settings(&settings.providers, &incoming, Some(ledger))
+        .context("building the providers")?;
     let (desk_stop, desk_stop_rx) = tokio::sync::watch::channel(false);
     let desk = actix::spawn(incoming::run(
         incoming::Desk {
@@ -53,12 +57,14 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
             metrics: metrics.clone(),
             keywords: Keywords::new(&settings.opt_out.stop_words, &settings.opt_out.start_words),
             region: settings.region()?,
+            timeouts: ReceiptTimeouts(providers.receipt_timeouts()),
         },
         incoming_rx,
         desk_stop_rx,
     ));
-    let providers = Providers::from_settings(&settings.providers, &incoming)
-        .context("building the providers")?;
+    for configured in crate::provider::configure(&settings.providers)? {
+        metrics.expose_provider(&configured.name);
+    }
     let core = Core {
         store: store.clone(),
         requests: requests.clone(),
@@ -131,6 +137,9 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
     if settings.http.workers > 0 {
         server = server.workers(settings.http.workers);
     }
+    // Listening for the stop signals before the address is printed: a SIGTERM sent as soon as
+    // the service says it listens must stop it gracefully, not kill it.
+    let stop_signal = StopSignal::listen();
     let server = server
         .bind(&settings.http.bind)
         .with_context(|| format!("binding http.bind = {}", settings.http.bind))?;
@@ -141,7 +150,7 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
     let handle = server.handle();
     let serving = actix::spawn(server);
 
-    wait_for_signal().await;
+    stop_signal.wait().await;
     tracing::info!("Stopping: no new work; draining what is in flight.");
     // One deadline for the whole stop: a step that cannot finish or checkpoint in time (stuck
     // on a lock, a database that does not answer) is left as it is, and the next start
@@ -210,24 +219,29 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn wait_for_signal() {
+/// SIGTERM or Ctrl-C, listened for from its creation on.
+struct StopSignal {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = tokio::signal::ctrl_c() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
+    term: Option<tokio::signal::unix::Signal>,
+}
+
+impl StopSignal {
+    fn listen() -> Self {
+        StopSignal {
+            #[cfg(unix)]
+            term: tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok(),
         }
     }
-    #[cfg(not(unix))]
-    {
+
+    async fn wait(self) {
+        #[cfg(unix)]
+        if let Some(mut term) = self.term {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            return;
+        }
         let _ = tokio::signal::ctrl_c().await;
     }
 }

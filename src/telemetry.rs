@@ -78,7 +78,7 @@ pub struct Metrics {
     /// `smsbatch_receipts_total{outcome}`: receipts stored by this instance, by what they did:
     /// `delivered`, `failed` (a message settled), `part` (a part of a message still waiting
     /// for its others), `repeated` (its message already settled), `kept` (no message yet),
-    /// `dropped` (kept too long).
+    /// `dropped` (kept too long), `late` (after its provider's `receipt_timeout_ms`).
     pub receipts: IntCounterVec,
     /// `smsbatch_receipt_latency_seconds`: from a message's submit to the receipt that settled
     /// it.
@@ -89,6 +89,12 @@ pub struct Metrics {
     /// `smsbatch_opt_outs_total{source}`: numbers added to the opt-out list (`api`, `csv`,
     /// `inbound`).
     pub opt_outs: IntCounterVec,
+    /// `smsbatch_ready{check}`: 1 while the instance's `/readyz` check (`database`, `queue`)
+    /// passes, else 0 (set at each scrape).
+    pub ready: IntGaugeVec,
+    /// `smsbatch_failure_threshold_pauses_total`: batches this instance paused because more than
+    /// their `failure_threshold` of their recent outcomes failed.
+    pub failure_threshold_pauses: IntCounter,
 }
 
 impl Metrics {
@@ -182,6 +188,19 @@ impl Metrics {
             ),
             &["source"],
         )?;
+        let ready = IntGaugeVec::new(
+            Opts::new(
+                "smsbatch_ready",
+                "1 while the instance's readiness check passes, by check (database, queue).",
+            ),
+            &["check"],
+        )?;
+        let failure_threshold_pauses = IntCounter::new(
+            "smsbatch_failure_threshold_pauses_total",
+            "Batches this instance paused because too many of their recent outcomes failed.",
+        )?;
+        registry.register(Box::new(ready.clone()))?;
+        registry.register(Box::new(failure_threshold_pauses.clone()))?;
         registry.register(Box::new(receipts.clone()))?;
         registry.register(Box::new(receipt_latency.clone()))?;
         registry.register(Box::new(inbound.clone()))?;
@@ -251,6 +270,9 @@ impl Metrics {
         for stage in ["reading", "preparing", "writing"] {
             preparation_seconds.with_label_values(&[stage]);
         }
+        for step in ["preparation", "delivery"] {
+            step_restarts.with_label_values(&[step]);
+        }
         for event in [
             "published",
             "confirmed",
@@ -282,7 +304,19 @@ impl Metrics {
             receipt_latency,
             inbound,
             opt_outs,
+            ready,
+            failure_threshold_pauses,
         })
+    }
+
+    /// Creates a provider's series at zero: Prometheus takes a series that appears above zero
+    /// as its start, so without them the first messages sent through a provider after a start
+    /// would never show in a rate.
+    pub fn expose_provider(&self, provider: &str) {
+        for outcome in ["sent", "retried", "failed", "opted_out"] {
+            self.messages.with_label_values(&[provider, outcome]);
+        }
+        self.provider_seconds.with_label_values(&[provider]);
     }
 
     /// The text exposition (format 0.0.4).

@@ -81,9 +81,14 @@ pub async fn run(deps: Deps, batch: Batch, gate: Arc<Gate>) -> Result<StepEnd, D
         batch.failure_threshold,
     ));
     let priority = batch.message_type.priority();
+    let provider = deps.core.providers.get(&batch.provider);
+    let unavailable = || provider.as_ref().and_then(|p| p.gateway.unavailable());
     loop {
         if !gate.is_open() {
             return Ok(StepEnd::Stopped);
+        }
+        if let Some(why) = unavailable() {
+            return Ok(StepEnd::ProviderUnavailable(why));
         }
         let counters = store.partitions(batch.id).await?;
         if let Some(why) = failures.observe(&counters) {
@@ -241,6 +246,11 @@ pub async fn run(deps: Deps, batch: Batch, gate: Arc<Gate>) -> Result<StepEnd, D
                             return Ok(StepEnd::Stopped);
                         }
                     }
+                }
+                if let Some(why) = unavailable() {
+                    // What is handed over already ends by itself: its workers claim no more.
+                    settle_in_flight(&mut in_flight, settings.timeout_ms).await;
+                    return Ok(StepEnd::ProviderUnavailable(why));
                 }
                 in_flight.spawn(deps.transport.dispatch(DeliveryTask {
                     batch_id: batch.id,

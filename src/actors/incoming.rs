@@ -11,7 +11,7 @@ use tokio::sync::{mpsc, watch};
 use crate::domain::phone::{E164Phone, Region};
 use crate::domain::receipt::{Keyword, Keywords, Receipt};
 use crate::provider::{Delivery, InboundSms, Incoming};
-use crate::store::{ReceiptsApplied, Store};
+use crate::store::{ReceiptTimeouts, ReceiptsApplied, Store};
 use crate::telemetry::Metrics;
 
 /// Receipts stored in one transaction, at most.
@@ -31,6 +31,8 @@ pub struct Desk {
     pub keywords: Keywords,
     /// The region of senders written without `+`.
     pub region: Region,
+    /// How long after its submit a message's receipt still counts, per provider.
+    pub timeouts: ReceiptTimeouts,
 }
 
 /// Runs the desk until `stop` turns true and then until what was sent to it is answered.
@@ -88,7 +90,7 @@ impl Desk {
     }
 
     async fn receipts(&self, receipts: Vec<Receipt>) -> bool {
-        match self.store.record_receipts(receipts).await {
+        match self.store.record_receipts(receipts, &self.timeouts).await {
             Ok(applied) => {
                 self.count(&applied);
                 true
@@ -101,7 +103,11 @@ impl Desk {
     }
 
     async fn sweep(&self) {
-        match self.store.match_pending_receipts(LOT as i64).await {
+        match self
+            .store
+            .match_pending_receipts(LOT as i64, &self.timeouts)
+            .await
+        {
             Ok(applied) => self.count(&applied),
             Err(e) => tracing::warn!(error = %e, "Matching kept receipts failed."),
         }
@@ -116,6 +122,7 @@ impl Desk {
             ("repeated", applied.repeated),
             ("kept", applied.kept),
             ("dropped", applied.dropped),
+            ("late", applied.late),
         ] {
             if n > 0 {
                 receipts.with_label_values(&[outcome]).inc_by(n);

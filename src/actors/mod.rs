@@ -17,7 +17,7 @@ use crate::admission::{Admission, Place};
 use crate::config::Settings;
 use crate::domain::phone::Region;
 use crate::domain::state::TransitionError;
-use crate::provider::Providers;
+use crate::provider::{Providers, Unavailable};
 use crate::store::models::Batch;
 use crate::store::{Store, StoreError};
 use crate::telemetry::Metrics;
@@ -84,6 +84,9 @@ pub enum StepEnd {
     /// Delivery stopped because too many of the batch's recent messages failed: the batch
     /// should pause, for the reason given.
     TooManyFailures(String),
+    /// Delivery stopped because the batch's provider can take nothing now (an SMPP account
+    /// whose binds are refused): the batch waits for it, saying why in a condition.
+    ProviderUnavailable(Unavailable),
 }
 
 /// Waits for one of the instance's step places, transactional batches first (`Admission`);

@@ -20,6 +20,7 @@ use crate::store::StoreError;
 use crate::store::models::Batch;
 
 mod messages;
+mod provider;
 pub use messages::{Act, Changed, Drain, Stop, SupervisorStopped};
 
 /// A child (step run) ended.
@@ -344,8 +345,12 @@ impl BatchSupervisor {
             }
             Ok(StepEnd::TooManyFailures(reason)) if state == BatchState::Delivering => {
                 tracing::warn!(batch_id = %self.batch.public_id, %reason, "Pausing the batch: too many failures.");
+                self.deps.core.metrics.failure_threshold_pauses.inc();
                 let cause = Cause::new("FailureThresholdExceeded", reason);
                 self.apply_own(Event::Pause, Some(cause), ctx);
+            }
+            Ok(StepEnd::ProviderUnavailable(why)) if state == BatchState::Delivering => {
+                self.wait_for_provider(why, ctx);
             }
             Err(failure) if failure.superseded => {
                 tracing::warn!(batch_id = %self.batch.public_id, error = %failure.message, "A newer run of the batch's step started under another supervisor; letting the batch go.");

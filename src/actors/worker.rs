@@ -19,6 +19,9 @@ use crate::store::models::ClaimedMessage;
 use crate::store::{Outcomes, StoreError};
 use crate::transport::{DeliveryTask, TaskReport, TransportError};
 
+/// How long a message the provider could not take waits before it is due again.
+const DEFER: chrono::Duration = chrono::Duration::seconds(1);
+
 /// A pool member. Stateless between tasks: everything it needs is in the task and the store.
 pub struct PartitionWorker {
     core: Core,
@@ -106,7 +109,7 @@ pub async fn process_task(core: &Core, task: DeliveryTask) -> Result<TaskReport,
     };
     let mut gate = gate_for(core, task.batch_id).await?;
     let mut claimed = Vec::new();
-    if gate.is_open() && !core.gates.stopping() {
+    if may_send(core, &gate) {
         claimed = claim_from(task.first_id).await?;
     }
     while let Some(last) = claimed.last().map(|m| m.id) {
@@ -116,13 +119,13 @@ pub async fn process_task(core: &Core, task: DeliveryTask) -> Result<TaskReport,
         report.sent += outcomes.sent.len();
         report.failed += outcomes.failed.len();
         report.retried += outcomes.retry.len();
-        report.released += outcomes.released.len();
+        report.released += outcomes.released.len() + outcomes.deferred.len();
         report.cancelled += outcomes.cancelled.len() + outcomes.opted_out.len();
         // Whether to claim more, asked before the outcomes are recorded so that the two can
         // share a commit; the outcomes are recorded whatever the answer.
         let next_gate = if from <= task.last_id && !core.gates.stopping() {
             match gate_for(core, task.batch_id).await {
-                Ok(next) => Some(next).filter(|g| g.is_open()),
+                Ok(next) => Some(next).filter(|g| may_send(core, g)),
                 Err(e) => {
                     record_with_retry(core, &task, &outcomes).await;
                     return Err(e);
@@ -169,6 +172,19 @@ pub async fn process_task(core: &Core, task: DeliveryTask) -> Result<TaskReport,
     Ok(report)
 }
 
+/// True when messages of the gate's batch may be claimed: the gate is open, the process is not
+/// stopping, and the batch's provider is not known to take nothing now (an SMPP account whose
+/// binds are refused): the rest of a task's range stays `pending`, planned again once the
+/// provider is back, instead of being claimed and put back slice after slice.
+fn may_send(core: &Core, gate: &Gate) -> bool {
+    gate.is_open()
+        && !core.gates.stopping()
+        && core
+            .providers
+            .get(&gate.provider)
+            .is_none_or(|p| p.gateway.unavailable().is_none())
+}
+
 /// Sends claimed messages through the batch's provider, `send_concurrency` at a time, looking at
 /// the gate before each call.
 async fn send_slice(core: &Core, gate: &Gate, claimed: Vec<ClaimedMessage>) -> Outcomes {
@@ -196,17 +212,17 @@ async fn send_slice(core: &Core, gate: &Gate, claimed: Vec<ClaimedMessage>) -> O
                             gate.provider
                         ))),
                         Some(provider) => {
-                            provider.limiter.acquire().await;
+                            let sms = OutgoingSms {
+                                message_id: m.id,
+                                phone: &m.phone,
+                                body: &m.body,
+                                attempt: m.attempts,
+                            };
+                            provider.limiter.acquire(provider.gateway.cost(&sms)).await;
                             // The limiter may have waited: look at the gate again.
                             if !gate.is_open() || core.gates.stopping() {
                                 SendResult::Released
                             } else {
-                                let sms = OutgoingSms {
-                                    message_id: m.id,
-                                    phone: &m.phone,
-                                    body: &m.body,
-                                    attempt: m.attempts,
-                                };
                                 let started = Instant::now();
                                 let answer =
                                     tokio::time::timeout(timeout, provider.gateway.send(&sms))
@@ -255,6 +271,12 @@ async fn send_slice(core: &Core, gate: &Gate, claimed: Vec<ClaimedMessage>) -> O
                 tracing::warn!(message_id = id, reason = %why, "Provider outcome unknown; settled as unknown_outcome.");
                 outcomes.failed.push((id, UNKNOWN_OUTCOME.to_owned()));
                 "failed"
+            }
+            // The provider took nothing (no session bound): the message waits for it without
+            // using an attempt, and the batch's delivery waits for the provider too.
+            SendResult::Failed(ProviderError::Unavailable(why)) => {
+                outcomes.deferred.push((id, now + DEFER, why));
+                "deferred"
             }
             // Under `at_least_once`, an unknown outcome is retried like a transient error.
             SendResult::Failed(e)

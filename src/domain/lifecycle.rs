@@ -184,6 +184,22 @@ pub struct Bookkeeping {
     pub updated_at: NaiveDateTime,
 }
 
+/// A batch's bookkeeping with the condition `kind` set and its state left as it is: what the
+/// batch waits for while it stays where it is (`ProviderAvailable`).
+pub fn note(
+    batch: &Bookkeeping,
+    kind: &str,
+    status: bool,
+    reason: &str,
+    message: String,
+) -> Bookkeeping {
+    let now = Utc::now();
+    let mut b = batch.clone();
+    b.updated_at = now.naive_utc();
+    b.conditions.set(kind, status, reason, message, now);
+    b
+}
+
 /// A batch's bookkeeping after `event`: the new state and the step statuses, times, conditions
 /// and error that go with it. `counters` are the batch's own, for the `Prepared` condition;
 /// `restarts` the supervisor's count.

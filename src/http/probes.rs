@@ -36,19 +36,8 @@ pub(super) async fn healthz() -> HttpResponse {
     ),
 )]
 pub(super) async fn readyz(state: web::Data<AppState>) -> HttpResponse {
-    let database = match tokio::time::timeout(Duration::from_secs(2), state.store.ping()).await {
-        Ok(Ok(())) => "ok".to_string(),
-        Ok(Err(e)) => e.to_string(),
-        Err(_) => "timeout".to_string(),
-    };
-    let queue = match &state.broker {
-        None => "ok".to_string(),
-        Some(link) => match link.check() {
-            Ok(()) => "ok".to_string(),
-            Err(e) => e,
-        },
-    };
-    let healthy = database == "ok" && queue == "ok";
+    let checks = checks(&state).await;
+    let healthy = checks.database == "ok" && checks.queue == "ok";
     // Shown, never failing the probe: the API serves whatever an SMSC does.
     let providers = state
         .providers
@@ -68,7 +57,7 @@ pub(super) async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     let body = Readiness {
         status: if healthy { "healthy" } else { "unhealthy" },
         timestamp: Utc::now(),
-        checks: ReadinessChecks { database, queue },
+        checks,
         providers,
     };
     if healthy {
@@ -76,6 +65,24 @@ pub(super) async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     } else {
         HttpResponse::ServiceUnavailable().json(body)
     }
+}
+
+/// The readiness checks: `ok`, or the error of the database (pinged, at most 2 s) and of the
+/// broker link.
+async fn checks(state: &AppState) -> ReadinessChecks {
+    let database = match tokio::time::timeout(Duration::from_secs(2), state.store.ping()).await {
+        Ok(Ok(())) => "ok".to_string(),
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => "timeout".to_string(),
+    };
+    let queue = match &state.broker {
+        None => "ok".to_string(),
+        Some(link) => match link.check() {
+            Ok(()) => "ok".to_string(),
+            Err(e) => e,
+        },
+    };
+    ReadinessChecks { database, queue }
 }
 
 /// Prometheus metrics, text exposition format 0.0.4.
@@ -99,6 +106,15 @@ pub(super) async fn metrics(state: web::Data<AppState>) -> Result<HttpResponse, 
                 .with_label_values(&[s.as_str()])
                 .set(counts.get(s.as_str()).copied().unwrap_or(0));
         }
+    }
+    // What /readyz would answer, so that an alert sees an instance that is up but not ready.
+    let checks = checks(&state).await;
+    for (check, result) in [("database", &checks.database), ("queue", &checks.queue)] {
+        state
+            .metrics
+            .ready
+            .with_label_values(&[check])
+            .set(i64::from(result == "ok"));
     }
     for (name, sessions) in state.providers.sessions() {
         for kind in SessionReport::STATES {

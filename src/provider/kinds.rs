@@ -23,8 +23,12 @@ pub struct Configured {
     pub name: String,
     /// Its configuration key, for errors (`providers.http.gw`).
     pub key: String,
-    /// Messages per second (token bucket); 0 means unlimited.
+    /// Its rate limit a second, in what `SmsProvider::cost` counts (messages, or SMPP's
+    /// segments); 0 means unlimited.
     pub rate_limit: u32,
+    /// How long after its submit a message's receipt still counts (`receipt_timeout_ms`);
+    /// `None`: always.
+    pub receipt_timeout: Option<std::time::Duration>,
     /// Its settings, which build it.
     pub settings: Arc<dyn Build>,
 }

@@ -4,16 +4,15 @@
 
 pub mod http;
 pub mod kinds;
+pub mod rate;
 pub mod registry;
 pub mod simulator;
 pub mod smpp;
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
-use tokio::time::Instant;
 
 use futures_util::future::BoxFuture;
 
@@ -23,6 +22,7 @@ use crate::domain::receipt::Receipt;
 pub use simulator::Simulator;
 
 pub use kinds::{BuildError, SettingError};
+pub use rate::{RateLedger, RateLimiter};
 pub use registry::{ProviderSettings, configure};
 
 /// One SMS to hand to a provider.
@@ -62,6 +62,19 @@ pub enum ProviderError {
     /// dropped after the request went): `smsbatch.redelivery` decides, as after a crash.
     #[error("outcome unknown: {0}")]
     Unknown(String),
+    /// The provider could take no message at all (no session bound): not a failure of the
+    /// message, which waits for the provider without using an attempt.
+    #[error("provider unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// Why a provider can take no message now, as a batch's condition says it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unavailable {
+    /// A CamelCase reason (`BindRefused`, `SessionsDown`).
+    pub reason: &'static str,
+    /// A human sentence.
+    pub message: String,
 }
 
 impl ProviderError {
@@ -132,6 +145,25 @@ pub trait SmsProvider: Send + Sync {
         sms: &'a OutgoingSms<'a>,
     ) -> BoxFuture<'a, Result<Accepted, ProviderError>>;
 
+    /// What `sms` costs of the provider's rate limit: 1 (a message), or its segments for a
+    /// provider whose limit counts them (SMPP).
+    fn cost(&self, sms: &OutgoingSms<'_>) -> u32 {
+        let _ = sms;
+        1
+    }
+
+    /// Why it can take no message now, when it knows (an SMPP account whose binds are refused
+    /// or whose sessions are down); `None` while it can, or may soon.
+    fn unavailable(&self) -> Option<Unavailable> {
+        None
+    }
+
+    /// Resolves once it may take messages again (at once for a provider that is never
+    /// unavailable).
+    fn available(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
+
     /// Its sessions, for a provider that keeps connections open; none for the others.
     fn sessions(&self) -> Vec<SessionReport> {
         Vec::new()
@@ -156,8 +188,10 @@ pub struct Provider {
     pub name: String,
     /// The gateway.
     pub gateway: Arc<dyn SmsProvider>,
-    /// Its messages-per-second limit.
+    /// Its rate limit (messages, or segments as `SmsProvider::cost` counts them, a second).
     pub limiter: RateLimiter,
+    /// How long after its submit a message's receipt still counts; `None`: always.
+    pub receipt_timeout: Option<std::time::Duration>,
 }
 
 /// The configured providers by name.
@@ -168,16 +202,26 @@ pub struct Providers {
 }
 
 impl Providers {
-    /// Builds every provider the configuration names (`kinds::configure`).
+    /// Builds every provider the configuration names (`kinds::configure`). With a `ledger`,
+    /// each rate limit holds for the account across every instance that counts in it;
+    /// without, for this instance alone.
     pub fn from_settings(
         settings: &ProviderSettings,
         incoming: &IncomingSink,
+        ledger: Option<Arc<dyn RateLedger>>,
     ) -> Result<Self, BuildError> {
         let mut by_name = HashMap::new();
         for configured in configure(settings)? {
+            let limiter = match &ledger {
+                Some(ledger) => {
+                    RateLimiter::shared(configured.rate_limit, &configured.name, ledger.clone())
+                }
+                None => RateLimiter::new(configured.rate_limit),
+            };
             let provider = Provider {
                 gateway: configured.settings.build(&configured.name, incoming)?,
-                limiter: RateLimiter::new(configured.rate_limit),
+                limiter,
+                receipt_timeout: configured.receipt_timeout,
                 name: configured.name,
             };
             by_name.insert(provider.name.clone(), Arc::new(provider));
@@ -212,76 +256,16 @@ impl Providers {
             .collect()
     }
 
+    /// Each provider's `receipt_timeout`, for those that have one.
+    pub fn receipt_timeouts(&self) -> BTreeMap<String, std::time::Duration> {
+        self.by_name
+            .values()
+            .filter_map(|p| Some((p.name.clone(), p.receipt_timeout?)))
+            .collect()
+    }
+
     /// The name of the default provider.
     pub fn default_name(&self) -> &str {
         &self.default
-    }
-}
-
-/// A token bucket: at most `rate` messages a second, with a burst of one second's worth.
-/// The lock is held only to compute the wait, never across it.
-pub struct RateLimiter {
-    rate: f64,
-    state: Mutex<(f64, Instant)>,
-}
-
-impl RateLimiter {
-    /// A limiter of `per_second` messages a second; 0 means unlimited.
-    pub fn new(per_second: u32) -> Self {
-        RateLimiter {
-            rate: f64::from(per_second),
-            state: Mutex::new((f64::from(per_second), Instant::now())),
-        }
-    }
-
-    /// Waits until one message may go.
-    pub async fn acquire(&self) {
-        if self.rate <= 0.0 {
-            return;
-        }
-        let wait = {
-            let mut guard = self.state.lock().unwrap_or_else(|p| p.into_inner());
-            let (tokens, last) = &mut *guard;
-            let now = Instant::now();
-            *tokens =
-                (*tokens + now.duration_since(*last).as_secs_f64() * self.rate).min(self.rate);
-            *last = now;
-            // Take the token now, even if it goes negative: later callers queue behind it.
-            *tokens -= 1.0;
-            if *tokens >= 0.0 {
-                None
-            } else {
-                Some(Duration::from_secs_f64(-*tokens / self.rate))
-            }
-        };
-        if let Some(wait) = wait {
-            tokio::time::sleep(wait).await;
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test(start_paused = true)]
-    async fn rate_limiter_spaces_calls_after_the_burst() {
-        let limiter = RateLimiter::new(10);
-        let start = tokio::time::Instant::now();
-        for _ in 0..30 {
-            limiter.acquire().await;
-        }
-        // 10 go at once (the burst), the other 20 at 10 a second.
-        let elapsed = start.elapsed();
-        assert!(elapsed >= Duration::from_millis(1900), "{elapsed:?}");
-        assert!(elapsed <= Duration::from_millis(2100), "{elapsed:?}");
-    }
-
-    #[tokio::test]
-    async fn unlimited_limiter_never_waits() {
-        let limiter = RateLimiter::new(0);
-        for _ in 0..1000 {
-            limiter.acquire().await;
-        }
     }
 }

@@ -49,6 +49,7 @@ impl kinds::Kind for Kind {
             name: NAME.into(),
             key: "providers.simulator".into(),
             rate_limit: settings.rate_limit,
+            receipt_timeout: None,
             settings: Arc::new(settings),
         }])
     }

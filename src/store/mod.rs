@@ -14,6 +14,7 @@ pub mod models;
 mod opt_outs;
 mod outcomes;
 mod preparation;
+mod rates;
 mod receipts;
 mod recipients;
 mod records;
@@ -39,7 +40,7 @@ use futures_util::FutureExt;
 
 pub use leases::before;
 pub use opt_outs::{OptOut, OptOutChunk};
-pub use receipts::{PENDING_RECEIPT_TRIES, ReceiptsApplied};
+pub use receipts::{PENDING_RECEIPT_TRIES, ReceiptTimeouts, ReceiptsApplied};
 pub use records::*;
 pub use resend::ResendError;
 pub use watch::Changes;

@@ -92,7 +92,9 @@ impl Store {
             // cancelled would stay there for good: the cancel's sweep of pending messages may
             // already have run. The batch's row, read first under a share lock, says which way they
             // go: a cancel's state change waits for this transaction, or this one sees it.
-            let back_to_pending = !outcomes.retry.is_empty() || !outcomes.released.is_empty();
+            let back_to_pending = !outcomes.retry.is_empty()
+                || !outcomes.released.is_empty()
+                || !outcomes.deferred.is_empty();
             let cancelled_batch = back_to_pending && {
                 let row: StateRow = diesel::sql_query(state_sql)
                     .bind::<sql_types::BigInt, _>(batch_id)
@@ -100,16 +102,18 @@ impl Store {
                     .await?;
                 row.state == BatchState::Cancelled
             };
-            // With the batch cancelled, its retries and releases are cancelled instead.
-            let (retry, released): (&[_], &[i64]) = if cancelled_batch {
-                (&[], &[])
+            // With the batch cancelled, its retries, releases and deferrals are cancelled
+            // instead.
+            let (retry, released, deferred): (&[_], &[i64], &[_]) = if cancelled_batch {
+                (&[], &[], &[])
             } else {
-                (&outcomes.retry, &outcomes.released)
+                (&outcomes.retry, &outcomes.released, &outcomes.deferred)
             };
             let mut to_cancel = outcomes.cancelled.clone();
             if cancelled_batch {
                 to_cancel.extend(outcomes.retry.iter().map(|(id, _, _)| *id));
                 to_cancel.extend(outcomes.released.iter().copied());
+                to_cancel.extend(outcomes.deferred.iter().map(|(id, _, _)| *id));
             }
             // Sent messages without a provider id or receipt keys share one statement; the rest
             // go one by one, to learn which of them this record moved.
@@ -188,17 +192,24 @@ impl Store {
                         .await? as i64;
                 }
             }
-            let mut by_retry: BTreeMap<(NaiveDateTime, &str), Vec<i64>> = BTreeMap::new();
-            for (id, due, err) in retry {
-                by_retry.entry((*due, err.as_str())).or_default().push(*id);
+            // Retries keep the claim's attempt; deferrals (the provider took nothing) undo it.
+            let mut waiting: BTreeMap<(NaiveDateTime, &str, i32), Vec<i64>> = BTreeMap::new();
+            for (undone, list) in [(0, retry), (1, deferred)] {
+                for (id, due, err) in list {
+                    waiting
+                        .entry((*due, err.as_str(), undone))
+                        .or_default()
+                        .push(*id);
+                }
             }
-            for ((due, err), ids) in by_retry {
+            for ((due, err, undone), ids) in waiting {
                 for ids in ids.chunks(INSERT_CHUNK) {
                     diesel::update(still_sending!(ids, batch_id, partition))
                         .set((
                             messages::status.eq(PENDING),
                             messages::next_attempt_at.eq(Some(due)),
                             messages::error.eq(err),
+                            messages::attempts.eq(messages::attempts - undone),
                             messages::updated_at.eq(at),
                         ))
                         .execute(conn)

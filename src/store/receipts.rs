@@ -36,8 +36,26 @@ pub struct ReceiptsApplied {
     pub kept: u64,
     /// Receipts dropped after their last try.
     pub dropped: u64,
+    /// Receipts of messages sent longer ago than their provider's `receipt_timeout`: the
+    /// message stays `sent` for good.
+    pub late: u64,
     /// Seconds from each settled message's submit to its receipt.
     pub latencies: Vec<f64>,
+}
+
+/// How long after its submit each provider's receipts still count (`receipt_timeout_ms`), by
+/// provider name; a provider not named has no limit.
+#[derive(Debug, Clone, Default)]
+pub struct ReceiptTimeouts(pub BTreeMap<String, std::time::Duration>);
+
+impl ReceiptTimeouts {
+    /// True when the receipt `key` comes too late for a message sent at `sent_at`.
+    fn expired(&self, key: &str, sent_at: NaiveDateTime, at: NaiveDateTime) -> bool {
+        let provider = key.split_once('/').map_or(key, |(provider, _)| provider);
+        self.0
+            .get(provider)
+            .is_some_and(|limit| (at - sent_at).to_std().is_ok_and(|since| since > *limit))
+    }
 }
 
 /// One receipt of a lot: new, or kept earlier (its row and the tries so far).
@@ -69,6 +87,7 @@ impl Store {
     pub async fn record_receipts(
         &self,
         receipts: Vec<Receipt>,
+        timeouts: &ReceiptTimeouts,
     ) -> Result<ReceiptsApplied, StoreError> {
         if receipts.is_empty() {
             return Ok(ReceiptsApplied::default());
@@ -82,12 +101,16 @@ impl Store {
                 received_at: at,
             })
             .collect();
-        self.apply(Some(lot), 0, at).await
+        self.apply(Some(lot), 0, at, timeouts).await
     }
 
     /// Tries again up to `limit` kept receipts that are due.
-    pub async fn match_pending_receipts(&self, limit: i64) -> Result<ReceiptsApplied, StoreError> {
-        self.apply(None, limit, now()).await
+    pub async fn match_pending_receipts(
+        &self,
+        limit: i64,
+        timeouts: &ReceiptTimeouts,
+    ) -> Result<ReceiptsApplied, StoreError> {
+        self.apply(None, limit, now(), timeouts).await
     }
 
     /// Receipts kept, due or not.
@@ -103,6 +126,7 @@ impl Store {
         lot: Option<Vec<Entry>>,
         limit: i64,
         at: NaiveDateTime,
+        timeouts: &ReceiptTimeouts,
     ) -> Result<ReceiptsApplied, StoreError> {
         with_tx!(self, |conn| {
             let lot: Vec<Entry> = match lot {
@@ -263,8 +287,12 @@ impl Store {
             let mut failed: BTreeMap<i64, &str> = BTreeMap::new();
             let mut delivered: BTreeSet<i64> = BTreeSet::new();
             for (entry, message) in &matched {
-                if !sent.contains_key(message) {
+                let Some(&(_, _, sent_at)) = sent.get(message) else {
                     applied.repeated += 1;
+                    continue;
+                };
+                if timeouts.expired(&entry.receipt.key, sent_at, entry.received_at) {
+                    applied.late += 1;
                     continue;
                 }
                 match &entry.receipt.outcome {

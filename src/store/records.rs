@@ -67,6 +67,9 @@ pub struct Outcomes {
     pub retry: Vec<(i64, NaiveDateTime, String)>,
     /// Not sent because the batch paused: back to `pending` at once.
     pub released: Vec<i64>,
+    /// Not sent because the provider could take nothing (no session bound): back to `pending`,
+    /// not before the given time, with the reason as `error` and the claim's attempt undone.
+    pub deferred: Vec<(i64, NaiveDateTime, String)>,
     /// Not sent because the batch was cancelled.
     pub cancelled: Vec<i64>,
     /// Not sent because the number is on the opt-out list: `cancelled`, with `error`
@@ -89,6 +92,7 @@ impl Outcomes {
             + self.failed.len()
             + self.retry.len()
             + self.released.len()
+            + self.deferred.len()
             + self.cancelled.len()
             + self.opted_out.len()
     }

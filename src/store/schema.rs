@@ -142,6 +142,14 @@ diesel::table! {
     }
 }
 
+diesel::table! {
+    rate_windows (account, start_ms) {
+        account -> Text,
+        start_ms -> BigInt,
+        used -> BigInt,
+    }
+}
+
 diesel::joinable!(leases -> batches (batch_id));
 diesel::joinable!(recipients -> batches (batch_id));
 diesel::joinable!(messages -> batches (batch_id));
@@ -160,4 +168,5 @@ diesel::allow_tables_to_appear_in_same_query!(
     preparation_chunks,
     receipt_keys,
     pending_receipts,
+    rate_windows,
 );

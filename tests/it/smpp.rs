@@ -2,8 +2,9 @@
 //! submitted once and recorded with the SMSC's id, the window never exceeded, error statuses
 //! failing their messages with the status named, throttling slowing down without losing or
 //! repeating anything, long UCS-2 text as concatenated parts that reassemble, and a clean
-//! `unbind` when the service stops. The core scenario on SQLite, PostgreSQL, and PostgreSQL with
-//! RabbitMQ and two instances sharing the batch.
+//! `unbind` when the service stops, an SMSC killed and restarted, an SMSC that stops answering.
+//! Each scenario on SQLite and on PostgreSQL with RabbitMQ and two instances sharing the batch
+//! (each with its own session); the core one on PostgreSQL alone too.
 #![allow(clippy::unwrap_used)]
 
 use std::collections::{BTreeMap, HashMap};
@@ -41,6 +42,17 @@ pub(crate) fn server(
     all.extend(env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
     let all: Vec<(&str, &str)> = all.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     TestServer::start(db, &all)
+}
+
+/// A second instance on the same database and queue, on the production stack (with its own
+/// session to the SMSC); none on the embedded store.
+pub(crate) fn second(
+    db: &TestDb,
+    smsc: &Smsc,
+    account: &[(&str, &str)],
+    env: &[(&str, &str)],
+) -> Option<TestServer> {
+    (db.backend() == Backend::PostgresRabbitmq).then(|| server(db, smsc, account, env))
 }
 
 /// A batch through `acme` of `phones`, each with a `name` var, started.
@@ -141,12 +153,15 @@ fn every_message_is_submitted_once_within_the_window(backend: Backend) {
     drop(second);
 }
 
-#[test]
-fn error_statuses_fail_their_messages_with_the_status_named() {
+alone_and_paired!(error_statuses_fail_their_messages_with_the_status_named
+    => error_statuses_fail_their_messages_with_the_status_named_sqlite, error_statuses_fail_their_messages_with_the_status_named_paired);
+
+fn error_statuses_fail_their_messages_with_the_status_named(backend: Backend) {
     // Numbers whose digits start 861380000 are refused; the others go.
     let smsc = smsc(json!({"reject_prefix": "861380000"}));
-    let db = TestDb::new(Backend::Sqlite);
+    let db = TestDb::new(backend);
     let server = server(&db, &smsc, &[], &[]);
+    let _second = second(&db, &smsc, &[], &[]);
     let refused: Vec<String> = (0..5).map(mobile).collect();
     let taken: Vec<String> = (0..5).map(|i| mobile(50_000_000 + i)).collect();
     let phones: Vec<String> = refused.iter().chain(&taken).cloned().collect();
@@ -171,17 +186,16 @@ fn error_statuses_fail_their_messages_with_the_status_named() {
     );
 }
 
-#[test]
-fn throttling_slows_down_and_loses_nothing() {
+alone_and_paired!(throttling_slows_down_and_loses_nothing
+    => throttling_slows_down_and_loses_nothing_sqlite, throttling_slows_down_and_loses_nothing_paired);
+
+fn throttling_slows_down_and_loses_nothing(backend: Backend) {
     // Every third submit is refused with ESME_RTHROTTLED.
     let smsc = smsc(json!({"throttle_every": 3}));
-    let db = TestDb::new(Backend::Sqlite);
-    let server = server(
-        &db,
-        &smsc,
-        &[],
-        &[("SMSBATCH__SMSBATCH__RETRY_COUNT", "20")],
-    );
+    let db = TestDb::new(backend);
+    let env = [("SMSBATCH__SMSBATCH__RETRY_COUNT", "20")];
+    let server = server(&db, &smsc, &[], &env);
+    let _second = second(&db, &smsc, &[], &env);
     let phones: Vec<String> = (0..30).map(|i| mobile(8000 + i)).collect();
     let id = start_batch(&server, "Hi {{name}}", &phones);
     let batch = server.wait_for_state(&id, &["completed"], SHORT);
@@ -205,11 +219,14 @@ fn throttling_slows_down_and_loses_nothing() {
     }
 }
 
-#[test]
-fn a_long_ucs2_message_goes_as_concatenated_parts_that_reassemble() {
+alone_and_paired!(a_long_ucs2_message_goes_as_concatenated_parts_that_reassemble
+    => a_long_ucs2_message_goes_as_concatenated_parts_that_reassemble_sqlite, a_long_ucs2_message_goes_as_concatenated_parts_that_reassemble_paired);
+
+fn a_long_ucs2_message_goes_as_concatenated_parts_that_reassemble(backend: Backend) {
     let smsc = smsc(json!({}));
-    let db = TestDb::new(Backend::Sqlite);
+    let db = TestDb::new(backend);
     let server = server(&db, &smsc, &[], &[]);
+    let _second = second(&db, &smsc, &[], &[]);
     // 91 characters of Cyrillic and a name: over 70, so two UCS-2 segments.
     let content = "Здравствуйте, {{name}}! Ваш заказ готов к выдаче в пункте самовывоза до конца недели. Спасибо!";
     let phones = vec![mobile(9001), mobile(9002)];
@@ -298,16 +315,16 @@ fn nothing_accepted_twice(server: &TestServer, id: &str, smsc: &Smsc, total: usi
     unknown
 }
 
-#[test]
-fn the_smsc_killed_mid_batch_and_restarted_sends_nothing_twice() {
+alone_and_paired!(the_smsc_killed_mid_batch_and_restarted_sends_nothing_twice
+    => the_smsc_killed_mid_batch_and_restarted_sends_nothing_twice_sqlite, the_smsc_killed_mid_batch_and_restarted_sends_nothing_twice_paired);
+
+fn the_smsc_killed_mid_batch_and_restarted_sends_nothing_twice(backend: Backend) {
     let mut smsc = smsc(json!({"response_delay_ms": 100}));
-    let db = TestDb::new(Backend::Sqlite);
-    let server = server(
-        &db,
-        &smsc,
-        &[("WINDOW", "3"), ("RECONNECT_MS", "200")],
-        &[("SMSBATCH__SMSBATCH__RETRY_COUNT", "20")],
-    );
+    let db = TestDb::new(backend);
+    let account = [("WINDOW", "3"), ("RECONNECT_MS", "200")];
+    let env = [("SMSBATCH__SMSBATCH__RETRY_COUNT", "20")];
+    let server = server(&db, &smsc, &account, &env);
+    let second = second(&db, &smsc, &account, &env);
     let phones: Vec<String> = (0..60).map(|i| mobile(6000 + i)).collect();
     let recipients: Vec<Value> = phones.iter().map(|p| json!({"phone": p})).collect();
     let id = server.create_batch(&json!({
@@ -321,9 +338,10 @@ fn the_smsc_killed_mid_batch_and_restarted_sends_nothing_twice() {
     smsc.restart_after(Duration::from_millis(500));
     let batch = server.wait_for_state(&id, &["completed"], SHORT);
     let unknown = nothing_accepted_twice(&server, &id, &smsc, 60);
+    let sessions = if second.is_some() { 2 } else { 1 };
     assert!(
-        unknown <= 3,
-        "at most a window's worth lost its answer: {unknown}"
+        unknown <= 3 * sessions,
+        "at most a window's worth per session lost its answer: {unknown}"
     );
     assert_eq!(
         num(&batch, "/results/sent") as usize + unknown,
@@ -331,26 +349,25 @@ fn the_smsc_killed_mid_batch_and_restarted_sends_nothing_twice() {
         "{batch:#}"
     );
     assert!(
-        smsc.events_of("bind").len() >= 2,
+        smsc.events_of("bind").len() >= 2 * sessions,
         "the session bound again after the restart"
     );
 }
 
-#[test]
-fn an_smsc_that_stops_answering_is_left_and_bound_again() {
+alone_and_paired!(an_smsc_that_stops_answering_is_left_and_bound_again
+    => an_smsc_that_stops_answering_is_left_and_bound_again_sqlite, an_smsc_that_stops_answering_is_left_and_bound_again_paired);
+
+fn an_smsc_that_stops_answering_is_left_and_bound_again(backend: Backend) {
     // After the 10th submit, that session answers nothing more; a new one answers again.
     let smsc = smsc(json!({"response_delay_ms": 20, "silent_after": 10}));
-    let db = TestDb::new(Backend::Sqlite);
-    let server = server(
-        &db,
-        &smsc,
-        &[
-            ("WINDOW", "4"),
-            ("RESPONSE_TIMEOUT_MS", "800"),
-            ("RECONNECT_MS", "100"),
-        ],
-        &[],
-    );
+    let db = TestDb::new(backend);
+    let account = [
+        ("WINDOW", "4"),
+        ("RESPONSE_TIMEOUT_MS", "800"),
+        ("RECONNECT_MS", "100"),
+    ];
+    let server = server(&db, &smsc, &account, &[]);
+    let second = second(&db, &smsc, &account, &[]);
     let phones: Vec<String> = (0..40).map(|i| mobile(5000 + i)).collect();
     let recipients: Vec<Value> = phones.iter().map(|p| json!({"phone": p})).collect();
     let id = server.create_batch(&json!({
@@ -365,7 +382,11 @@ fn an_smsc_that_stops_answering_is_left_and_bound_again() {
         "the submits left unanswered are settled as unknown: {unknown}"
     );
     assert_eq!(num(&batch, "/results/sent") as usize + unknown, 40);
-    assert!(smsc.events_of("bind").len() >= 2, "a new session took over");
+    let sessions = if second.is_some() { 2 } else { 1 };
+    assert!(
+        smsc.events_of("bind").len() > sessions,
+        "a new session took over"
+    );
 }
 
 #[test]

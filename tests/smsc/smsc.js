@@ -41,7 +41,8 @@
 //
 // Lines printed: {"event": "bind", "system_id", "ok"}, {"event": "submit", "session",
 // "destination", "source", "source_ton", "source_npi", "data_coding", "esm_class",
-// "registered_delivery", "udh" (hex or null), "text", "status", "message_id", "in_flight"},
+// "registered_delivery", "udh" (hex or null), "text", "status", "message_id", "in_flight",
+// "at" (when it came, milliseconds since the epoch)},
 // {"event": "receipt", "session", "message_id" (as in the receipt), "stat" ("DELIVRD" or
 // "UNDELIV"), "status" (of its deliver_sm_resp), "try" (1, 2, …)} for each response to a
 // receipt, {"event": "mo", "session", "from", "to", "text", "status", "try"} for each response to
@@ -314,6 +315,7 @@ const server = smpp.createServer(function (session) {
         status: status,
         message_id: id,
         in_flight: inFlight,
+        at: submittedAt.getTime(),
       });
     }
     if (config.silent_after && !silenced && submits >= config.silent_after) {

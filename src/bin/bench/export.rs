@@ -28,6 +28,9 @@ pub(crate) fn run(
     db_url: &str,
     tag: &str,
 ) -> anyhow::Result<()> {
+    if args.provider != "simulator" {
+        bail!("--export sends through the simulator: leave --provider out");
+    }
     let n = args.recipients;
     let csv = work.join("recipients.csv");
     generate_csv(&csv, n)?;
@@ -37,7 +40,7 @@ pub(crate) fn run(
         args.store,
         args.transport
     );
-    let mut server = Server::start(args, db_url, tag, usize::MAX)?;
+    let mut server = Server::start(args, db_url, tag, usize::MAX, &[])?;
     let http = ureq::Agent::config_builder()
         .http_status_as_error(false)
         .timeout_global(Some(Duration::from_secs(3600)))

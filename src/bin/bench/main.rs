@@ -7,6 +7,14 @@
 //! cargo run --release --bin bench -- --recipients 1000000 --store postgres --transport rabbitmq
 //! ```
 //!
+//! `--provider smpp` sends the batch through an SMPP account on a local SMSC (node-smpp's server,
+//! `tests/smsc/`) that sends a receipt for every message, and reports receipts too, beside the
+//! SMSC's own ceiling measured in the same run:
+//!
+//! ```sh
+//! cargo run --release --bin bench -- --recipients 100000 --provider smpp --pauses 0
+//! ```
+//!
 //! `--batches N` selects the many-batches mode instead (see `many.rs`): N small batches created
 //! and started by concurrent clients, against one or more instances. `--export` selects the
 //! export mode (`export.rs`): one batch delivered, then its messages exported as CSV while the
@@ -19,6 +27,7 @@ mod many;
 mod mixed;
 mod paused;
 mod server;
+mod smpp;
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
@@ -53,6 +62,15 @@ struct Args {
     /// Pause/resume cycles during delivery (each gives one pause-latency sample).
     #[arg(long, default_value_t = 5)]
     pauses: usize,
+    /// `simulator`, or `smpp`: an account on a local SMSC (node-smpp's server, with receipts).
+    #[arg(long, default_value = "simulator")]
+    provider: String,
+    /// With `--provider smpp`: sessions per instance.
+    #[arg(long, default_value_t = 2)]
+    binds: usize,
+    /// With `--provider smpp`: unanswered submits per session.
+    #[arg(long, default_value_t = 50)]
+    window: usize,
     /// Skip measuring the machine's ceiling.
     #[arg(long)]
     no_ceiling: bool,
@@ -160,7 +178,35 @@ fn bench(args: &Args, work: &std::path::Path, db_url: &str, tag: &str) -> anyhow
     } else {
         None
     };
-    let mut server = Server::start(args, db_url, tag, usize::MAX)?;
+    // With SMPP, the SMSC's own ceiling first (on an SMSC of its own), then the SMSC the
+    // server sends to.
+    let smsc = match args.provider.as_str() {
+        "simulator" => None,
+        "smpp" => {
+            if !args.no_ceiling {
+                let alone = smpp::Smsc::start()?;
+                let c = alone.ceiling(n, args.binds, args.window)?;
+                let rate = |count: &str, secs: &str| {
+                    c[count].as_f64().unwrap_or(0.0) / c[secs].as_f64().unwrap_or(f64::MAX)
+                };
+                println!(
+                    "smsc_ceiling: {:.0} submits/s, {:.0} receipts/s ({n} messages, {} sessions \
+                     of window {}, node-smpp's client alone)",
+                    rate("submits", "submit_seconds"),
+                    rate("receipts", "receipt_seconds"),
+                    args.binds,
+                    args.window
+                );
+            }
+            Some(smpp::Smsc::start()?)
+        }
+        other => bail!("--provider must be simulator or smpp, not {other}"),
+    };
+    let env = smsc
+        .as_ref()
+        .map(|s| s.env(args.binds, args.window))
+        .unwrap_or_default();
+    let mut server = Server::start(args, db_url, tag, usize::MAX, &env)?;
     let idle_rss = server.rss_kb("VmRSS:");
     let http = ureq::Agent::config_builder()
         .http_status_as_error(false)
@@ -169,11 +215,13 @@ fn bench(args: &Args, work: &std::path::Path, db_url: &str, tag: &str) -> anyhow
         .new_agent();
     let base = server.base.clone();
 
+    let provider = if smsc.is_some() { "bench" } else { "simulator" };
     let body = json!({
         "name": "bench",
         "content": "Hi {{name}}, your order from {{city}} ships today: {{url}}",
         "url": "https://shop.example/o",
         "message_type": "marketing",
+        "provider": provider,
     });
     let created: Value = http
         .post(&format!("{base}/v1/batches"))
@@ -237,6 +285,12 @@ fn bench(args: &Args, work: &std::path::Path, db_url: &str, tag: &str) -> anyhow
     };
     let end_to_end = t0.elapsed().as_secs_f64();
     let total = t_start.elapsed().as_secs_f64();
+    // With receipts: until none is awaited (every `sent` message delivered or failed).
+    let batch = match &smsc {
+        Some(_) => wait_for_receipts(&http, &base, &id, batch)?,
+        None => batch,
+    };
+    let receipts_done = t_start.elapsed().as_secs_f64();
     peak_rss = peak_rss.max(server.rss_kb("VmHWM:"));
     let metrics = http
         .get(&format!("{base}/metrics"))
@@ -253,6 +307,16 @@ fn bench(args: &Args, work: &std::path::Path, db_url: &str, tag: &str) -> anyhow
     let delivery_s = (total - prep_s - paused_s).max(f64::EPSILON);
     println!("state: {} results: {}", batch["state"], results);
     println!("delivery_messages_per_second: {:.0}", valid / delivery_s);
+    if smsc.is_some() {
+        let settled = results["delivered"].as_f64().unwrap_or(0.0)
+            + results["failed"].as_f64().unwrap_or(0.0);
+        println!(
+            "receipts: {settled:.0} settled, the last {:.2} s after `completed`; \
+             receipt_messages_per_second: {:.0} (from the start of delivery to the last receipt)",
+            receipts_done - total,
+            settled / (receipts_done - prep_s - paused_s).max(f64::EPSILON)
+        );
+    }
     println!(
         "end_to_end_seconds: {end_to_end:.2} (of which {paused_s:.1} s paused by the benchmark)"
     );
@@ -305,6 +369,26 @@ fn bench(args: &Args, work: &std::path::Path, db_url: &str, tag: &str) -> anyhow
         );
     }
     Ok(())
+}
+
+/// Polls the batch until no message waits for its receipt (`results.sent` is 0), ten minutes at
+/// most; returns it as it then is.
+fn wait_for_receipts(
+    http: &ureq::Agent,
+    base: &str,
+    id: &str,
+    mut batch: Value,
+) -> anyhow::Result<Value> {
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while batch["results"]["sent"].as_u64().unwrap_or(0) > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+        batch = http
+            .get(&format!("{base}/v1/batches/{id}"))
+            .call()?
+            .body_mut()
+            .read_json()?;
+    }
+    Ok(batch)
 }
 
 /// Pauses, then watches the sent count: the time from the pause answer until it last moved is

@@ -56,7 +56,7 @@ pub(crate) fn run(
     // One after the other: each runs the migrations before it listens.
     let mut servers = Vec::new();
     for _ in 0..args.instances {
-        servers.push(Server::start(args, db_url, tag, LOG_LINES)?);
+        servers.push(Server::start(args, db_url, tag, LOG_LINES, &[])?);
     }
     println!(
         "idle_rss_mb: {}",

@@ -70,6 +70,7 @@ impl Server {
         db_url: &str,
         tag: &str,
         forward_lines: usize,
+        env: &[(String, String)],
     ) -> anyhow::Result<Self> {
         let mut child = Command::new(std::env::current_exe()?)
             .arg("--serve")
@@ -87,6 +88,7 @@ impl Server {
                 args.latency_ms.to_string(),
             )
             .env("SMSBATCH__LOG__LEVEL", "warn")
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()?;

@@ -150,6 +150,7 @@ impl kinds::Kind for Kind {
                 key: format!("providers.http.{name}"),
                 name,
                 rate_limit: settings.rate_limit,
+                receipt_timeout: None,
                 settings: Arc::new(settings),
             })
             .collect())

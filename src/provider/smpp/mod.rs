@@ -2,7 +2,8 @@
 //! `providers.smpp.<name>`. It opens `binds` transceiver sessions (`session.rs`), each a task it
 //! owns and joins when the service stops; a message goes to the bound session with the most room
 //! in its window, as one `submit_sm` per segment (`text.rs`: GSM-7 or UCS-2, concatenated parts
-//! behind a UDH), each asking for a receipt and each through the account's segment rate.
+//! behind a UDH), each asking for a receipt. The account's `rate_limit` counts segments: the
+//! worker takes a message's parts ([`SmsProvider::cost`]) before it hands the message over.
 //!
 //! How the SMSC's answers map to the worker's: an error status fails the message with its name
 //! and code, except `ESME_RTHROTTLED` and `ESME_RMSGQFUL`, which pause the session and retry
@@ -28,7 +29,7 @@ use self::session::{Config, State, Submit, Submitted};
 use self::text::Parts;
 use super::kinds::BuildError;
 use super::{
-    Accepted, IncomingSink, OutgoingSms, ProviderError, RateLimiter, SessionReport, SmsProvider,
+    Accepted, IncomingSink, OutgoingSms, ProviderError, SessionReport, SmsProvider, Unavailable,
 };
 
 pub use settings::{Kind, MessageIdFormat, SmppProviderSettings};
@@ -47,8 +48,6 @@ pub struct SmppProvider {
     /// Each session's submits written and unanswered.
     in_flight: Vec<Arc<AtomicUsize>>,
     next: AtomicUsize,
-    /// Segments per second, for this instance.
-    limiter: RateLimiter,
     source: Address,
     stop: watch::Sender<bool>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
@@ -105,7 +104,6 @@ impl SmppProvider {
             states,
             in_flight,
             next: AtomicUsize::new(0),
-            limiter: RateLimiter::new(settings.rate_limit),
             source: settings.source(),
             stop,
             tasks: Mutex::new(tasks),
@@ -122,7 +120,7 @@ impl SmppProvider {
             .await
             .is_err()
         {
-            return Err(ProviderError::Transient(format!(
+            return Err(ProviderError::Unavailable(format!(
                 "no SMPP session of `{}` bound: {}",
                 self.name,
                 self.why_unbound()
@@ -199,7 +197,6 @@ impl SmppProvider {
             };
             let mut tries = 0;
             let outcome = loop {
-                self.limiter.acquire().await;
                 let outcome = self.submit(session, pdu.clone()).await;
                 match outcome {
                     Submitted::Refused(status)
@@ -256,6 +253,49 @@ impl SmsProvider for SmppProvider {
         sms: &'a OutgoingSms<'a>,
     ) -> BoxFuture<'a, Result<Accepted, ProviderError>> {
         Box::pin(self.send_message(sms))
+    }
+
+    fn unavailable(&self) -> Option<Unavailable> {
+        let states = self.states.borrow();
+        if states
+            .iter()
+            .any(|s| matches!(s, State::Bound | State::Connecting))
+        {
+            return None;
+        }
+        let refused = states.iter().find_map(|s| match s {
+            State::Refused(status) => Some(status.clone()),
+            _ => None,
+        });
+        let down = states.iter().find_map(|s| match s {
+            State::Down(why) => Some(why.clone()),
+            _ => None,
+        });
+        match (refused, down) {
+            (Some(status), _) => Some(Unavailable {
+                reason: "BindRefused",
+                message: format!("the SMSC refuses to bind `{}`: {status}", self.name),
+            }),
+            (None, Some(why)) => Some(Unavailable {
+                reason: "SessionsDown",
+                message: format!("no SMPP session of `{}` is up: {why}", self.name),
+            }),
+            // Closed: the service is stopping, and the batch's gate with it.
+            (None, None) => None,
+        }
+    }
+
+    fn available(&self) -> BoxFuture<'_, ()> {
+        let mut states = self.states.clone();
+        Box::pin(async move {
+            // The sender lives as long as the provider: an error means it is gone, and then
+            // there is nothing to wait for.
+            let _ = states.wait_for(|all| all.contains(&State::Bound)).await;
+        })
+    }
+
+    fn cost(&self, sms: &OutgoingSms<'_>) -> u32 {
+        crate::domain::sms::analyze(sms.body).segments
     }
 
     fn sessions(&self) -> Vec<SessionReport> {

@@ -124,8 +124,9 @@ pub async fn run(
 ) {
     let set = |state: State| states.send_modify(|all| all[index] = state);
     let mut delay = config.reconnect;
+    // `connecting` only at first: a session refused or down says so until it binds again.
+    set(State::Connecting);
     while !*stop.borrow() {
-        set(State::Connecting);
         let why = match connect(&config).await {
             Ok((stream, buf)) => {
                 set(State::Bound);

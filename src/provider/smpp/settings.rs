@@ -206,8 +206,11 @@ impl kinds::Kind for Kind {
             accounts.push(Configured {
                 key,
                 name,
-                // Segments, not messages: the provider holds the rate itself, per part.
-                rate_limit: 0,
+                // Segments, not messages: `SmppProvider::cost` counts a message's parts.
+                rate_limit: settings.rate_limit,
+                receipt_timeout: Some(std::time::Duration::from_millis(
+                    settings.receipt_timeout_ms,
+                )),
                 settings: Arc::new(settings),
             });
         }

@@ -141,6 +141,17 @@ impl TestDb {
 }
 
 impl TestDb {
+    /// Runs SQL on the PostgreSQL server's maintenance database (`postgres`), outside the test's
+    /// own: how a test makes its database refuse connections (`ALLOW_CONNECTIONS`) and take them
+    /// back, without stopping the server other tests use.
+    pub fn execute_on_server(&self, sql: &str) {
+        let (admin, _) = self
+            .pg
+            .as_ref()
+            .expect("execute_on_server is for PostgreSQL");
+        pg_exec(&format!("{admin}/postgres"), sql).expect("run SQL on the maintenance database");
+    }
+
     /// Runs a query straight on the PostgreSQL database and returns the first column of every
     /// row as text (NULL as `None`): how a test looks at what the API does not show, such as
     /// which instance holds a batch's lease.

@@ -33,6 +33,22 @@ macro_rules! on_both_backends {
     };
 }
 
+/// A scenario on the embedded store (SQLite, one instance) and on the production stack
+/// (PostgreSQL + RabbitMQ, where the scenario starts two instances): `$scenario(Backend)`.
+macro_rules! alone_and_paired {
+    ($scenario:ident => $sqlite:ident, $paired:ident) => {
+        #[test]
+        fn $sqlite() {
+            $scenario(crate::common::Backend::Sqlite);
+        }
+
+        #[test]
+        fn $paired() {
+            $scenario(crate::common::Backend::PostgresRabbitmq);
+        }
+    };
+}
+
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader, Read};
@@ -49,6 +65,7 @@ pub use db::{Backend, TestDb};
 pub mod faults;
 pub mod sink;
 pub mod smsc;
+pub mod tools;
 
 /// How long the server may take to print its listening line (migrations included).
 const STARTUP_DEADLINE: Duration = Duration::from_secs(90);
@@ -747,4 +764,12 @@ impl TcpProxy {
     pub fn restore(&self) {
         self.state.lock().unwrap_or_else(|p| p.into_inner()).open = true;
     }
+}
+
+/// The value of one series (name and labels, as exposed) in a Prometheus text exposition; 0
+/// when absent.
+pub fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0.0)
 }

@@ -95,6 +95,12 @@ impl Smsc {
     /// Kills the SMSC (SIGKILL: its sessions drop with no unbind) and starts it again on the
     /// same port with the same config once `down` has passed; its events go on in the same list.
     pub fn restart_after(&mut self, down: Duration) {
+        self.restart_with(down, serde_json::json!({}));
+    }
+
+    /// `restart_after`, the config's fields changed by those of `patch` (an account whose
+    /// password the SMSC's operator changed).
+    pub fn restart_with(&mut self, down: Duration, patch: Value) {
         let _ = self.child.kill();
         let _ = self.child.wait();
         self.events
@@ -104,6 +110,9 @@ impl Smsc {
         thread::sleep(down);
         let mut config = self.config.clone();
         config["port"] = self.port.into();
+        if let (Some(config), Some(patch)) = (config.as_object_mut(), patch.as_object()) {
+            config.extend(patch.clone());
+        }
         let next = Self::spawn(config, self.events.clone());
         // The old child is already reaped: dropping it signals nothing.
         drop(std::mem::replace(self, next));

@@ -21,6 +21,9 @@ on_both_backends!(recover_sending_for_resend
 on_both_backends!(a_number_that_opted_out_after_preparation_is_cancelled
     => a_number_that_opted_out_after_preparation_is_cancelled_sqlite,
        a_number_that_opted_out_after_preparation_is_cancelled_postgres);
+on_both_backends!(a_deferred_message_waits_without_using_an_attempt
+    => a_deferred_message_waits_without_using_an_attempt_sqlite,
+       a_deferred_message_waits_without_using_an_attempt_postgres);
 on_both_backends!(outcomes_after_a_cancel_cancel_what_would_wait
     => outcomes_after_a_cancel_cancel_what_would_wait_sqlite,
        outcomes_after_a_cancel_cancel_what_would_wait_postgres);
@@ -206,6 +209,7 @@ async fn record_outcomes_moves_messages_and_counters(store: Store) {
         released: vec![m[4]],
         cancelled: vec![m[5]],
         opted_out: vec![],
+        deferred: vec![],
         receipt_keys: vec![],
     };
     assert_eq!(outcomes.len(), 7);
@@ -297,6 +301,7 @@ async fn record_outcomes_moves_messages_and_counters(store: Store) {
                 released: vec![m[2], m[3]],
                 cancelled: vec![m[0], m[1], m[3]],
                 opted_out: vec![m[0], m[5]],
+                deferred: vec![(m[2], due, "late".into())],
                 receipt_keys: vec![],
             },
         )
@@ -803,6 +808,89 @@ async fn outcomes_after_a_cancel_cancel_what_would_wait(store: Store) {
     assert_eq!(
         store.earliest_retry(batch.id).await.expect("earliest"),
         None
+    );
+}
+
+/// A message its provider could not take (no session bound) goes back to `pending` until its
+/// time, with the reason and its attempt undone; in a cancelled batch it is cancelled instead.
+async fn a_deferred_message_waits_without_using_an_attempt(store: Store) {
+    let batch = create(&store, "deferred", 1).await;
+    let m = seed(
+        &store,
+        batch.id,
+        &[
+            (0, "+8613500000010"),
+            (0, "+8613500000011"),
+            (0, "+8613500000012"),
+        ],
+    )
+    .await;
+    let claimed = store
+        .claim(batch.id, 0, m[0], m[1], i64::MAX, "test-instance")
+        .await
+        .expect("claim");
+    assert_eq!(claimed.len(), 2);
+    let due = whole_second(ChronoDuration::hours(1));
+    let why = "no SMPP session of `acme` bound: bind refused: ESME_RBINDFAIL (0x0000000D)";
+    store
+        .record_outcomes(
+            batch.id,
+            0,
+            &Outcomes {
+                sent: vec![(m[1], None)],
+                deferred: vec![(m[0], due, why.into())],
+                ..Outcomes::default()
+            },
+        )
+        .await
+        .expect("outcomes");
+    let r0 = message_by_id(&store, batch.id, m[0]).await;
+    assert_eq!(
+        (r0.status, r0.attempts),
+        (PENDING, 0),
+        "the attempt is undone"
+    );
+    assert_eq!(r0.error.as_deref(), Some(why));
+    assert_eq!(counters(&store, batch.id).await, vec![(3, 1, 0, 0, 0)]);
+    assert_eq!(
+        store.earliest_retry(batch.id).await.expect("earliest"),
+        Some(due),
+        "it waits for its time like a retry"
+    );
+    assert_eq!(
+        store
+            .next_task_ids(batch.id, 0, 0, 100, false)
+            .await
+            .expect("next"),
+        vec![m[2]]
+    );
+
+    // Cancelled meanwhile: a deferral recorded late cancels its message.
+    let claimed = store
+        .claim(batch.id, 0, m[2], m[2], i64::MAX, "test-instance")
+        .await
+        .expect("claim");
+    assert_eq!(claimed.len(), 1);
+    let mut cancelled = LifecycleUpdate::from(&batch.bookkeeping());
+    cancelled.state = "cancelled".into();
+    store
+        .save_lifecycle(batch.id, batch.version, &cancelled)
+        .await
+        .expect("cancel");
+    store
+        .record_outcomes(
+            batch.id,
+            0,
+            &Outcomes {
+                deferred: vec![(m[2], due, why.into())],
+                ..Outcomes::default()
+            },
+        )
+        .await
+        .expect("outcomes");
+    assert_eq!(
+        message_by_id(&store, batch.id, m[2]).await.status,
+        CANCELLED
     );
 }
 

@@ -3,7 +3,7 @@
 //! and keys a provider reuses.
 
 use smsbatch::domain::receipt::{Receipt, ReceiptOutcome};
-use smsbatch::store::ReceiptsApplied;
+use smsbatch::store::{ReceiptTimeouts, ReceiptsApplied};
 
 use super::*;
 
@@ -28,6 +28,9 @@ on_both_backends!(a_reused_key_names_the_newer_message
 on_both_backends!(a_slice_recorded_with_the_next_claim_gets_its_receipts
     => a_slice_recorded_with_the_next_claim_gets_its_receipts_sqlite,
        a_slice_recorded_with_the_next_claim_gets_its_receipts_postgres);
+on_both_backends!(a_receipt_after_its_providers_timeout_leaves_the_message_sent
+    => a_receipt_after_its_providers_timeout_leaves_the_message_sent_sqlite,
+       a_receipt_after_its_providers_timeout_leaves_the_message_sent_postgres);
 on_both_backends!(a_keyed_message_without_a_provider_id_gets_its_receipt
     => a_keyed_message_without_a_provider_id_gets_its_receipt_sqlite,
        a_keyed_message_without_a_provider_id_gets_its_receipt_postgres);
@@ -92,7 +95,10 @@ async fn record(store: &Store, batch_id: i64, partition: i32, outcomes: &Outcome
 }
 
 async fn receipts(store: &Store, lot: Vec<Receipt>) -> ReceiptsApplied {
-    store.record_receipts(lot).await.expect("record_receipts")
+    store
+        .record_receipts(lot, &ReceiptTimeouts::default())
+        .await
+        .expect("record_receipts")
 }
 
 /// The counts of `applied`, its latencies left out (checked apart).
@@ -257,7 +263,7 @@ async fn a_receipt_before_its_key_is_kept_and_applied_when_due(store: Store) {
 
     // Not due yet: nothing is tried.
     let early = store
-        .match_pending_receipts(100)
+        .match_pending_receipts(100, &ReceiptTimeouts::default())
         .await
         .expect("match_pending_receipts");
     assert_eq!(
@@ -270,7 +276,7 @@ async fn a_receipt_before_its_key_is_kept_and_applied_when_due(store: Store) {
 
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let due = store
-        .match_pending_receipts(100)
+        .match_pending_receipts(100, &ReceiptTimeouts::default())
         .await
         .expect("match_pending_receipts");
     assert_eq!(
@@ -296,7 +302,7 @@ async fn a_receipt_before_its_key_is_kept_and_applied_when_due(store: Store) {
     // The unmatched one's next try is 2 s later: not due now.
     assert_eq!(
         store
-            .match_pending_receipts(100)
+            .match_pending_receipts(100, &ReceiptTimeouts::default())
             .await
             .expect("match_pending_receipts"),
         ReceiptsApplied::default()
@@ -635,4 +641,44 @@ async fn a_keyed_message_without_a_provider_id_gets_its_receipt(store: Store) {
         }
     );
     assert_eq!(pending(&store).await, 0);
+}
+
+/// A receipt that comes longer after its message's submit than its provider's
+/// `receipt_timeout` is late: the message stays `sent` for good. Another provider's has no limit.
+async fn a_receipt_after_its_providers_timeout_leaves_the_message_sent(store: Store) {
+    let batch = create(&store, "late-receipt", 1).await;
+    let m = seed_n(&store, batch.id, "+861340007", 2).await;
+    assert_eq!(claim_range(&store, batch.id, 0, m[0], m[1]).await, 2);
+    record(
+        &store,
+        batch.id,
+        0,
+        &sent_with_keys(&[(m[0], &["acme/40"]), (m[1], &["other/41"])]),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let timeouts = ReceiptTimeouts(
+        [("acme".to_owned(), Duration::from_millis(10))]
+            .into_iter()
+            .collect(),
+    );
+    let applied = store
+        .record_receipts(vec![delivered("acme/40"), delivered("other/41")], &timeouts)
+        .await
+        .expect("record_receipts");
+    assert_eq!(
+        counts(&applied),
+        ReceiptsApplied {
+            delivered: 1,
+            late: 1,
+            ..ReceiptsApplied::default()
+        }
+    );
+    assert_eq!(message_by_id(&store, batch.id, m[0]).await.status, SENT);
+    assert_eq!(
+        message_by_id(&store, batch.id, m[1]).await.status,
+        DELIVERED
+    );
+    assert_eq!(counters(&store, batch.id).await, vec![(2, 1, 1, 0, 0)]);
+    assert_eq!(pending(&store).await, 0, "a late receipt is not kept");
 }
