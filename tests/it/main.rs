@@ -1,6 +1,7 @@
 //! The integration tests, in one binary: the real server over HTTP (`api`, `access`,
 //! `bad_input`, `http_provider`), the fault suite (`faults`), lifecycle races (`races`), the `smpp` provider
-//! against a real SMSC (`smpp`) and the store conformance suite (`store`), sharing the harness in `common`.
+//! against a real SMSC (`smpp`), the store conformance suite (`store`) and the dashboard, in a real browser too (`ui`), sharing
+//! the harness in `common`.
 
 #[macro_use]
 mod common;
@@ -18,3 +19,4 @@ mod receipts;
 mod smpp;
 mod store;
 mod turns;
+mod ui;

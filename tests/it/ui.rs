@@ -1,0 +1,131 @@
+//! The dashboard's pages over HTTP, against the real server.
+#![allow(clippy::unwrap_used)]
+
+use serde_json::json;
+
+use crate::common::{Backend, TestDb, TestServer};
+
+/// Without an admin token the dashboard is open, like the API: every page answers, and the
+/// login form sends the person on.
+#[test]
+fn without_a_token_the_dashboard_is_open() {
+    let db = TestDb::new(Backend::Sqlite);
+    let server = TestServer::start(&db, &[]);
+    let id = server.create_batch(&json!({"name": "open", "content": "Hi {{name}}",
+        "recipients": [{"phone": "+8613800001234", "vars": {"name": "Ann"}}]}));
+    for path in [
+        "/ui/".to_owned(),
+        "/ui/batches/new".to_owned(),
+        format!("/ui/batches/{id}"),
+        format!("/ui/batches/{id}/live"),
+        "/ui/batches/rows?state=initial".to_owned(),
+        "/ui/opt-outs".to_owned(),
+        "/ui/opt-outs.csv".to_owned(),
+        "/ui/assets/app.js".to_owned(),
+    ] {
+        let reply = server.get(&path);
+        assert_eq!(reply.status, 200, "GET {path}: {}", reply.body);
+    }
+    let list = server.get("/ui/");
+    assert!(
+        list.content_type.starts_with("text/html"),
+        "{}",
+        list.content_type
+    );
+    assert!(list.body.contains(&id), "the list shows the batch");
+    assert!(!list.body.contains("Log out"), "nothing to log out of");
+    let page = server.get(&format!("/ui/batches/{id}"));
+    assert!(
+        page.body.contains("data-action=\"start\""),
+        "an initial batch offers start"
+    );
+    // Unknown pages and batches are HTML 404s; a bad filter is a 400.
+    assert_eq!(server.get("/ui/nowhere").status, 404);
+    let missing = server.get(&format!("/ui/batches/{}", uuid::Uuid::now_v7()));
+    assert_eq!(missing.status, 404);
+    assert!(missing.content_type.starts_with("text/html"));
+    assert_eq!(server.get("/ui/?state=nonsense").status, 400);
+}
+
+/// The preview counts what creation counts (the static text, `{{url}}` as the link), and like
+/// every state-changing request under `/ui/` it must come from the dashboard's own origin.
+#[test]
+fn the_preview_counts_like_creation() {
+    let db = TestDb::new(Backend::Sqlite);
+    let server = TestServer::start(&db, &[("SMSBATCH__HTTP__MAX_SEGMENTS", "2")]);
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let preview = |content: &str, url: &str, origin: Option<&str>| {
+        let body = format!(
+            "content={}&url={}",
+            crate::common::encode(content),
+            crate::common::encode(url)
+        );
+        let mut req = agent
+            .post(&format!("{}/ui/preview", server.base_url()))
+            .content_type("application/x-www-form-urlencoded");
+        if let Some(origin) = origin {
+            req = req.header("Origin", origin);
+        }
+        let mut res = req.send(body.as_str()).unwrap();
+        (
+            res.status().as_u16(),
+            res.body_mut().read_to_string().unwrap(),
+        )
+    };
+    let base = server.base_url().to_owned();
+    let ours = Some(base.as_str());
+
+    let (status, _) = preview("Hi", "", None);
+    assert_eq!(status, 403, "no origin");
+    let (status, _) = preview("Hi", "", Some("http://evil.example"));
+    assert_eq!(status, 403, "another origin");
+
+    let (status, html) = preview("Hi {{name}}, 20% off", "", ours);
+    assert_eq!(status, 200, "{html}");
+    assert!(
+        html.contains(r#"data-encoding="GSM-7" data-segments="1""#),
+        "{html}"
+    );
+    let (_, html) = preview(&"好".repeat(71), "", ours);
+    assert!(
+        html.contains(r#"data-encoding="UCS-2" data-segments="2""#),
+        "{html}"
+    );
+
+    // 300 characters and a 30-character link: 330 septets, three segments, over the two allowed.
+    let long = format!("{}{{{{url}}}}", "x".repeat(300));
+    let link = format!("https://shop.example/{}", "p".repeat(9));
+    let (_, html) = preview(&long, &link, ours);
+    assert!(html.contains(r#"data-segments="3""#), "{html}");
+    assert!(html.contains("more than the 2 allowed"), "{html}");
+    let (status, body) = server.post_json(
+        "/v1/batches",
+        &json!({"name": "long", "content": long, "url": link}),
+    );
+    assert_eq!(
+        status, 422,
+        "creation refuses what the preview flags: {body:#}"
+    );
+    let (_, html) = preview(&long, "", ours);
+    assert!(
+        html.contains(r#"data-segments="2""#),
+        "without the link: {html}"
+    );
+    assert!(!html.contains("more than"), "{html}");
+
+    // A template that does not parse says why, as creation does.
+    let (_, html) = preview("Hi {{name", "", ours);
+    let (status, body) = server.post_json(
+        "/v1/batches",
+        &json!({"name": "bad", "content": "Hi {{name"}),
+    );
+    assert_eq!(status, 422, "{body:#}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        html.contains(message),
+        "the preview says `{message}`: {html}"
+    );
+}
