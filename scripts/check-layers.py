@@ -4,7 +4,8 @@
 through `super::…`.
 
 It fails when a lower layer names a higher one (domain, store, provider, transport and actors
-must not name server or http), or when two modules name each other, directly or round a cycle.
+must not name server, http or cli), when the command-line client (cli), which talks to a server
+over HTTP only, names any other module, or when two modules name each other, directly or round a cycle.
 Run from the repository's root: `python3 scripts/check-layers.py`.
 """
 import os
@@ -14,7 +15,9 @@ import sys
 SRC = "src"
 # Lower layers, and the modules none of them may name.
 LOWER = ["domain", "store", "provider", "transport", "actors"]
-UPPER = ["server", "http"]
+UPPER = ["server", "http", "cli"]
+# Modules that may name no other module of the crate.
+ALONE = ["cli"]
 
 PATH = re.compile(r"\b(crate|super)((?:::[A-Za-z_][A-Za-z0-9_]*)+|::\{)")
 USE_GROUP = re.compile(r"\buse\s+(crate|super)::\{([^;]*)\};", re.S)
@@ -102,6 +105,8 @@ def main():
                     if first != module[0]:
                         top.setdefault(module[0], {}).setdefault(first, []).append(path)
                         if module[0] in LOWER and first in UPPER:
+                            problems.append(f"{path}: {module[0]} names crate::{first}")
+                        if module[0] in ALONE:
                             problems.append(f"{path}: {module[0]} names crate::{first}")
                     elif len(module) > 1:
                         pass

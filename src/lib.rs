@@ -3,10 +3,12 @@
 //! while the batch is started, paused, resumed or cancelled over a REST API.
 //!
 //! The modules follow the boxes of docs/design.md: `domain` (pure rules), `store` (the database),
-//! `actors` (registry, supervisors, workers), `transport`, `provider`, `http`.
+//! `actors` (registry, supervisors, workers), `transport`, `provider`, `http`, and above them
+//! `cli`, the command-line client, which talks to a server over HTTP only.
 
 pub mod actors;
 pub mod admission;
+pub mod cli;
 pub mod config;
 pub mod domain;
 pub mod http;

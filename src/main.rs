@@ -1,5 +1,6 @@
 //! The `smsbatch` binary: `serve` (the default) runs migrations and serves; `migrate` only runs
-//! migrations.
+//! migrations; the other sub-commands are the command-line client (`smsbatch::cli`), which talks
+//! to a running server and reads no configuration.
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -20,11 +21,16 @@ enum Cmd {
     Serve,
     /// Run migrations and exit.
     Migrate,
+    #[command(flatten)]
+    Client(smsbatch::cli::Command),
 }
 
 fn main() -> ExitCode {
     smsbatch::memory::tune_allocator();
     let cli = Cli::parse();
+    if let Some(Cmd::Client(command)) = cli.command {
+        return smsbatch::cli::run(command);
+    }
     let settings = match Settings::load() {
         Ok(s) => s,
         Err(e) => {

@@ -237,6 +237,7 @@ pub(super) async fn create_batch(
         created_at: now,
         updated_at: now,
         failure_threshold,
+        parent_id: None,
     };
     let inline = recipients
         .into_iter()

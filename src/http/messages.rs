@@ -1,6 +1,6 @@
-//! Messages: a batch's messages, a page at a time.
+//! Messages: a batch's messages, a page at a time, or all of them as CSV (`export`).
 
-use actix_web::{HttpResponse, web};
+use actix_web::{HttpRequest, HttpResponse, web};
 use serde::Deserialize;
 use utoipa::IntoParams;
 
@@ -25,7 +25,8 @@ pub struct MessagesQuery {
     after: Option<String>,
 }
 
-/// A batch's messages in id order, a page at a time.
+/// A batch's messages in id order, a page at a time; with `Accept: text/csv`, every message
+/// of the batch (of `status`, if given; `limit` and `after` do not apply) as one streamed CSV.
 #[utoipa::path(
     get,
     path = "/v1/batches/{id}/messages",
@@ -34,7 +35,8 @@ pub struct MessagesQuery {
     params(("id" = uuid::Uuid, Path, description = "The batch's id"), MessagesQuery),
     security(("bearer" = [])),
     responses(
-        (status = 200, description = "A page of messages", body = MessagePage),
+        (status = 200, description = "A page of messages (JSON); with `Accept: text/csv`, every message as CSV with the header `phone,status,segments,attempts,provider_message_id,error,updated_at,delivered_at`",
+            content((MessagePage = "application/json"), (String = "text/csv"))),
         (status = 400, description = "Bad query parameters", body = ErrorBody),
         (status = 401, description = "Token required and missing or wrong", body = ErrorBody),
         (status = 404, description = "No such batch", body = ErrorBody),
@@ -42,6 +44,7 @@ pub struct MessagesQuery {
     ),
 )]
 pub(super) async fn list_messages(
+    req: HttpRequest,
     state: web::Data<AppState>,
     path: BatchPath,
     query: web::Query<MessagesQuery>,
@@ -68,6 +71,10 @@ pub(super) async fn list_messages(
         None => 0,
     };
     let batch = path.find(&state.store).await?.batch;
+    if super::export::wants_csv(&req) {
+        return super::export::export(state.store.clone(), batch.id, &batch.public_id, status)
+            .await;
+    }
     let rows = state
         .store
         .list_messages(batch.id, status, after, limit)

@@ -1,5 +1,6 @@
 //! The admin API (docs/api.md), a file per resource: `batches`, lifecycle `actions`,
-//! `recipients` (the CSV upload), `messages`, `opt_outs`, `probes` and metrics, and the `auth` middleware;
+//! `recipients` (the CSV upload), `messages` (and their CSV `export`), `resend`, `opt_outs`, `probes`
+//! and metrics, and the `auth` middleware;
 //! `path` reads a route's batch id, `error` is every error answer, `views` the JSON bodies. Handlers
 //! turn requests into domain types at the edge and call the store or the registry; they build no
 //! SQL. `ui` is the operator dashboard under `/ui/`, and `session` its login cookie and
@@ -10,12 +11,14 @@ mod auth;
 mod batches;
 pub mod csv;
 pub mod error;
+mod export;
 mod messages;
 pub mod openapi;
 mod opt_outs;
 mod path;
 mod probes;
 mod recipients;
+mod resend;
 pub mod session;
 pub mod ui;
 pub mod views;
@@ -114,6 +117,10 @@ pub fn routes(cfg: &mut web::ServiceConfig, state: AppState) {
                 .service(
                     resource("/batches/{id}/messages", "GET")
                         .route(web::get().to(messages::list_messages)),
+                )
+                .service(
+                    resource("/batches/{id}/resend", "POST")
+                        .route(web::post().to(resend::resend_batch)),
                 )
                 .service(
                     resource("/batches/{id}/start", "POST")

@@ -218,6 +218,7 @@ impl Modify for Extras {
         super::batches::get_batch,
         super::recipients::upload_recipients,
         super::messages::list_messages,
+        super::resend::resend_batch,
         super::opt_outs::list_opt_outs,
         super::opt_outs::add_opt_outs,
         super::opt_outs::get_opt_out,

@@ -75,6 +75,9 @@ pub struct BatchView {
     pub started_at: Option<DateTime<Utc>>,
     /// When it reached a final state.
     pub finished_at: Option<DateTime<Utc>>,
+    /// The batch this one was resent from (`POST /v1/batches/{id}/resend`), else null.
+    #[schema(format = Uuid)]
+    pub parent_id: Option<String>,
 }
 
 /// Both steps.
@@ -257,6 +260,7 @@ impl BatchView {
             updated_at: utc(b.updated_at),
             started_at: b.started_at.map(utc),
             finished_at: b.finished_at.map(utc),
+            parent_id: b.parent_id.clone(),
         }
     }
 }

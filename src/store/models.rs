@@ -43,6 +43,8 @@ pub struct Batch {
     pub started_at: Option<NaiveDateTime>,
     pub finished_at: Option<NaiveDateTime>,
     pub failure_threshold: f64,
+    /// The public id of the batch this one was resent from.
+    pub parent_id: Option<String>,
 }
 
 /// A batch to create, in state `initial`.
@@ -62,6 +64,8 @@ pub struct NewBatch {
     pub created_at: NaiveDateTime,
     pub updated_at: NaiveDateTime,
     pub failure_threshold: f64,
+    /// The public id of the batch this one resends (`Store::resend`).
+    pub parent_id: Option<String>,
 }
 
 /// Everything a state transition writes; saved under an optimistic version check. Counters are

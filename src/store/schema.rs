@@ -34,6 +34,7 @@ diesel::table! {
         finished_at -> Nullable<Timestamp>,
         failure_threshold -> Double,
         preparation_run -> BigInt,
+        parent_id -> Nullable<Text>,
     }
 }
 

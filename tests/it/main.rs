@@ -1,6 +1,7 @@
 //! The integration tests, in one binary: the real server over HTTP (`api`, `access`,
-//! `bad_input`, `http_provider`), the fault suite (`faults`), lifecycle races (`races`), the `smpp` provider
-//! against a real SMSC (`smpp`), the store conformance suite (`store`) and the dashboard, in a real browser too (`ui`), sharing
+//! `bad_input`, `http_provider`, `export`, `resend`), the command-line client (`cli`), the fault
+//! suite (`faults`), lifecycle races (`races`), the `smpp` provider against a real SMSC (`smpp`),
+//! the store conformance suite (`store`) and the dashboard, in a real browser too (`ui`), sharing
 //! the harness in `common`.
 
 #[macro_use]
@@ -9,6 +10,8 @@ mod common;
 mod access;
 mod api;
 mod bad_input;
+mod cli;
+mod export;
 mod faults;
 mod http_provider;
 mod many;
@@ -16,6 +19,7 @@ mod opt_outs;
 mod provider_http;
 mod races;
 mod receipts;
+mod resend;
 mod smpp;
 mod store;
 mod turns;

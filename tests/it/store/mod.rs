@@ -121,6 +121,7 @@ fn new_batch(name: &str, partition_count: i32) -> NewBatch {
         created_at: at,
         updated_at: at,
         failure_threshold: 0.1,
+        parent_id: None,
     }
 }
 
