@@ -1,9 +1,113 @@
-//! The dashboard's pages over HTTP, against the real server.
+//! The dashboard: its pages over HTTP, and the whole of it in a real browser. The browser
+//! test starts the real server (an admin token; the simulator held to 40 messages a second, so
+//! that a batch's progress and a pause are seen as they happen) and runs
+//! `tests/ui/dashboard.test.mjs` under `node --test`: Debian's `chromium` driven by
+//! `playwright-core` (pinned in `tests/ui/package-lock.json`, installed with `npm ci` on first
+//! use). It saves a screenshot of each page in a folder under the target directory, or in
+//! `SMSBATCH_UI_SCREENSHOTS` when set (`docs/screenshots` to refresh the README's).
 #![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
 
 use serde_json::json;
 
 use crate::common::{Backend, TestDb, TestServer};
+
+/// Where Debian's package puts the browser.
+const CHROMIUM: &str = "/usr/bin/chromium";
+/// A deadline that only stops a stuck run.
+const DEADLINE: Duration = Duration::from_secs(600);
+
+fn folder() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/ui")
+}
+
+#[test]
+fn the_dashboard_in_a_real_browser() {
+    assert!(
+        Path::new(CHROMIUM).exists(),
+        "{CHROMIUM} is missing: install Debian's chromium package (.ci/run does)"
+    );
+    crate::common::npm_ci(&folder(), "playwright-core");
+    let db = TestDb::new(Backend::Sqlite);
+    let token = format!("tok-{}", uuid::Uuid::now_v7().simple());
+    let server = TestServer::start(
+        &db,
+        &[
+            ("SMSBATCH__ADMIN__TOKEN", &token),
+            ("SMSBATCH__PROVIDERS__SIMULATOR__RATE_LIMIT", "40"),
+        ],
+    );
+    let shots = std::env::var_os("SMSBATCH_UI_SCREENSHOTS")
+        .map(PathBuf::from)
+        .map(|p| {
+            if p.is_absolute() {
+                p
+            } else {
+                Path::new(env!("CARGO_MANIFEST_DIR")).join(p)
+            }
+        })
+        .unwrap_or_else(|| {
+            std::env::temp_dir().join(format!("smsbatch-ui-{}", uuid::Uuid::now_v7().simple()))
+        });
+
+    let started = Instant::now();
+    let mut child = Command::new("node")
+        .args(["--test", "--test-reporter=spec", "--test-concurrency=1"])
+        .arg(folder().join("dashboard.test.mjs"))
+        .env("SMSBATCH_URL", server.base_url())
+        .env("SMSBATCH_TOKEN", &token)
+        .env("SMSBATCH_SCREENSHOTS", &shots)
+        .current_dir(folder())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run node --test (the browser tests need Node.js 20 or later)");
+    let stdout = child.stdout.take().unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let out = thread::spawn(move || std::io::read_to_string(stdout).unwrap_or_default());
+    let err = thread::spawn(move || std::io::read_to_string(stderr).unwrap_or_default());
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > DEADLINE {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the browser tests did not end within {DEADLINE:?}");
+        }
+        thread::sleep(Duration::from_millis(200));
+    };
+    let (out, err) = (out.join().unwrap(), err.join().unwrap());
+    println!("{out}\n{err}");
+    eprintln!("browser tests: {:.1} s", started.elapsed().as_secs_f64());
+    assert!(
+        status.success(),
+        "node --test failed ({status}):\n{out}\n{err}\n--- server ---\n{}",
+        server.output_tail()
+    );
+    for page in [
+        "login",
+        "new-batch",
+        "batch",
+        "batches",
+        "batches-phone",
+        "opt-outs",
+    ] {
+        let png = std::fs::read(shots.join(format!("{page}.png")))
+            .unwrap_or_else(|e| panic!("the screenshot of {page}: {e}"));
+        assert!(
+            png.starts_with(b"\x89PNG") && png.len() > 10_000,
+            "{page}.png is a picture"
+        );
+    }
+    if std::env::var_os("SMSBATCH_UI_SCREENSHOTS").is_none() {
+        let _ = std::fs::remove_dir_all(&shots);
+    }
+}
 
 /// Without an admin token the dashboard is open, like the API: every page answers, and the
 /// login form sends the person on.
@@ -18,6 +122,7 @@ fn without_a_token_the_dashboard_is_open() {
         "/ui/batches/new".to_owned(),
         format!("/ui/batches/{id}"),
         format!("/ui/batches/{id}/live"),
+        format!("/ui/batches/{id}/messages.csv?status=failed"),
         "/ui/batches/rows?state=initial".to_owned(),
         "/ui/opt-outs".to_owned(),
         "/ui/opt-outs.csv".to_owned(),

@@ -65,6 +65,7 @@ pub fn routes(cfg: &mut web::ServiceConfig, config: UiConfig) {
                 .route("/batches/new", web::get().to(pages::new_batch))
                 .route("/batches/{id}", web::get().to(pages::batch))
                 .route("/batches/{id}/live", web::get().to(pages::batch_live))
+                .route("/batches/{id}/messages.csv", web::get().to(pages::export))
                 .route("/opt-outs", web::get().to(opt_outs::page))
                 .route("/opt-outs/rows", web::get().to(opt_outs::rows))
                 .route("/opt-outs.csv", web::get().to(opt_outs::export))

@@ -160,6 +160,7 @@ struct BatchPage {
     chrome: Chrome,
     id: String,
     name: String,
+    parent: Option<String>,
     initial: bool,
     details: Vec<(&'static str, String)>,
     live: BatchLive,
@@ -174,6 +175,20 @@ struct BatchPage {
 pub struct MessagesQuery {
     status: Option<String>,
     after: Option<String>,
+}
+
+impl MessagesQuery {
+    /// The status filter, checked; empty for all.
+    fn status(&self) -> Result<Option<MessageStatus>, UiError> {
+        match self.status.as_deref().filter(|s| !s.is_empty()) {
+            None => Ok(None),
+            Some(s) => s.parse().map(Some).map_err(|_| {
+                UiError(ApiError::BadRequest(format!(
+                    "unknown message status `{s}`"
+                )))
+            }),
+        }
+    }
 }
 
 async fn find(state: &AppState, raw: &str) -> Result<crate::store::BatchRecord, UiError> {
@@ -194,14 +209,7 @@ pub(super) async fn batch(
     query: web::Query<MessagesQuery>,
 ) -> Result<HttpResponse, UiError> {
     let record = find(&state, &path).await?;
-    let status = match query.status.as_deref().filter(|s| !s.is_empty()) {
-        None => None,
-        Some(s) => Some(s.parse::<MessageStatus>().map_err(|_| {
-            UiError(ApiError::BadRequest(format!(
-                "unknown message status `{s}`"
-            )))
-        })?),
-    };
+    let status = query.status()?;
     let after = match query.after.as_deref().filter(|s| !s.is_empty()) {
         None => 0,
         Some(c) => c
@@ -226,10 +234,7 @@ pub(super) async fn batch(
         .then(|| rows.last().map(|m| page_url(Some(m.id.to_string()))))
         .flatten();
     let first_url = (after > 0).then(|| page_url(None));
-    let mut export_url = format!("/v1/batches/{id}/messages");
-    if !status_name.is_empty() {
-        export_url.push_str(&format!("?status={status_name}"));
-    }
+    let export_url = format!("/ui/batches/{id}/messages.csv?status={status_name}");
     let details = vec![
         ("Id", view.id.clone()),
         ("Content", view.content.clone()),
@@ -251,6 +256,7 @@ pub(super) async fn batch(
     ];
     html(&BatchPage {
         chrome: Chrome::new(&req, "batches"),
+        parent: view.parent_id.clone(),
         name: view.name.clone(),
         initial: view.state == "initial",
         details,
@@ -267,6 +273,21 @@ pub(super) async fn batch(
             first_url,
         },
     })
+}
+
+/// `GET /ui/batches/{id}/messages.csv`: the batch's messages (of `?status=`) as the API's CSV
+/// export streams them, from the same function, so that a plain link in the page saves it.
+pub(super) async fn export(
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+    query: web::Query<MessagesQuery>,
+) -> Result<HttpResponse, UiError> {
+    let status = query.status()?;
+    let batch = find(&state, &path).await?.batch;
+    Ok(
+        crate::http::export::export(state.store.clone(), batch.id, &batch.public_id, status)
+            .await?,
+    )
 }
 
 /// `GET /ui/batches/{id}/live`: the batch page's live part alone.

@@ -220,29 +220,6 @@
     });
   }
 
-  // --- Exports: the API's CSV, saved as a file -----------------------------------------------
-  document.addEventListener("click", async (event) => {
-    const link = event.target.closest("a[data-export]");
-    if (!link) return;
-    event.preventDefault();
-    try {
-      const res = await fetch(link.href, { credentials: "same-origin", headers: { Accept: "text/csv" } });
-      if (!res.ok) { flash(await problem(res)); return; }
-      const type = res.headers.get("Content-Type") || "";
-      if (!type.startsWith("text/csv")) { flash("This server cannot export messages as CSV yet."); return; }
-      const url = URL.createObjectURL(await res.blob());
-      const save = document.createElement("a");
-      save.href = url;
-      save.download = link.dataset.export;
-      document.body.appendChild(save);
-      save.click();
-      save.remove();
-      setTimeout(() => URL.revokeObjectURL(url), 10000);
-    } catch (e) {
-      flash("The export failed: " + e.message);
-    }
-  });
-
   // --- Opt-outs ------------------------------------------------------------------------------
   const result = document.getElementById("opt-out-result");
   const said = (added) => "Added " + added.added + ", already listed " + added.already +
