@@ -800,6 +800,11 @@ fn the_session_cookie_opens_v1_from_the_same_origin_only() {
         ("POST", format!("/v1/batches/{id}/retry"), None),
         (
             "POST",
+            format!("/v1/batches/{id}/resend"),
+            Some(("application/json", r#"{"statuses": ["failed"]}"#)),
+        ),
+        (
+            "POST",
             "/v1/opt-outs".into(),
             Some(("application/json", r#"{"phones": ["+8613800001237"]}"#)),
         ),

@@ -28,6 +28,8 @@ let browser; // the persistent context: one profile, fresh for this run
 let page;
 let batchId = "";
 let resentId = "";
+// What the pages said went wrong: script errors and refusals by the content security policy.
+const pageErrors = [];
 
 /** The REST API with the bearer token, as a script would call it. */
 async function api(method, path, body) {
@@ -78,6 +80,11 @@ before(async () => {
   });
   page = browser.pages()[0] || (await browser.newPage());
   page.setDefaultTimeout(30000);
+  page.on("pageerror", (e) => pageErrors.push(e.message));
+  page.on("console", (m) => {
+    // A refused fetch (401, 403) is logged as a failed load: expected in the refusal steps.
+    if (m.type() === "error" && !m.text().startsWith("Failed to load resource")) pageErrors.push(m.text());
+  });
 });
 
 after(async () => {
@@ -171,6 +178,15 @@ test("watch its bar advance", async () => {
   const b = await batch(batchId);
   assert.equal(b.state, "delivering");
   assert.ok(b.results.sent < b.results.valid, "still sending: the test must see it before the end");
+
+  // The list shows the same bar, as the batch runs.
+  const list = await browser.newPage();
+  await list.goto(BASE + "/ui/");
+  const card = list.locator(`li.card[data-batch="${batchId}"]`);
+  assert.equal(await card.getAttribute("data-state"), "delivering");
+  assert.ok(Number(await card.locator('[data-count="sent"]').textContent()) > 0);
+  await list.screenshot({ path: join(SHOTS, "batches.png"), fullPage: true });
+  await list.close();
 });
 
 test("pause it and see the sent count stop in the page and in the API", async () => {
@@ -227,7 +243,6 @@ test("resend them", async () => {
   await page.getByRole("link", { name: "Batches" }).first().click();
   const card = page.locator(`li.card[data-batch="${batchId}"]`);
   await card.waitFor();
-  await shot("batches");
   await page.setViewportSize({ width: 390, height: 844 });
   await shot("batches-phone");
   await page.setViewportSize({ width: 1280, height: 860 });
@@ -322,4 +337,8 @@ test("a request from another origin is refused", async () => {
   assert.equal((await withCookie({})).status, 403, "neither Origin nor Sec-Fetch-Site");
   assert.equal((await batch(id)).state, "initial");
   assert.equal((await withCookie({ Origin: BASE })).status, 202, "the same origin may");
+});
+
+test("no page had a script error, nor anything refused by its content security policy", () => {
+  assert.deepEqual(pageErrors, []);
 });
