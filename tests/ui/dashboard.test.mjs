@@ -118,6 +118,8 @@ test("log in", async () => {
   await page.getByLabel("Admin token").press("Enter");
   await page.getByRole("heading", { name: "Batches" }).waitFor();
   assert.equal(new URL(page.url()).pathname, "/ui/");
+  await page.keyboard.press("Tab");
+  assert.equal(await page.evaluate(() => document.activeElement.textContent), "Skip to content");
   const [cookie] = await browser.cookies(BASE);
   assert.equal(cookie.name, "smsbatch_session");
   assert.equal(cookie.httpOnly, true);
@@ -190,7 +192,9 @@ test("watch its bar advance", async () => {
 });
 
 test("pause it and see the sent count stop in the page and in the API", async () => {
-  await page.locator(`#pause-${batchId}`).click();
+  // By keyboard: the button takes the focus and Enter presses it.
+  await page.locator(`#pause-${batchId}`).focus();
+  await page.keyboard.press("Enter");
   await until("the paused state on the page", async () =>
     (await page.locator('#batch-live [data-field="state"]').textContent()) === "paused");
   // Messages already in a provider call finish; then nothing moves.
@@ -213,7 +217,9 @@ test("pause it and see the sent count stop in the page and in the API", async ()
 
 test("resume", async () => {
   const paused = await shown("sent");
-  await page.locator(`#resume-${batchId}`).click();
+  // The refresh that replaced Pause by Resume kept the focus on the batch's actions.
+  assert.equal(await page.evaluate(() => document.activeElement.id), `resume-${batchId}`);
+  await page.keyboard.press("Enter");
   await until("more sent after the resume", async () => (await shown("sent")) > paused);
   await until("the batch completed on the page", async () =>
     (await page.locator('#batch-live [data-field="state"]').textContent()) === "completed", 120000);

@@ -32,6 +32,16 @@
     return "The server answered " + res.status + ".";
   }
 
+  // A button at work says so and ignores further presses, but keeps the focus: a disabled
+  // button would drop it, and someone on a keyboard would be sent back to the top of the page.
+  function busy(button, on) {
+    if (!button) return false;
+    if (on && button.getAttribute("aria-disabled") === "true") return false;
+    if (on) button.setAttribute("aria-disabled", "true");
+    else button.removeAttribute("aria-disabled");
+    return true;
+  }
+
   async function api(method, path, body, type) {
     const init = { method, credentials: "same-origin", headers: {} };
     if (body !== undefined) {
@@ -66,6 +76,11 @@
         const again = (focusId && document.getElementById(focusId)) ||
           (batch && el.querySelector('button[data-batch="' + batch + '"]'));
         if (again) again.focus();
+        else {
+          // The control is gone (a removed row): the region keeps the focus, not the page's top.
+          el.setAttribute("tabindex", "-1");
+          el.focus({ preventScroll: true });
+        }
       }
     } catch (_) {
       // The server is unreachable for a moment: the next poll tries again.
@@ -96,7 +111,7 @@
     if (!button) return;
     const { action, batch, name } = button.dataset;
     if (action === "cancel" && !confirm("Cancel “" + name + "”? Messages not yet sent will not be sent.")) return;
-    button.disabled = true;
+    if (!busy(button, true)) return;
     try {
       if (action === "resend") {
         const res = await api("POST", "/v1/batches/" + batch + "/resend", { statuses: ["failed"] });
@@ -112,7 +127,7 @@
     } catch (e) {
       flash("The request failed: " + e.message);
     } finally {
-      button.disabled = false;
+      busy(button, false);
       refreshAll();
     }
   });
@@ -155,7 +170,7 @@
     form.addEventListener("submit", async (event) => {
       event.preventDefault();
       const button = form.querySelector("button[type=submit]");
-      button.disabled = true;
+      if (!busy(button, true)) return;
       try {
         await uploadRecipients(form, form.dataset.upload);
         flash("Recipients added.", true);
@@ -163,7 +178,7 @@
       } catch (e) {
         flash(e.message);
       } finally {
-        button.disabled = false;
+        busy(button, false);
       }
     });
   });
@@ -199,7 +214,7 @@
       if (field("url").value) body.url = field("url").value;
       // datetime-local is the browser's local time: sent as the UTC instant it names.
       if (field("schedule_at").value) body.schedule_at = new Date(field("schedule_at").value).toISOString();
-      button.disabled = true;
+      if (!busy(button, true)) return;
       let id = "";
       try {
         const res = await api("POST", "/v1/batches", body);
@@ -215,7 +230,7 @@
         // The batch exists; what failed after its creation is said on its own page too.
         flash(e.message + (id ? " The batch was created: open it from the list to try again." : ""));
       } finally {
-        button.disabled = false;
+        busy(button, false);
       }
     });
   }
@@ -258,9 +273,9 @@
     const button = event.target.closest("button[data-remove-opt-out]");
     if (!button) return;
     const phone = button.dataset.removeOptOut;
-    button.disabled = true;
+    if (!busy(button, true)) return;
     const res = await api("DELETE", "/v1/opt-outs/" + encodeURIComponent(phone));
-    if (res.status !== 204) { flash(await problem(res)); button.disabled = false; return; }
+    if (res.status !== 204) { flash(await problem(res)); busy(button, false); return; }
     result.textContent = phone + " is off the list.";
     refreshAll();
   });
