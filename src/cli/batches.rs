@@ -47,6 +47,7 @@ pub fn send(client: &Client, output: Output, args: &SendArgs) -> Result<u8, CliE
         }
     };
     let started = client.post_empty(&format!("/v1/batches/{id}/start"))?;
+    // With `--follow --output json`, stdout gets one document: the batch as it ended.
     if output == Output::Text || !args.follow {
         let accepted = count(&uploaded, "/accepted");
         match output {

@@ -43,6 +43,16 @@ pub enum CliError {
     Closed,
 }
 
+impl CliError {
+    /// True when asking again later may succeed: no answer, or 503 `unavailable`.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            CliError::Unreachable { .. } | CliError::Api { status: 503, .. }
+        )
+    }
+}
+
 /// A connection to the server's API.
 pub struct Client {
     agent: Agent,

@@ -13,6 +13,8 @@ use super::{EXIT_BATCH_DID_NOT_COMPLETE, Output};
 
 /// How often a followed batch is read.
 const POLL: Duration = Duration::from_millis(500);
+/// How long following goes on through a server that does not answer.
+const OUTAGE: Duration = Duration::from_secs(60);
 /// Plain lines about the same state come at most this often.
 const LINE_EVERY: Duration = Duration::from_secs(5);
 
@@ -131,12 +133,30 @@ impl Display {
     }
 }
 
-/// Reads the batch every half second, showing its progress, until it is final; returns it.
+/// Reads the batch every half second, showing its progress, until it is final; returns it. A
+/// server that cannot be reached or answers 503 (restarting, its database away) is asked again
+/// for up to `OUTAGE` once the batch has been read, so that following a long batch outlives a
+/// restart (a wrong URL still fails at once).
 pub fn follow(client: &Client, id: &str) -> Result<Value, CliError> {
     let mut display = Display::new();
     let path = format!("/v1/batches/{id}");
+    let mut failing_since: Option<Instant> = None;
+    let mut seen = false;
     let batch = loop {
-        let batch = client.get(&path)?;
+        let batch = match client.get(&path) {
+            Ok(batch) => batch,
+            Err(e)
+                if seen
+                    && e.is_transient()
+                    && failing_since.is_none_or(|t| t.elapsed() < OUTAGE) =>
+            {
+                failing_since.get_or_insert_with(Instant::now);
+                std::thread::sleep(POLL);
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        (seen, failing_since) = (true, None);
         display.show(id, &batch);
         if FINAL.contains(&text(&batch, "/state")) {
             break batch;

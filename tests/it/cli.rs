@@ -360,3 +360,44 @@ fn opt_outs_import_then_export_round_trips() {
     assert!(stderr(&out).contains("404"), "{}", stderr(&out));
     assert!(stdout(&out).contains(&format!("{}: removed", numbers[1])));
 }
+
+#[test]
+fn watch_outlives_a_lost_connection() {
+    // 60 messages at 20 a second: three seconds of delivery, watched through a proxy that
+    // drops every connection for two of them.
+    let (_db, server, token) =
+        server_with_token(&[("SMSBATCH__PROVIDERS__SIMULATOR__RATE_LIMIT", "20")]);
+    let mut csv = String::from("phone\n");
+    for i in 0..60u64 {
+        let _ = writeln!(csv, "{}", mobile(i * 10_000 + 5));
+    }
+    let file = TempFile::new(&csv);
+    let out = run(
+        &server,
+        Some(&token),
+        &["send", file.path(), "--content", "Hi", "--output", "json"],
+    );
+    assert_exit(&out, 0, "send");
+    let id = text(
+        &serde_json::from_str::<Value>(&stdout(&out)).unwrap(),
+        "/id",
+    )
+    .to_owned();
+
+    let upstream = server.base_url().trim_start_matches("http://").to_owned();
+    let proxy = crate::common::TcpProxy::start(&upstream);
+    let mut watch = smsbatch(&server, Some(&token), &["watch", &id]);
+    watch.env("SMSBATCH_URL", format!("http://127.0.0.1:{}", proxy.port()));
+    let child = watch.spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(700));
+    proxy.cut();
+    std::thread::sleep(Duration::from_secs(2));
+    proxy.restore();
+    let out = child.wait_with_output().unwrap();
+    assert_exit(&out, 0, "watch through a lost connection");
+    assert!(
+        stdout(&out).contains(&format!("batch {id} completed")),
+        "{}",
+        stdout(&out)
+    );
+}

@@ -8,10 +8,13 @@
 //! ```
 //!
 //! `--batches N` selects the many-batches mode instead (see `many.rs`): N small batches created
-//! and started by concurrent clients, against one or more instances.
+//! and started by concurrent clients, against one or more instances. `--export` selects the
+//! export mode (`export.rs`): one batch delivered, then its messages exported as CSV while the
+//! server's memory is sampled.
 
 mod api;
 mod ceiling;
+mod export;
 mod many;
 mod mixed;
 mod paused;
@@ -77,6 +80,10 @@ struct Args {
     /// Many-batches mode: `message_type` of the small batches.
     #[arg(long, default_value = "transactional")]
     message_type: String,
+    /// Export mode: deliver one batch of `--recipients`, then export its messages as CSV
+    /// (all, the failed, and all again by a slow reader) while sampling the server's RSS.
+    #[arg(long)]
+    export: bool,
     /// Internal: run the server in this process (the benchmark starts itself this way).
     #[arg(long, hide = true)]
     serve: bool,
@@ -113,7 +120,9 @@ fn run(args: Args) -> anyhow::Result<()> {
         }
         other => bail!("--store must be sqlite or postgres, not {other}"),
     };
-    let result = if args.batches > 0 {
+    let result = if args.export {
+        export::run(&args, &work, &db_url, &tag)
+    } else if args.batches > 0 {
         many::run(&args, &work, &db_url, pg_db.as_deref(), &tag)
     } else {
         bench(&args, &work, &db_url, &tag)
