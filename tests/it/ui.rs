@@ -234,3 +234,87 @@ fn the_preview_counts_like_creation() {
         "the preview says `{message}`: {html}"
     );
 }
+
+/// Two instances behind one address, as a load balancer would spread a browser's requests: a
+/// session from one opens the other (it lives in no instance), and both show a batch with the
+/// same numbers, read from the database.
+#[test]
+fn two_instances_share_sessions_and_show_the_same_numbers() {
+    let db = TestDb::new(Backend::PostgresRabbitmq);
+    let token = format!("tok-{}", uuid::Uuid::now_v7().simple());
+    let env = [("SMSBATCH__ADMIN__TOKEN", token.as_str())];
+    let a = TestServer::start(&db, &env);
+    let b = TestServer::start(&db, &env);
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .max_redirects(0)
+        .build()
+        .into();
+    let login = agent
+        .post(&format!("{}/ui/login", a.base_url()))
+        .header("Origin", a.base_url())
+        .content_type("application/x-www-form-urlencoded")
+        .send(format!("token={token}").as_str())
+        .unwrap();
+    assert_eq!(login.status().as_u16(), 303);
+    let cookie = login
+        .headers()
+        .get("set-cookie")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .expect("a session cookie")
+        .to_owned();
+    // Each call goes to one instance or the other, from that instance's own page.
+    let call = |server: &TestServer, method: &str, path: &str, body: Option<serde_json::Value>| {
+        let url = format!("{}{path}", server.base_url());
+        let mut res = match (method, body) {
+            ("GET", _) => agent.get(&url).header("Cookie", &cookie).call(),
+            (_, Some(body)) => agent
+                .post(&url)
+                .header("Cookie", &cookie)
+                .header("Origin", server.base_url())
+                .send_json(body),
+            (_, None) => agent
+                .post(&url)
+                .header("Cookie", &cookie)
+                .header("Origin", server.base_url())
+                .send_empty(),
+        }
+        .unwrap();
+        let status = res.status().as_u16();
+        (status, res.body_mut().read_to_string().unwrap())
+    };
+    let (status, _) = call(&b, "GET", "/ui/", None);
+    assert_eq!(status, 200, "the session from instance a opens instance b");
+
+    let recipients: Vec<_> = (0..50)
+        .map(|i| json!({"phone": crate::common::mobile(1000 + i)}))
+        .collect();
+    let (status, created) = call(
+        &b,
+        "POST",
+        "/v1/batches",
+        Some(json!({"name": "two", "content": "Hi", "recipients": recipients})),
+    );
+    assert_eq!(status, 201, "{created}");
+    let id = serde_json::from_str::<serde_json::Value>(&created).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (status, body) = call(&a, "POST", &format!("/v1/batches/{id}/start"), None);
+    assert_eq!(status, 202, "{body}");
+    let done = crate::common::eventually("completed", std::time::Duration::from_secs(120), || {
+        let (_, body) = call(&a, "GET", &format!("/v1/batches/{id}"), None);
+        let batch: serde_json::Value = serde_json::from_str(&body).map_err(|e| e.to_string())?;
+        (batch["state"] == "completed").then_some(batch).ok_or(body)
+    });
+    let sent = done["results"]["sent"].as_u64().unwrap();
+    assert_eq!(sent, 50);
+    let (_, from_a) = call(&a, "GET", &format!("/ui/batches/{id}/live"), None);
+    let (_, from_b) = call(&b, "GET", &format!("/ui/batches/{id}/live"), None);
+    assert!(
+        from_a.contains(&format!(r#"data-count="sent">{sent}<"#)),
+        "{from_a}"
+    );
+    assert_eq!(from_a, from_b, "both instances render the same numbers");
+}

@@ -81,23 +81,17 @@ impl BatchCard {
         let prepared = view.steps.preparation.progress.processed;
         let skipped = r.invalid + r.duplicates + r.opted_out;
         let queued = (r.valid - r.sent - r.delivered - r.failed - r.cancelled).max(0);
-        let total = r.recipients.max(prepared).max(1);
-        let mut x = 0;
-        let mut bar = Vec::new();
-        for (kind, count) in [
-            ("delivered", r.delivered),
-            ("sent", r.sent),
-            ("failed", r.failed),
-            ("cancelled", r.cancelled),
-            ("queued", queued),
-            ("skipped", skipped),
-        ] {
-            let width = (count * 1000 / total).min(1000 - x);
-            if width > 0 {
-                bar.push(BarPart { kind, x, width });
-                x += width;
-            }
-        }
+        let bar = bar(
+            &[
+                ("delivered", r.delivered),
+                ("sent", r.sent),
+                ("failed", r.failed),
+                ("cancelled", r.cancelled),
+                ("queued", queued),
+                ("skipped", skipped),
+            ],
+            r.recipients.max(prepared),
+        );
         let bar_label = format!(
             "{prepared} of {} recipients prepared; {} sent, {} delivered, {} failed",
             r.recipients, r.sent, r.delivered, r.failed
@@ -125,6 +119,22 @@ impl BatchCard {
     pub fn threshold(&self) -> String {
         format!("{:.0}%", self.view.failure_threshold * 100.0)
     }
+}
+
+/// The parts of a bar `total` wide, side by side in the given order, each at least its share
+/// rounded down; never wider than the bar, whatever counters overshoot a total read earlier.
+fn bar(counts: &[(&'static str, i64)], total: i64) -> Vec<BarPart> {
+    let total = total.max(1);
+    let mut x = 0;
+    let mut parts = Vec::new();
+    for &(kind, count) in counts {
+        let width = (count.max(0) * 1000 / total).min(1000 - x);
+        if width > 0 {
+            parts.push(BarPart { kind, x, width });
+            x += width;
+        }
+    }
+    parts
 }
 
 /// The actions a batch in `state` allows (docs/api.md "Lifecycle actions"), and resending its
@@ -244,6 +254,18 @@ mod tests {
         assert_eq!(names("completed", 0), Vec::<&str>::new());
         assert_eq!(names("completed", 1), ["resend"]);
         assert_eq!(names("cancelled", 2), ["resend"]);
+    }
+
+    #[test]
+    fn a_bar_lays_its_parts_side_by_side_within_its_width() {
+        let parts = bar(&[("sent", 250), ("failed", 0), ("queued", 500)], 1000);
+        let laid: Vec<_> = parts.iter().map(|p| (p.kind, p.x, p.width)).collect();
+        assert_eq!(laid, [("sent", 0, 250), ("queued", 250, 500)]);
+        // Counters ahead of the total never push a part past the end.
+        let over = bar(&[("sent", 900), ("queued", 300)], 1000);
+        assert_eq!(over.iter().map(|p| p.width).sum::<i64>(), 1000);
+        assert!(bar(&[("sent", 5)], 0).iter().all(|p| p.x + p.width <= 1000));
+        assert!(bar(&[("sent", 0)], 0).is_empty());
     }
 
     #[test]
