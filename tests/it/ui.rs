@@ -221,6 +221,15 @@ fn the_preview_counts_like_creation() {
     );
     assert!(!html.contains("more than"), "{html}");
 
+    // A form without its content is a 400, not a crash.
+    let missing = agent
+        .post(&format!("{}/ui/preview", server.base_url()))
+        .header("Origin", server.base_url())
+        .content_type("application/x-www-form-urlencoded")
+        .send("url=x")
+        .unwrap();
+    assert_eq!(missing.status().as_u16(), 400);
+
     // A template that does not parse says why, as creation does.
     let (_, html) = preview("Hi {{name", "", ours);
     let (status, body) = server.post_json(

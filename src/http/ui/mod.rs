@@ -19,11 +19,14 @@ use actix_web::http::header;
 use actix_web::middleware::from_fn;
 use actix_web::{HttpResponse, web};
 
-use super::AppState;
+use super::{ApiError, AppState};
 
 /// How often a page's script asks for its live fragment, in milliseconds: each open page costs
 /// the database one read per interval, whichever instance it reaches.
 pub const POLL_MS: u64 = 2000;
+
+/// The largest form the pages post (the preview carries the content being typed).
+const FORM_LIMIT: usize = 64 * 1024;
 
 /// What the dashboard's pages share, built once per instance.
 #[derive(Debug, Clone)]
@@ -55,6 +58,12 @@ pub fn routes(cfg: &mut web::ServiceConfig, config: UiConfig) {
         .service(
             web::scope("/ui")
                 .wrap(from_fn(guard::guard))
+                // The login and preview forms: a malformed or oversized one is a 400 page.
+                .app_data(web::FormConfig::default().limit(FORM_LIMIT).error_handler(
+                    |err, _req| {
+                        views::UiError(ApiError::BadRequest(format!("bad form: {err}"))).into()
+                    },
+                ))
                 .route("/", web::get().to(pages::batches))
                 .route("/login", web::get().to(login::form))
                 .route("/login", web::post().to(login::submit))
