@@ -193,7 +193,7 @@ fn export(
             .iter()
             .find(|s| s.0 >= bytes * quarter / 4)
             .or(samples.last())
-            .map_or(0.0, |s| s.1 as f64 / 1024.0)
+            .map_or(before as f64 / 1024.0, |s| s.1 as f64 / 1024.0)
     };
     println!(
         "export_{label}: {rows} rows, {:.1} MB in {seconds:.2} s ({:.0} rows/s, {:.1} MB/s)",
