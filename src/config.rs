@@ -201,7 +201,8 @@ impl Default for TransportSettings {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AdminSettings {
-    /// Bearer token required on every `/v1/` route; empty means none is needed.
+    /// Bearer token required on every `/v1/` route, and taken by the dashboard's login; empty
+    /// means none is needed.
     pub token: Secret,
 }
 

@@ -146,6 +146,10 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
     for addr in server.addrs() {
         println!("smsbatch listening on http://{addr}");
     }
+    // The dashboard's address on a line of its own: the line above is what scripts read.
+    for addr in server.addrs() {
+        println!("smsbatch dashboard at http://{addr}/ui/");
+    }
     let server = server.run();
     let handle = server.handle();
     let serving = actix::spawn(server);

@@ -113,10 +113,7 @@ fn check_segments(
     url: Option<&str>,
     max: u32,
 ) -> Result<sms::SmsParts, ApiError> {
-    let text = template
-        .render(|name| Some(if name == "url" { url.unwrap_or("") } else { "" }))
-        .map_err(|e| ApiError::Invalid(format!("content: {e}")))?;
-    let parts = sms::analyze(&text);
+    let parts = template_parts(template, url)?;
     if parts.segments > max {
         return Err(ApiError::Invalid(format!(
             "content: its text without vars is {} {} units, {} SMS segments; at most {max} \
@@ -125,6 +122,22 @@ fn check_segments(
         )));
     }
     Ok(parts)
+}
+
+/// The encoding and SMS count of a template's static text: every var empty, `{{url}}` as the
+/// batch's `url`. Creation checks it against `http.max_segments` (`check_segments`); the
+/// dashboard's preview shows it as the content is typed.
+pub(super) fn static_parts(content: &str, url: Option<&str>) -> Result<sms::SmsParts, ApiError> {
+    let template =
+        Template::parse(content).map_err(|e| ApiError::Invalid(format!("content: {e}")))?;
+    template_parts(&template, url)
+}
+
+fn template_parts(template: &Template, url: Option<&str>) -> Result<sms::SmsParts, ApiError> {
+    let text = template
+        .render(|name| Some(if name == "url" { url.unwrap_or("") } else { "" }))
+        .map_err(|e| ApiError::Invalid(format!("content: {e}")))?;
+    Ok(sms::analyze(&text))
 }
 
 /// Creates a batch in state `initial`, with its inline recipients.

@@ -22,6 +22,10 @@ pub enum ApiError {
     /// 401 `unauthorized`.
     #[error("missing or wrong bearer token")]
     Unauthorized,
+    /// 403 `forbidden`: a state-changing request with the dashboard's session cookie that
+    /// does not come from the dashboard's own origin.
+    #[error("{0}")]
+    Forbidden(String),
     /// 404 `not_found`.
     #[error("{0}")]
     NotFound(String),
@@ -47,10 +51,11 @@ pub enum ApiError {
 
 impl ApiError {
     /// Every code an answer can carry (the OpenAPI document lists them).
-    pub const CODES: [&'static str; 10] = [
+    pub const CODES: [&'static str; 11] = [
         "bad_request",
         "bad_csv",
         "unauthorized",
+        "forbidden",
         "not_found",
         "method_not_allowed",
         "invalid_transition",
@@ -66,6 +71,7 @@ impl ApiError {
             ApiError::BadRequest(_) => "bad_request",
             ApiError::BadCsv(_) => "bad_csv",
             ApiError::Unauthorized => "unauthorized",
+            ApiError::Forbidden(_) => "forbidden",
             ApiError::NotFound(_) => "not_found",
             ApiError::MethodNotAllowed(_) => "method_not_allowed",
             ApiError::InvalidTransition(_) => "invalid_transition",
@@ -82,6 +88,7 @@ impl ResponseError for ApiError {
         match self {
             ApiError::BadRequest(_) | ApiError::BadCsv(_) => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::InvalidTransition(_) => StatusCode::CONFLICT,
@@ -200,6 +207,7 @@ mod tests {
             ApiError::BadRequest(String::new()),
             ApiError::BadCsv(String::new()),
             ApiError::Unauthorized,
+            ApiError::Forbidden(String::new()),
             ApiError::NotFound(String::new()),
             ApiError::MethodNotAllowed("GET"),
             ApiError::InvalidTransition(String::new()),

@@ -3,7 +3,8 @@
 //! and metrics, and the `auth` middleware;
 //! `path` reads a route's batch id, `error` is every error answer, `views` the JSON bodies. Handlers
 //! turn requests into domain types at the edge and call the store or the registry; they build no
-//! SQL.
+//! SQL. `ui` is the operator dashboard under `/ui/`, and `session` its login cookie and
+//! same-origin rule, which `auth` also honours on `/v1/`.
 
 mod actions;
 mod auth;
@@ -18,6 +19,8 @@ mod path;
 mod probes;
 mod recipients;
 mod resend;
+pub mod session;
+pub mod ui;
 pub mod views;
 mod webhooks;
 
@@ -64,7 +67,10 @@ fn resource(path: &str, allow: &'static str) -> actix_web::Resource {
 /// Mounts every route. The OpenAPI document (`openapi::ApiDoc`) lists the same ones.
 pub fn routes(cfg: &mut web::ServiceConfig, state: AppState) {
     let json_limit = state.settings.http.max_json_bytes;
+    let sessions = session::Sessions::new(&state.settings.admin.token);
+    let dashboard = ui::UiConfig::new(&state);
     cfg.app_data(web::Data::new(state))
+        .app_data(web::Data::new(sessions))
         .app_data(
             web::JsonConfig::default()
                 .limit(json_limit)
@@ -148,6 +154,7 @@ pub fn routes(cfg: &mut web::ServiceConfig, state: AppState) {
                 )
                 .default_service(web::to(no_route)),
         )
+        .configure(|cfg| ui::routes(cfg, dashboard))
         .default_service(web::to(no_route));
 }
 

@@ -19,14 +19,6 @@ use crate::common::{Backend, TestDb, TestServer, assert_error, num};
 /// A deadline that only stops a stuck test.
 const DEADLINE: Duration = Duration::from_secs(120);
 
-fn agent() -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(60)))
-        .build()
-        .into()
-}
-
 /// A request body: content type and text.
 type Body<'a> = Option<(&'a str, &'a str)>;
 
@@ -39,44 +31,14 @@ fn call(
     authorization: Option<&str>,
     body: Body<'_>,
 ) -> (u16, String, Value) {
-    let url = format!("{base}{path}");
-    let agent = agent();
-    let result = match method {
-        "GET" => {
-            let mut req = agent.get(&url);
-            if let Some(a) = authorization {
-                req = req.header("Authorization", a);
-            }
-            req.call()
-        }
-        "POST" => {
-            let mut req = agent.post(&url);
-            if let Some(a) = authorization {
-                req = req.header("Authorization", a);
-            }
-            match body {
-                Some((content_type, body)) => req.content_type(content_type).send(body),
-                None => req.send_empty(),
-            }
-        }
-        "DELETE" => {
-            let mut req = agent.delete(&url);
-            if let Some(a) = authorization {
-                req = req.header("Authorization", a);
-            }
-            req.call()
-        }
-        other => panic!("no method {other} here"),
-    };
-    let mut response = result.unwrap_or_else(|e| panic!("{method} {path}: {e}"));
-    let status = response.status().as_u16();
-    let challenge = response
-        .headers()
-        .get("www-authenticate")
-        .and_then(|v| v.to_str().ok())
+    let headers: Vec<(&str, &str)> = authorization
+        .map(|a| ("Authorization", a))
+        .into_iter()
+        .collect();
+    let (status, headers, text) = send(base, method, path, &headers, body);
+    let challenge = header(&headers, "www-authenticate")
         .unwrap_or("")
         .to_owned();
-    let text = response.body_mut().read_to_string().unwrap_or_default();
     let json = serde_json::from_str(&text).unwrap_or(Value::Null);
     (status, challenge, json)
 }
@@ -646,4 +608,309 @@ fn a_refused_broker_login_does_not_log_its_password() {
     });
     let output = server.stop();
     assert_absent(&output, &password, "the broker password");
+}
+
+/// One request with any headers, redirects not followed; returns the status, the headers
+/// (lower-case names) and the body as text.
+fn send(
+    base: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Body<'_>,
+) -> (u16, Vec<(String, String)>, String) {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .max_redirects(0)
+        .timeout_global(Some(Duration::from_secs(60)))
+        .build()
+        .into();
+    let url = format!("{base}{path}");
+    let result = match method {
+        "GET" | "DELETE" => {
+            let mut req = if method == "GET" {
+                agent.get(&url)
+            } else {
+                agent.delete(&url)
+            };
+            for (k, v) in headers {
+                req = req.header(*k, *v);
+            }
+            req.call()
+        }
+        "POST" => {
+            let mut req = agent.post(&url);
+            for (k, v) in headers {
+                req = req.header(*k, *v);
+            }
+            match body {
+                Some((content_type, body)) => req.content_type(content_type).send(body),
+                None => req.send_empty(),
+            }
+        }
+        other => panic!("no method {other} here"),
+    };
+    let mut response = result.unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+    let status = response.status().as_u16();
+    let headers = response
+        .headers()
+        .iter()
+        .map(|(k, v)| (k.as_str().to_owned(), v.to_str().unwrap_or("").to_owned()))
+        .collect();
+    let text = response.body_mut().read_to_string().unwrap_or_default();
+    (status, headers, text)
+}
+
+fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    headers
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
+}
+
+/// The dashboard's session: `/ui/login` trades the token for a signed `HttpOnly`,
+/// `SameSite=Strict` cookie, which opens `/ui/` and every `/v1/` route; a state-changing
+/// request that relies on it must come from the server's own origin (403 otherwise, and
+/// nothing is done); a forged or foreign cookie opens nothing; the bearer token works as before.
+#[test]
+fn the_session_cookie_opens_v1_from_the_same_origin_only() {
+    let db = TestDb::new(Backend::Sqlite);
+    let token = format!("tok-{}", uuid::Uuid::now_v7().simple());
+    let server = TestServer::start(&db, &[("SMSBATCH__ADMIN__TOKEN", &token)]);
+    let base = server.base_url();
+    let bearer = format!("Bearer {token}");
+    let login_form = format!("token={token}&next=%2Fui%2Fopt-outs");
+    let form = Some(("application/x-www-form-urlencoded", login_form.as_str()));
+
+    // The pages need a session; the login form and the assets do not.
+    let (status, headers, _) = send(base, "GET", "/ui/batches/new", &[], None);
+    assert_eq!(status, 303);
+    assert_eq!(
+        header(&headers, "location"),
+        Some("/ui/login?next=%2Fui%2Fbatches%2Fnew")
+    );
+    let (status, _, _) = send(
+        base,
+        "GET",
+        "/ui/batches/rows",
+        &[("X-Fragment", "1")],
+        None,
+    );
+    assert_eq!(status, 401, "a fragment is told, not redirected");
+    for open in ["/ui/login", "/ui/assets/app.css", "/ui/assets/app.js"] {
+        let (status, _, _) = send(base, "GET", open, &[], None);
+        assert_eq!(status, 200, "GET {open}");
+    }
+    // Not with the bearer token either: the pages are the session's.
+    let (status, _, _) = send(base, "GET", "/ui/", &[("Authorization", &bearer)], None);
+    assert_eq!(status, 303);
+
+    // A login posted from another origin, or without one, or with the wrong token: no cookie.
+    for (origin, form, expected) in [
+        (Some("http://evil.example"), form, 403),
+        (None, form, 403),
+        (
+            Some(base),
+            Some(("application/x-www-form-urlencoded", "token=wrong")),
+            401,
+        ),
+    ] {
+        let headers: Vec<(&str, &str)> = origin.map(|o| ("Origin", o)).into_iter().collect();
+        let (status, reply, _) = send(base, "POST", "/ui/login", &headers, form);
+        assert_eq!(status, expected, "login from {origin:?}");
+        assert_eq!(header(&reply, "set-cookie"), None);
+    }
+    let (status, reply, _) = send(base, "POST", "/ui/login", &[("Origin", base)], form);
+    assert_eq!(status, 303);
+    assert_eq!(header(&reply, "location"), Some("/ui/opt-outs"));
+    let set_cookie = header(&reply, "set-cookie")
+        .expect("a session cookie")
+        .to_owned();
+    for attribute in ["HttpOnly", "SameSite=Strict", "Path=/", "Max-Age="] {
+        assert!(
+            set_cookie.contains(attribute),
+            "{attribute} in {set_cookie}"
+        );
+    }
+    assert!(
+        !set_cookie.contains(&token),
+        "the token is not in the cookie"
+    );
+    let cookie = set_cookie.split(';').next().unwrap().to_owned();
+    assert!(cookie.starts_with("smsbatch_session="), "{cookie}");
+
+    // A batch and an opt-out to aim at, made with the bearer token.
+    let create = json!({"name": "cookie", "content": "Hi {{name}}",
+                        "recipients": [{"phone": "+8613800001234", "vars": {"name": "Ann"}}]})
+    .to_string();
+    let (status, _, batch) = call(
+        base,
+        "POST",
+        "/v1/batches",
+        Some(&bearer),
+        Some(("application/json", &create)),
+    );
+    assert_eq!(status, 201);
+    let id = batch["id"].as_str().unwrap().to_owned();
+    let phones = r#"{"phones": ["+8613800001236"]}"#;
+    let (status, _, _) = call(
+        base,
+        "POST",
+        "/v1/opt-outs",
+        Some(&bearer),
+        Some(("application/json", phones)),
+    );
+    assert_eq!(status, 200);
+
+    // Reading needs only the cookie.
+    let with_cookie = [("Cookie", cookie.as_str())];
+    for path in [
+        "/v1/batches".to_owned(),
+        format!("/v1/batches/{id}"),
+        format!("/v1/batches/{id}/messages"),
+        "/v1/opt-outs".to_owned(),
+        "/v1/opt-outs/%2B8613800001236".to_owned(),
+        "/ui/".to_owned(),
+        format!("/ui/batches/{id}"),
+        "/ui/opt-outs".to_owned(),
+    ] {
+        let (status, _, body) = send(base, "GET", &path, &with_cookie, None);
+        assert_eq!(status, 200, "GET {path} with the cookie: {body}");
+    }
+    let (status, _, _) = send(base, "GET", "/v1/secrets", &with_cookie, None);
+    assert_eq!(status, 404, "an unknown route is still unknown");
+
+    // Every state-changing route refuses the cookie from elsewhere, and does nothing.
+    let csv = "phone\n+8613800001235\n";
+    let changes: Vec<(&str, String, Body<'_>)> = vec![
+        (
+            "POST",
+            "/v1/batches".into(),
+            Some(("application/json", create.as_str())),
+        ),
+        (
+            "POST",
+            format!("/v1/batches/{id}/recipients"),
+            Some(("text/csv", csv)),
+        ),
+        ("POST", format!("/v1/batches/{id}/start"), None),
+        ("POST", format!("/v1/batches/{id}/pause"), None),
+        ("POST", format!("/v1/batches/{id}/resume"), None),
+        ("POST", format!("/v1/batches/{id}/cancel"), None),
+        ("POST", format!("/v1/batches/{id}/retry"), None),
+        (
+            "POST",
+            format!("/v1/batches/{id}/resend"),
+            Some(("application/json", r#"{"statuses": ["failed"]}"#)),
+        ),
+        (
+            "POST",
+            "/v1/opt-outs".into(),
+            Some(("application/json", r#"{"phones": ["+8613800001237"]}"#)),
+        ),
+        ("POST", "/v1/opt-outs".into(), Some(("text/csv", csv))),
+        ("DELETE", "/v1/opt-outs/%2B8613800001236".into(), None),
+        ("POST", "/ui/logout".into(), None),
+        (
+            "POST",
+            "/ui/preview".into(),
+            Some(("application/x-www-form-urlencoded", "content=Hi")),
+        ),
+    ];
+    let elsewhere: [&[(&str, &str)]; 5] = [
+        &[("Origin", "http://evil.example")],
+        &[("Origin", "null")],
+        &[("Sec-Fetch-Site", "cross-site")],
+        &[("Sec-Fetch-Site", "same-site"), ("Origin", base)],
+        &[],
+    ];
+    for (method, path, body) in &changes {
+        for extra in elsewhere {
+            let mut headers = with_cookie.to_vec();
+            headers.extend_from_slice(extra);
+            let (status, _, reply) = send(base, method, path, &headers, *body);
+            let context = format!("{method} {path} with the cookie and {extra:?}");
+            let reply: Value = serde_json::from_str(&reply).unwrap_or(Value::Null);
+            assert_error(&(status, reply), 403, "forbidden", &context);
+        }
+    }
+    let (_, _, after) = call(
+        base,
+        "GET",
+        &format!("/v1/batches/{id}"),
+        Some(&bearer),
+        None,
+    );
+    assert_eq!(after["state"], "initial", "{after:#}");
+    assert_eq!(num(&after, "/results/recipients"), 1);
+    let (_, _, page) = call(base, "GET", "/v1/batches", Some(&bearer), None);
+    assert_eq!(
+        page["items"].as_array().unwrap().len(),
+        1,
+        "no batch was created"
+    );
+    let (_, _, list) = call(base, "GET", "/v1/opt-outs", Some(&bearer), None);
+    let listed: Vec<&str> = list["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|i| i["phone"].as_str())
+        .collect();
+    assert_eq!(listed, ["+8613800001236"]);
+
+    // From the same origin, the cookie does what the token does.
+    for same in [
+        &[("Origin", base)][..],
+        &[("Sec-Fetch-Site", "same-origin")][..],
+    ] {
+        let mut headers = with_cookie.to_vec();
+        headers.extend_from_slice(same);
+        let (status, _, body) = send(
+            base,
+            "POST",
+            "/v1/opt-outs",
+            &headers,
+            Some(("application/json", phones)),
+        );
+        assert_eq!(status, 200, "{same:?}: {body}");
+    }
+    let mut headers = with_cookie.to_vec();
+    headers.push(("Origin", base));
+    let (status, _, body) = send(
+        base,
+        "POST",
+        &format!("/v1/batches/{id}/start"),
+        &headers,
+        None,
+    );
+    assert_eq!(status, 202, "{body}");
+
+    // A cookie that this token did not sign opens nothing; a wrong bearer token is not saved by
+    // a good cookie.
+    let (_, value) = cookie.split_once('=').unwrap();
+    let tampered = format!("smsbatch_session={}0", &value[..value.len() - 1]);
+    for forged in [
+        format!("smsbatch_session={token}"),
+        tampered,
+        "smsbatch_session=".to_owned(),
+        format!("other={value}"),
+    ] {
+        let (status, _, _) = send(base, "GET", "/v1/batches", &[("Cookie", &forged)], None);
+        assert_eq!(status, 401, "{forged}");
+        let (status, _, _) = send(base, "GET", "/ui/", &[("Cookie", &forged)], None);
+        assert_eq!(status, 303, "{forged}");
+    }
+    let (status, _, _) = send(
+        base,
+        "GET",
+        "/v1/batches",
+        &[("Cookie", &cookie), ("Authorization", "Bearer wrong")],
+        None,
+    );
+    assert_eq!(status, 401);
+
+    // Logging out tells the browser to forget the cookie.
+    let (status, reply, _) = send(base, "POST", "/ui/logout", &headers, None);
+    assert_eq!(status, 303);
+    assert!(header(&reply, "set-cookie").is_some_and(|c| c.contains("Max-Age=0")));
 }

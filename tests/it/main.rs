@@ -1,8 +1,9 @@
 //! The integration tests, in one binary: the real server over HTTP (`api`, `access`,
 //! `bad_input`, `http_provider`, `export`, `resend`), the command-line client (`cli`), the fault
 //! suite (`faults`), lifecycle races (`races`), the `smpp` provider against a real SMSC (`smpp`),
-//! the store conformance suite (`store`), the deployment files (`deploy`) and the monitored stack
-//! (`monitoring`), sharing the harness in `common`.
+//! the store conformance suite (`store`), the deployment files (`deploy`), the monitored stack
+//! (`monitoring`) and the dashboard, in a real browser too (`ui`), sharing the harness in
+//! `common`.
 
 #[macro_use]
 mod common;
@@ -26,3 +27,4 @@ mod smpp;
 mod smpp_account;
 mod store;
 mod turns;
+mod ui;

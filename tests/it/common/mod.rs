@@ -553,6 +553,27 @@ fn spawn_server(db_url: &str, env: &[(String, String)], tail: &Tail) -> (Child, 
     }
 }
 
+/// Installs the npm packages of `dir` (pinned by its `package-lock.json`) once per machine:
+/// `npm ci` when `node_modules/<package>` is missing, under a lock, since tests run in parallel
+/// processes.
+pub fn npm_ci(dir: &std::path::Path, package: &str) {
+    let marker = format!("node_modules/{package}/package.json");
+    if dir.join(&marker).exists() {
+        return;
+    }
+    let status = Command::new("flock")
+        .arg(dir.join(".npm.lock"))
+        .args([
+            "sh",
+            "-c",
+            &format!("[ -f {marker} ] || npm ci --no-audit --no-fund --loglevel=error"),
+        ])
+        .current_dir(dir)
+        .status()
+        .expect("run flock and npm (Node.js and npm must be installed)");
+    assert!(status.success(), "npm ci in {} failed", dir.display());
+}
+
 /// A valid CN mobile number: `+86138` and eight digits.
 pub fn mobile(n: u64) -> String {
     assert!(n < 100_000_000, "eight digits");

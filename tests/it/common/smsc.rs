@@ -19,24 +19,9 @@ fn folder() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/smsc")
 }
 
-/// Installs the SMSC's npm packages once per machine (`npm ci`, under a lock: tests run in
-/// parallel processes).
+/// Installs the SMSC's npm packages once per machine.
 fn install() {
-    let dir = folder();
-    if dir.join("node_modules/smpp/package.json").exists() {
-        return;
-    }
-    let status = Command::new("flock")
-        .arg(dir.join(".npm.lock"))
-        .args([
-            "sh",
-            "-c",
-            "[ -f node_modules/smpp/package.json ] || npm ci --no-audit --no-fund --loglevel=error",
-        ])
-        .current_dir(&dir)
-        .status()
-        .expect("run flock and npm (the test SMSC needs Node.js and npm)");
-    assert!(status.success(), "npm ci in {} failed", dir.display());
+    super::npm_ci(&folder(), "smpp");
 }
 
 /// A running SMSC.
