@@ -75,7 +75,8 @@ pub async fn run(deps: Deps, batch: Batch, gate: Arc<Gate>) -> Result<StepEnd, D
     let mut last_progress = Instant::now();
     // Retries already handed out, so that a retry waiting in a broker queue is not published
     // again each round (bounded: only messages that failed transiently, kept `replan_after`).
-    let mut retries_planned: HashMap<i64, Instant> = HashMap::new();
+    // Known by the time each was due: a message retried again is a new retry.
+    let mut retries_planned: HashMap<i64, (chrono::NaiveDateTime, Instant)> = HashMap::new();
     let mut failures = FailureCheck::new(FailureWindow::new(
         settings.failure_window,
         batch.failure_threshold,
@@ -140,7 +141,7 @@ pub async fn run(deps: Deps, batch: Batch, gate: Arc<Gate>) -> Result<StepEnd, D
         // for the broker's backlog to drain, do not hold it.
         let mut turn = None;
         let retries_only = !std::mem::take(&mut full_round);
-        retries_planned.retain(|_, at| at.elapsed() < replan_after);
+        retries_planned.retain(|_, (_, at)| at.elapsed() < replan_after);
         // One planning round: walk every partition once. A full round hands out each partition's
         // id range in spans of about `task_size` of its messages, without reading them: a task is
         // a hint, and its claim takes what is still due in it (reading the ids first cost 12% of
@@ -176,18 +177,19 @@ pub async fn run(deps: Deps, batch: Batch, gate: Arc<Gate>) -> Result<StepEnd, D
                     }
                 }
                 let (first_id, last_id) = if retries_only {
-                    let mut ids = store
-                        .next_task_ids(batch.id, p, cursors[slot], task_size, true)
+                    let mut due = store
+                        .next_retries(batch.id, p, cursors[slot], task_size)
                         .await?;
-                    let Some(&page_end) = ids.last() else {
+                    let Some(&(page_end, _)) = due.last() else {
                         exhausted[slot] = true;
                         continue;
                     };
                     cursors[slot] = page_end;
-                    ids.retain(|id| !retries_planned.contains_key(id));
+                    due.retain(|(id, at)| retries_planned.get(id).is_none_or(|(p, _)| p != at));
                     let now = Instant::now();
-                    retries_planned.extend(ids.iter().map(|id| (*id, now)));
-                    let (Some(&first_id), Some(&last_id)) = (ids.first(), ids.last()) else {
+                    retries_planned.extend(due.iter().map(|(id, at)| (*id, (*at, now))));
+                    let (Some(&(first_id, _)), Some(&(last_id, _))) = (due.first(), due.last())
+                    else {
                         planned = true;
                         continue;
                     };

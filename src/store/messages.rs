@@ -33,6 +33,25 @@ pub(super) fn record_sent_cte(keys: &str, key_ids: &str) -> String {
     )
 }
 
+/// The due pending messages of a batch's partition after an id, as `next_task_ids` and
+/// `next_retries` page them.
+macro_rules! due_in_partition {
+    ($batch_id:expr, $partition:expr, $after:expr, $at:expr) => {
+        messages::table
+            .filter(messages::batch_id.eq($batch_id))
+            .filter(messages::status.eq(PENDING))
+            // A range, not an equality, for the reason given at `bounds_sql`.
+            .filter(messages::partition.ge($partition))
+            .filter(messages::partition.le($partition))
+            .filter(messages::id.gt($after))
+            .filter(
+                messages::next_attempt_at
+                    .is_null()
+                    .or(messages::next_attempt_at.le($at)),
+            )
+    };
+}
+
 /// The claim of up to `limit` due messages of a task's range on PostgreSQL (`Store::claim`),
 /// with the placeholders of the batch, the partition, the time, the range's first and last id
 /// and the claimer.
@@ -158,36 +177,48 @@ impl Store {
     }
 
     /// The ids of the next due pending messages of a partition after `after`, at most `limit`:
-    /// one delivery task's worth. With `retries_only`, only messages waiting for a retry.
+    /// one delivery task's worth.
     pub async fn next_task_ids(
         &self,
         batch_id: i64,
         partition: i32,
         after: i64,
         limit: i64,
-        retries_only: bool,
     ) -> Result<Vec<i64>, StoreError> {
         let at = now();
         with_conn!(self, |conn| {
-            let mut query = messages::table
-                .filter(messages::batch_id.eq(batch_id))
-                .filter(messages::status.eq(PENDING))
-                // A range, not an equality, for the reason given at `bounds_sql`.
-                .filter(messages::partition.ge(partition))
-                .filter(messages::partition.le(partition))
-                .filter(messages::id.gt(after))
-                .filter(
-                    messages::next_attempt_at
-                        .is_null()
-                        .or(messages::next_attempt_at.le(at)),
-                )
+            Ok(due_in_partition!(batch_id, partition, after, at)
                 .select(messages::id)
-                .into_boxed();
-            if retries_only {
-                query = query.filter(messages::next_attempt_at.is_not_null());
-            }
-            let in_index_order = (messages::partition.asc(), messages::id.asc());
-            Ok(query.order(in_index_order).limit(limit).load(conn).await?)
+                .order((messages::partition.asc(), messages::id.asc()))
+                .limit(limit)
+                .load(conn)
+                .await?)
+        })
+    }
+
+    /// `next_task_ids` of the messages waiting for a retry only, with the time each was due: a
+    /// message retried again is due at another time, and is known by it as a new retry.
+    pub async fn next_retries(
+        &self,
+        batch_id: i64,
+        partition: i32,
+        after: i64,
+        limit: i64,
+    ) -> Result<Vec<(i64, NaiveDateTime)>, StoreError> {
+        let at = now();
+        with_conn!(self, |conn| {
+            let rows: Vec<(i64, Option<NaiveDateTime>)> =
+                due_in_partition!(batch_id, partition, after, at)
+                    .filter(messages::next_attempt_at.is_not_null())
+                    .select((messages::id, messages::next_attempt_at))
+                    .order((messages::partition.asc(), messages::id.asc()))
+                    .limit(limit)
+                    .load(conn)
+                    .await?;
+            Ok(rows
+                .into_iter()
+                .filter_map(|(id, due)| Some((id, due?)))
+                .collect())
         })
     }
 

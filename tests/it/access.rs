@@ -107,6 +107,11 @@ fn the_token_guards_every_v1_route_and_nothing_else() {
         ("POST", format!("/v1/batches/{id}/resume"), None),
         ("POST", format!("/v1/batches/{id}/cancel"), None),
         ("POST", format!("/v1/batches/{id}/retry"), None),
+        (
+            "POST",
+            format!("/v1/batches/{id}/resend"),
+            Some(("application/json", r#"{"statuses": ["failed"]}"#)),
+        ),
         ("GET", "/v1/opt-outs".into(), None),
         (
             "POST",

@@ -289,6 +289,61 @@ fn the_receipts_webhook_takes_its_token_only() {
             .then(|| (0..4).map(|i| format!("sink-{i}")).collect())
             .ok_or(format!("{}", received.len()))
     });
+    let agent: ureq::Agent = ureq::Agent::config_builder().build().into();
+    let get = |path: &str| -> Value {
+        agent
+            .get(format!("{}{path}", server.base_url()))
+            .header("Authorization", "Bearer admin-t0ken")
+            .call()
+            .map_err(|e| e.to_string())
+            .and_then(|mut r| r.body_mut().read_json().map_err(|e| e.to_string()))
+            .unwrap_or(Value::Null)
+    };
+    eventually("every message recorded sent", SHORT, || {
+        let batch = get(&format!("/v1/batches/{id}"));
+        (num(&batch, "/results/sent") == 4)
+            .then_some(())
+            .ok_or(format!("{batch:#}"))
+    });
+    // Well-formed receipts and a STOP, under a token that is not the webhook's: 401, and nothing
+    // is stored.
+    let all_delivered: Value = ids
+        .iter()
+        .map(|i| json!({"id": i, "status": "delivered"}))
+        .collect();
+    let stop = json!({"from": phones[1], "to": "Shop", "text": "STOP"});
+    for (path, body) in [
+        (receipts, all_delivered.to_string()),
+        ("/v1/providers/gw/inbound", stop.to_string()),
+    ] {
+        for token in [None, Some("admin-t0ken"), Some("gw-hook-not")] {
+            let reply = post_as(&server, path, token, &body);
+            crate::common::assert_error(&reply, 401, "unauthorized", path);
+        }
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let batch = get(&format!("/v1/batches/{id}"));
+    assert_eq!(
+        (
+            num(&batch, "/results/sent"),
+            num(&batch, "/results/delivered")
+        ),
+        (4, 0),
+        "no receipt was stored: {batch:#}"
+    );
+    let listed = agent
+        .get(format!(
+            "{}/v1/opt-outs/{}",
+            server.base_url(),
+            encode(&phones[1])
+        ))
+        .header("Authorization", "Bearer admin-t0ken")
+        .call();
+    assert!(
+        matches!(listed, Err(ureq::Error::StatusCode(404))),
+        "the STOP was not taken: {listed:?}"
+    );
+
     // One alone (its id in another case), then an array.
     let one = json!({"id": ids[0].to_uppercase(), "status": "delivered"});
     let (status, body) = post_as(&server, receipts, Some("gw-hook"), &one.to_string());
@@ -301,7 +356,6 @@ fn the_receipts_webhook_takes_its_token_only() {
     let (status, body) = post_as(&server, receipts, Some("gw-hook"), &many.to_string());
     assert_eq!(status, 204, "{body}");
 
-    let agent: ureq::Agent = ureq::Agent::config_builder().build().into();
     let batch: Value = eventually("settled by the webhook", SHORT, || {
         let batch: Value = agent
             .get(format!("{}/v1/batches/{id}", server.base_url()))

@@ -190,10 +190,14 @@ alone_and_paired!(throttling_slows_down_and_loses_nothing
     => throttling_slows_down_and_loses_nothing_sqlite, throttling_slows_down_and_loses_nothing_paired);
 
 fn throttling_slows_down_and_loses_nothing(backend: Backend) {
-    // Every third submit is refused with ESME_RTHROTTLED.
+    // Every third submit is refused with ESME_RTHROTTLED. A throttled message is retried after
+    // the retry backoff, short here so that the test does not wait seconds per throttle.
     let smsc = smsc(json!({"throttle_every": 3}));
     let db = TestDb::new(backend);
-    let env = [("SMSBATCH__SMSBATCH__RETRY_COUNT", "20")];
+    let env = [
+        ("SMSBATCH__SMSBATCH__RETRY_COUNT", "20"),
+        ("SMSBATCH__SMSBATCH__RETRY_BACKOFF_MS", "100"),
+    ];
     let server = server(&db, &smsc, &[], &env);
     let _second = second(&db, &smsc, &[], &env);
     let phones: Vec<String> = (0..30).map(|i| mobile(8000 + i)).collect();
@@ -216,6 +220,17 @@ fn throttling_slows_down_and_loses_nothing(backend: Backend) {
     for m in server.all_messages(&id, None) {
         let submit = &accepted[text(&m, "/phone")][0];
         assert_eq!(m["provider_message_id"], submit["message_id"], "{m}");
+    }
+    // Each retry comes after its backoff (100 ms, doubling), not after the delivery step's
+    // 30 s quiet spell: a message throttled twice used to wait for that.
+    for (phone, tries) in by_destination(&submits) {
+        let mut at: Vec<u64> = tries.iter().map(|s| num(s, "/at")).collect();
+        at.sort_unstable();
+        let longest = at.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
+        assert!(
+            longest < 10_000,
+            "{phone} waited {longest} ms between two tries: {tries:#?}"
+        );
     }
 }
 

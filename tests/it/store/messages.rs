@@ -76,33 +76,30 @@ async fn claim_moves_pending_to_sending_once(store: Store) {
 
     // next_task_ids pages each partition in id order.
     let task1 = store
-        .next_task_ids(batch.id, 0, 0, 4, false)
+        .next_task_ids(batch.id, 0, 0, 4)
         .await
         .expect("task 1");
     assert_eq!(task1, p0[0..4]);
     let task2 = store
-        .next_task_ids(batch.id, 0, task1[3], 4, false)
+        .next_task_ids(batch.id, 0, task1[3], 4)
         .await
         .expect("task 2");
     assert_eq!(task2, p0[4..6]);
     assert!(
         store
-            .next_task_ids(batch.id, 0, p0[5], 4, false)
+            .next_task_ids(batch.id, 0, p0[5], 4)
             .await
             .expect("end")
             .is_empty()
     );
     assert_eq!(
-        store
-            .next_task_ids(batch.id, 1, 0, 10, false)
-            .await
-            .expect("p1"),
+        store.next_task_ids(batch.id, 1, 0, 10).await.expect("p1"),
         p1
     );
     let other = create(&store, "other", 2).await;
     assert!(
         store
-            .next_task_ids(other.id, 0, 0, 10, false)
+            .next_task_ids(other.id, 0, 0, 10)
             .await
             .expect("other")
             .is_empty()
@@ -158,10 +155,7 @@ async fn claim_moves_pending_to_sending_once(store: Store) {
     );
     // Claimed messages are no longer offered to new tasks.
     assert_eq!(
-        store
-            .next_task_ids(batch.id, 0, 0, 10, false)
-            .await
-            .expect("p0"),
+        store.next_task_ids(batch.id, 0, 0, 10).await.expect("p0"),
         p0[4..6]
     );
 

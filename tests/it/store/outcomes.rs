@@ -263,7 +263,7 @@ async fn record_outcomes_moves_messages_and_counters(store: Store) {
     // The retry waits: not offered, not claimable, and reported by earliest_retry.
     assert_eq!(
         store
-            .next_task_ids(batch.id, 0, 0, 100, false)
+            .next_task_ids(batch.id, 0, 0, 100)
             .await
             .expect("next"),
         vec![m[4], m[6]]
@@ -415,11 +415,13 @@ async fn retries_wait_until_due(store: Store) {
     );
     // Only the retry whose time has come is offered and claimable.
     assert_eq!(
-        store
-            .next_task_ids(batch.id, 0, 0, 10, false)
-            .await
-            .expect("due"),
+        store.next_task_ids(batch.id, 0, 0, 10).await.expect("due"),
         vec![m[2]]
+    );
+    assert_eq!(
+        store.next_retries(batch.id, 0, 0, 10).await.expect("due"),
+        vec![(m[2], past)],
+        "a retry is listed with the time it was due"
     );
     let c = store
         .claim(batch.id, 0, m[0], m[3], i64::MAX, "test-instance")
@@ -454,7 +456,7 @@ async fn retries_wait_until_due(store: Store) {
     );
     assert!(
         store
-            .next_task_ids(batch.id, 0, 0, 10, false)
+            .next_task_ids(batch.id, 0, 0, 10)
             .await
             .expect("none due")
             .is_empty()
@@ -498,10 +500,7 @@ async fn retries_wait_until_due(store: Store) {
         "microseconds survive the round trip"
     );
     assert_eq!(
-        store
-            .next_task_ids(batch.id, 0, 0, 10, false)
-            .await
-            .expect("due"),
+        store.next_task_ids(batch.id, 0, 0, 10).await.expect("due"),
         vec![extra[0]]
     );
     assert!(
@@ -515,7 +514,7 @@ async fn retries_wait_until_due(store: Store) {
     tokio::time::sleep(wait).await;
     assert_eq!(
         store
-            .next_task_ids(batch.id, 0, 0, 10, false)
+            .next_task_ids(batch.id, 0, 0, 10)
             .await
             .expect("both due"),
         vec![extra[0], extra[1]]
@@ -723,10 +722,7 @@ async fn recover_sending_for_resend(store: Store) {
     );
     // They are offered and claimed again; the attempt count keeps the lost attempt.
     assert_eq!(
-        store
-            .next_task_ids(batch.id, 0, 0, 10, false)
-            .await
-            .expect("p0"),
+        store.next_task_ids(batch.id, 0, 0, 10).await.expect("p0"),
         vec![m[0], m[1]]
     );
     let mut c = store
@@ -859,7 +855,7 @@ async fn a_deferred_message_waits_without_using_an_attempt(store: Store) {
     );
     assert_eq!(
         store
-            .next_task_ids(batch.id, 0, 0, 100, false)
+            .next_task_ids(batch.id, 0, 0, 100)
             .await
             .expect("next"),
         vec![m[2]]

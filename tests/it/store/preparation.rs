@@ -304,7 +304,7 @@ async fn prepared_chunks_drop_duplicates_and_opt_outs(store: Store) {
     );
     assert_eq!(
         store
-            .next_task_ids(batch.id, 0, 0, 10, false)
+            .next_task_ids(batch.id, 0, 0, 10)
             .await
             .expect("p0")
             .len(),
@@ -312,7 +312,7 @@ async fn prepared_chunks_drop_duplicates_and_opt_outs(store: Store) {
     );
     assert_eq!(
         store
-            .next_task_ids(batch.id, 1, 0, 10, false)
+            .next_task_ids(batch.id, 1, 0, 10)
             .await
             .expect("p1")
             .len(),
