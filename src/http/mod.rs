@@ -15,6 +15,7 @@ mod opt_outs;
 mod path;
 mod probes;
 mod recipients;
+pub mod request_span;
 pub mod views;
 mod webhooks;
 

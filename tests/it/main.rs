@@ -1,7 +1,8 @@
 //! The integration tests, in one binary: the real server over HTTP (`api`, `access`,
 //! `bad_input`, `http_provider`), the fault suite (`faults`), lifecycle races (`races`), the `smpp` provider
 //! against a real SMSC (`smpp`), the store conformance suite (`store`), the deployment files
-//! (`deploy`) and the monitored stack (`monitoring`), sharing the harness in `common`.
+//! (`deploy`), the monitored stack (`monitoring`) and traces over OTLP (`traces`), sharing the
+//! harness in `common`.
 
 #[macro_use]
 mod common;
@@ -21,4 +22,5 @@ mod receipts;
 mod smpp;
 mod smpp_account;
 mod store;
+mod traces;
 mod turns;
