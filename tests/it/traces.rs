@@ -291,6 +291,11 @@ fn a_collector_that_never_answers_holds_nothing_up() {
         "the stop took {took:?}: {}",
         server.output_tail()
     );
+    let output = server.output_tail();
+    assert!(
+        output.contains("Spans not exported at exit."),
+        "the operator is told: {output}"
+    );
 }
 
 /// Without an endpoint, the `OTEL_*` variables are not read at all: a sampler this service
