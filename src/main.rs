@@ -8,6 +8,9 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use smsbatch::config::Settings;
 
+/// How long the exit may wait for the last spans to be exported.
+const TRACES_FLUSH: std::time::Duration = std::time::Duration::from_secs(5);
+
 #[derive(Debug, Parser)]
 #[command(name = "smsbatch", version, about = "SMS batch orchestrator")]
 struct Cli {
@@ -38,7 +41,13 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    smsbatch::telemetry::init_tracing(&settings.log);
+    let traces = match smsbatch::telemetry::init_tracing(&settings.log) {
+        Ok(traces) => traces,
+        Err(e) => {
+            eprintln!("smsbatch: {e}");
+            return ExitCode::from(2);
+        }
+    };
     // Migrations run before the actor system starts: diesel's harness blocks, which the
     // current-thread runtime of the actix System does not allow.
     if let Err(e) = smsbatch::store::migrate(settings.database.url.expose()) {
@@ -47,6 +56,7 @@ fn main() -> ExitCode {
     }
     if matches!(cli.command, Some(Cmd::Migrate)) {
         println!("smsbatch: migrations applied");
+        traces.shut_down(TRACES_FLUSH);
         return ExitCode::SUCCESS;
     }
     let system = actix::System::new();
@@ -58,6 +68,8 @@ fn main() -> ExitCode {
             1
         }
     };
+    // The last spans (the stop's own among them) go out before the process ends.
+    traces.shut_down(TRACES_FLUSH);
     std::io::stdout().flush().ok();
     std::io::stderr().flush().ok();
     // The process ends here, without dropping the runtime: dropping it would wait for every

@@ -15,6 +15,7 @@ use crate::actors::{Core, Deps, gates::Gates, incoming};
 use crate::admission::Admission;
 use crate::config::{Settings, TransportKind};
 use crate::domain::receipt::Keywords;
+use crate::http::request_span::RequestSpan;
 use crate::http::{AppState, routes};
 use crate::provider::{Providers, RateLedger};
 use crate::secret::redact_url;
@@ -129,7 +130,7 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
     let mut server = HttpServer::new(move || {
         let state = state.clone();
         App::new()
-            .wrap(TracingLogger::default())
+            .wrap(TracingLogger::<RequestSpan>::new())
             .configure(move |cfg| routes(cfg, state))
     })
     .disable_signals()

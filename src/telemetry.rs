@@ -1,38 +1,85 @@
 //! Logs (tracing) and metrics (Prometheus). Metric names are namespaced `smsbatch_*`; labels are
 //! low-cardinality: never a batch id or a phone number.
 
+use std::time::Duration;
+
+use opentelemetry_sdk::trace::SdkTracerProvider;
 use prometheus::{
     CounterVec, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
     IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::{EnvFilter, Targets};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{Layer, registry::Registry as Spans};
 
 use crate::config::{LogFormat, LogSettings};
 
-/// Installs the global tracing subscriber: JSON lines or pretty text, on stderr. `RUST_LOG`
-/// overrides `log.level`.
-pub fn init_tracing(settings: &LogSettings) {
+pub mod otlp;
+pub mod trace;
+
+/// Installs the global tracing subscriber: logs as JSON lines or pretty text on stderr
+/// (`RUST_LOG` overrides `log.level`), and, when the `OTEL_*` variables name an endpoint, the
+/// service's spans (`smsbatch`'s, at info and above, whatever the log level) exported over
+/// OTLP/HTTP. A bad `OTEL_*` variable is an error naming it.
+pub fn init_tracing(settings: &LogSettings) -> Result<Traces, otlp::OtlpError> {
+    let otlp = otlp::OtlpConfig::from_env(|key| std::env::var(key).ok())?;
+    let provider = otlp.as_ref().map(otlp::OtlpConfig::provider).transpose()?;
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&settings.level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
-    let registry = tracing_subscriber::registry().with(filter);
-    let result = match settings.format {
-        LogFormat::Json => registry
-            .with(
-                tracing_subscriber::fmt::layer()
-                    .json()
-                    .with_current_span(true)
-                    .with_writer(std::io::stderr),
-            )
-            .try_init(),
-        LogFormat::Pretty => registry
-            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
-            .try_init(),
+    // Each layer has its own filter: the log level does not decide which spans are exported.
+    let logs = match settings.format {
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .with_current_span(true)
+            .with_writer(std::io::stderr)
+            .with_filter(filter)
+            .boxed(),
+        LogFormat::Pretty => tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_filter(filter)
+            .boxed(),
     };
+    let mut layers: Vec<Box<dyn Layer<Spans> + Send + Sync>> = vec![logs];
+    if let Some(provider) = &provider {
+        layers.push(
+            tracing_opentelemetry::layer()
+                .with_tracer(otlp::tracer(provider))
+                .with_filter(Targets::new().with_target("smsbatch", tracing::Level::INFO))
+                .boxed(),
+        );
+    }
     // A second init (tests) keeps the first subscriber.
-    let _ = result;
+    let installed = tracing_subscriber::registry()
+        .with(layers)
+        .try_init()
+        .is_ok();
+    if let (true, Some(otlp)) = (installed, &otlp) {
+        tracing::info!(
+            endpoint = %crate::secret::redact_url(&otlp.endpoint),
+            protocol = ?otlp.protocol,
+            "Exporting traces over OTLP."
+        );
+    }
+    Ok(Traces { provider })
+}
+
+/// The trace export of the installed subscriber, if any: flushed at exit.
+pub struct Traces {
+    provider: Option<SdkTracerProvider>,
+}
+
+impl Traces {
+    /// Exports the spans still queued and stops the exporter, waiting at most `timeout` (a
+    /// collector that does not answer costs the exit no more than that).
+    pub fn shut_down(self, timeout: Duration) {
+        if let Some(provider) = &self.provider
+            && let Err(e) = otlp::shut_down(provider, timeout)
+        {
+            tracing::warn!(error = %e, "Spans not exported at exit.");
+        }
+    }
 }
 
 /// The service's metrics, registered in their own registry.

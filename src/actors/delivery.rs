@@ -59,7 +59,7 @@ impl DeliveryError {
 /// `replan_after` while the transport holds no task that could be its is re-planned whole, so a
 /// task lost outside the broker's guarantees is not lost for good — and a batch whose tasks only
 /// wait in the queue behind others' never is.
-#[tracing::instrument(skip_all, fields(batch_id = %batch.public_id, step = "delivery"), err)]
+#[tracing::instrument(name = "delivery", skip_all, fields(batch_id = %batch.public_id, step = "delivery"), err)]
 pub async fn run(deps: Deps, batch: Batch, gate: Arc<Gate>) -> Result<StepEnd, DeliveryError> {
     let store = &deps.core.store;
     let settings = &deps.core.settings.smsbatch;

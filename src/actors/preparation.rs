@@ -99,7 +99,7 @@ enum Written {
 /// the run returns: once it has, nothing of it is still writing, and the next run starts from a
 /// checkpoint that will not move behind its back. The run is `Finished` only when its reader
 /// read the last recipient and every chunk it read is committed.
-#[tracing::instrument(skip_all, fields(batch_id = %batch.public_id, step = "preparation"), err)]
+#[tracing::instrument(name = "preparation", skip_all, fields(batch_id = %batch.public_id, step = "preparation"), err)]
 pub async fn run(deps: Deps, batch: Batch, gate: Arc<Gate>) -> Result<StepEnd, PreparationError> {
     let core = &deps.core;
     let template = Arc::new(

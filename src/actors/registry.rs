@@ -29,6 +29,7 @@ use crate::domain::lifecycle::{Action, project};
 use crate::domain::state::{BatchState, Lifecycle, transition};
 use crate::store::models::Batch;
 use crate::store::{Store, StoreError};
+use crate::telemetry::trace::TraceContext;
 
 /// How far each look of the watch reaches back over the previous one.
 const WATCH_MARGIN: chrono::Duration = chrono::Duration::seconds(1);
@@ -43,6 +44,8 @@ pub struct Command {
     pub action: Action,
     /// Set on the one resend after the supervisor stopped under the command.
     pub resent: bool,
+    /// The trace of the request that asked (`TraceContext::current()` in its handler).
+    pub trace: TraceContext,
 }
 
 /// At start-up: settle what the previous run left in flight and resume active batches.
@@ -305,6 +308,7 @@ impl Handler<Command> for BatchRegistry {
             public_id,
             action,
             resent,
+            trace,
         } = msg;
         let id = public_id.clone();
         Box::pin(
@@ -357,7 +361,7 @@ impl Handler<Command> for BatchRegistry {
                                 Ok(addr) => addr,
                                 Err(saved) => return Ok(saved),
                             };
-                            match addr.send(Act(action)).await {
+                            match addr.send(Act(action, trace.clone())).await {
                                 Ok(answer) => answer,
                                 // The supervisor stopped between the lookup and the send (its batch
                                 // had just reached a final state): go through the registry once more,
@@ -367,6 +371,7 @@ impl Handler<Command> for BatchRegistry {
                                         public_id: id,
                                         action,
                                         resent: true,
+                                        trace,
                                     })
                                     .await
                                     .map_err(|e| ActError::Unavailable(e.to_string()))?,

@@ -18,6 +18,7 @@ use crate::domain::lifecycle::{Cause, project};
 use crate::domain::state::{BatchState, Event, Step};
 use crate::store::StoreError;
 use crate::store::models::Batch;
+use crate::telemetry::trace::TraceContext;
 
 mod messages;
 mod provider;
@@ -80,6 +81,10 @@ pub struct BatchSupervisor {
     idle: Option<SpawnHandle>,
     cancel_cleanup: bool,
     draining: Vec<oneshot::Sender<()>>,
+    /// The trace of the request whose action started the batch's run here (empty after a
+    /// recovery, a take-over or an action through another instance): its steps' spans are
+    /// that request's children.
+    trace: TraceContext,
 }
 
 impl BatchSupervisor {
@@ -104,6 +109,7 @@ impl BatchSupervisor {
             idle: None,
             cancel_cleanup: false,
             draining: Vec::new(),
+            trace: TraceContext::default(),
         }
     }
 
@@ -171,6 +177,7 @@ impl BatchSupervisor {
                         tracing::info!(batch_id = %row.public_id, state = %row.state, "Batch changed through another instance.");
                         let state_changed = row.state != act.batch.state;
                         act.batch = row;
+                        act.trace = TraceContext::default();
                         if state_changed {
                             act.enter_state(ctx);
                         }
@@ -298,7 +305,7 @@ impl BatchSupervisor {
         };
         // The child runs as its own task so that a panic in it is caught by its join handle
         // (and reported as an error) instead of taking the supervisor down.
-        let task = actix::spawn(work);
+        let task = actix::spawn(self.trace.attach(work));
         let abort = task.abort_handle();
         let watcher = async move {
             match task.await {

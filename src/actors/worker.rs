@@ -17,7 +17,7 @@ use crate::provider::{Accepted, OutgoingSms, ProviderError};
 use crate::store::UNKNOWN_OUTCOME;
 use crate::store::models::ClaimedMessage;
 use crate::store::{Outcomes, StoreError};
-use crate::transport::{DeliveryTask, TaskReport, TransportError};
+use crate::transport::{Assignment, DeliveryTask, TaskReport, TransportError};
 
 /// How long a message the provider could not take waits before it is due again.
 const DEFER: chrono::Duration = chrono::Duration::seconds(1);
@@ -42,18 +42,21 @@ impl Actor for PartitionWorker {
     }
 }
 
-impl Handler<DeliveryTask> for PartitionWorker {
+impl Handler<Assignment> for PartitionWorker {
     type Result = AtomicResponse<Self, Result<TaskReport, TransportError>>;
 
-    fn handle(&mut self, task: DeliveryTask, _ctx: &mut Self::Context) -> Self::Result {
+    fn handle(&mut self, msg: Assignment, _ctx: &mut Self::Context) -> Self::Result {
         self.core
             .metrics
             .mailbox_depth
             .with_label_values(&["partition_worker"])
             .dec();
         let core = self.core.clone();
+        let Assignment { task, trace } = msg;
         AtomicResponse::new(Box::pin(
-            async move { process_task(&core, task).await }.into_actor(self),
+            trace
+                .attach(async move { process_task(&core, task).await })
+                .into_actor(self),
         ))
     }
 }
@@ -86,7 +89,7 @@ fn task_error(e: StoreError) -> TransportError {
 /// slices of `claim_size`, each sent and recorded before the next is claimed: a crash leaves at
 /// most one slice per worker with an unknown outcome. A slice sent whole is recorded together
 /// with the claim of the next one (one commit for both, on PostgreSQL).
-#[tracing::instrument(skip_all, fields(batch_id = task.batch_id, partition = task.partition))]
+#[tracing::instrument(name = "task", skip_all, fields(batch_id = task.batch_id, partition = task.partition, first_id = task.first_id, last_id = task.last_id))]
 pub async fn process_task(core: &Core, task: DeliveryTask) -> Result<TaskReport, TransportError> {
     let claim_size = core.settings.smsbatch.claim_size as i64;
     let store = &core.store;

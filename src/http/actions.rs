@@ -9,6 +9,7 @@ use super::views::BatchView;
 use crate::actors::registry::Command;
 use crate::domain::lifecycle::Action;
 use crate::store::BatchRecord;
+use crate::telemetry::trace::TraceContext;
 
 /// Applies a lifecycle action and answers the batch as the action saved it, with its partitions'
 /// counters as they are now.
@@ -23,6 +24,7 @@ async fn act(
             public_id: path.id().to_owned(),
             action,
             resent: false,
+            trace: TraceContext::current(),
         })
         .await
         .map_err(|e| ApiError::Unavailable(e.to_string()))??;

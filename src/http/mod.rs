@@ -18,6 +18,7 @@ mod opt_outs;
 mod path;
 mod probes;
 mod recipients;
+pub mod request_span;
 mod resend;
 pub mod session;
 pub mod ui;

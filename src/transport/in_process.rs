@@ -6,14 +6,15 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use actix::Recipient;
 use futures_util::future::BoxFuture;
 
-use super::{DeliveryTask, TaskReport, Transport, TransportError};
+use super::{Assignment, DeliveryTask, TaskReport, Transport, TransportError};
 use crate::admission::Admission;
 use crate::telemetry::Metrics;
+use crate::telemetry::trace::TraceContext;
 
 /// Round-robins tasks over the local workers with `send().await`, which waits while the chosen
 /// worker's mailbox is full.
 pub struct InProcess {
-    workers: Vec<Recipient<DeliveryTask>>,
+    workers: Vec<Recipient<Assignment>>,
     next: AtomicUsize,
     mailbox: usize,
     admission: Admission,
@@ -22,7 +23,7 @@ pub struct InProcess {
 
 impl InProcess {
     /// A transport over these workers (the partition workers' addresses), each with a mailbox of `mailbox` tasks.
-    pub fn new(workers: Vec<Recipient<DeliveryTask>>, mailbox: usize, metrics: Metrics) -> Self {
+    pub fn new(workers: Vec<Recipient<Assignment>>, mailbox: usize, metrics: Metrics) -> Self {
         // Two tasks per worker in its hands (one running, one next), so that none waits for
         // work; the rest wait for a place by priority, not in the mailboxes' order.
         let places = workers.len() * (mailbox + 1).min(2);
@@ -41,6 +42,28 @@ impl Transport for InProcess {
         &self,
         task: DeliveryTask,
     ) -> BoxFuture<'static, Result<TaskReport, TransportError>> {
+        // Called within the Delivery step's span: the task's span is its child.
+        self.dispatch_traced(task, TraceContext::current())
+    }
+
+    fn answers_when_done(&self) -> bool {
+        true
+    }
+
+    fn capacity(&self) -> usize {
+        // Each worker runs one task and holds `mailbox` more.
+        self.workers.len() * (self.mailbox + 1)
+    }
+}
+
+impl InProcess {
+    /// Hands a task to a worker; its span is a child of `trace` (a task consumed from the
+    /// broker: the span that published it).
+    pub fn dispatch_traced(
+        &self,
+        task: DeliveryTask,
+        trace: TraceContext,
+    ) -> BoxFuture<'static, Result<TaskReport, TransportError>> {
         let workers = self.workers.clone();
         let next = self.next_worker();
         let admission = self.admission.clone();
@@ -57,7 +80,7 @@ impl Transport for InProcess {
                 .with_label_values(&["partition_worker"]);
             depth.inc();
             metrics.tasks_in_flight.inc();
-            let result = worker.send(task).await;
+            let result = worker.send(Assignment { task, trace }).await;
             metrics.tasks_in_flight.dec();
             match result {
                 Ok(report) => report,
@@ -70,17 +93,6 @@ impl Transport for InProcess {
         })
     }
 
-    fn answers_when_done(&self) -> bool {
-        true
-    }
-
-    fn capacity(&self) -> usize {
-        // Each worker runs one task and holds `mailbox` more.
-        self.workers.len() * (self.mailbox + 1)
-    }
-}
-
-impl InProcess {
     /// Picks the next worker round-robin once a task has its place.
     fn next_worker(&self) -> impl FnOnce(usize) -> usize + use<> {
         let n = self.next.fetch_add(1, Ordering::Relaxed);

@@ -9,6 +9,8 @@ use serde::{Deserialize, Serialize};
 
 pub use in_process::InProcess;
 
+use crate::telemetry::trace::TraceContext;
+
 /// One unit of delivery work.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, actix::Message)]
 #[rtype(result = "Result<TaskReport, TransportError>")]
@@ -26,6 +28,18 @@ pub struct DeliveryTask {
     /// published without it is a marketing one.
     #[serde(default)]
     pub priority: u8,
+}
+
+/// A task handed to a worker, with the trace of the span that handed it over (the Delivery
+/// step's, or the publish span of the instance that published it): the worker's span for the
+/// task is that span's child.
+#[derive(Debug, Clone, actix::Message)]
+#[rtype(result = "Result<TaskReport, TransportError>")]
+pub struct Assignment {
+    /// The task.
+    pub task: DeliveryTask,
+    /// Where the task's span belongs.
+    pub trace: TraceContext,
 }
 
 /// What a worker did with a task.

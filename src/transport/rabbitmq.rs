@@ -24,11 +24,13 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
 use tokio::sync::watch;
+use tracing::Instrument as _;
 
 use super::{DeliveryTask, InProcess, TaskReport, Transport, TransportError};
 use crate::config::TransportSettings;
 use crate::secret::redact_url;
 use crate::telemetry::Metrics;
+use crate::telemetry::trace::TraceContext;
 
 /// Longest wait between two connection attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
@@ -248,6 +250,20 @@ impl BrokerLink {
         let events = &self.metrics.amqp_tasks;
         let mut backoff = Duration::from_millis(50);
         let mut rx = self.channel.subscribe();
+        let mut properties = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_priority(task.priority.min(MAX_PRIORITY))
+            .with_content_type("application/json".into());
+        // The publish span's trace context, for the consumer's task span (nothing while traces
+        // are off).
+        let trace = TraceContext::current().headers();
+        if !trace.is_empty() {
+            let mut headers = FieldTable::default();
+            for (name, value) in trace {
+                headers.insert(name.into(), AMQPValue::LongString(value.into()));
+            }
+            properties = properties.with_headers(headers);
+        }
         loop {
             let channel = match rx.wait_for(|c| c.is_some()).await {
                 Ok(c) => c.clone(),
@@ -261,10 +277,7 @@ impl BrokerLink {
                         self.queue.as_str().into(),
                         BasicPublishOptions::default(),
                         &payload,
-                        BasicProperties::default()
-                            .with_delivery_mode(2)
-                            .with_priority(task.priority.min(MAX_PRIORITY))
-                            .with_content_type("application/json".into()),
+                        properties.clone(),
                     )
                     .await?
                     .await
@@ -309,7 +322,20 @@ impl Transport for RabbitTransport {
         task: DeliveryTask,
     ) -> BoxFuture<'static, Result<TaskReport, TransportError>> {
         let link = self.0.clone();
-        Box::pin(async move { link.publish(task).await })
+        // Started within the Delivery step's span, so its child; the task's span, wherever the
+        // task is consumed, is this one's.
+        let span = tracing::info_span!(
+            "publish",
+            otel.kind = "producer",
+            messaging.system = "rabbitmq",
+            messaging.operation.type = "send",
+            messaging.destination.name = %link.queue,
+            batch = task.batch_id,
+            partition = task.partition,
+            first_id = task.first_id,
+            last_id = task.last_id,
+        );
+        Box::pin(async move { link.publish(task).await }.instrument(span))
     }
 
     fn capacity(&self) -> usize {
@@ -441,8 +467,9 @@ async fn consume(
                     }
                 };
                 in_flight_gauge.inc();
+                let trace = TraceContext::from_headers(|name| header(&delivery.properties, name));
                 in_flight.push(async move {
-                    let result = pool.dispatch(task).await;
+                    let result = pool.dispatch_traced(task, trace).await;
                     if result.is_err() {
                         // A short pause before the task goes back to the queue, so that a
                         // database outage does not spin it around; the other tasks go on.
@@ -491,6 +518,15 @@ async fn settle(
             tracing::warn!(batch_id = task.batch_id, error = %e, "Task failed; returning it to the queue.");
             requeue(&delivery).await;
         }
+    }
+}
+
+/// A text header of a consumed message (the publisher's trace context).
+fn header<'a>(properties: &'a BasicProperties, name: &str) -> Option<&'a str> {
+    match properties.headers().as_ref()?.inner().get(name)? {
+        AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok(),
+        AMQPValue::ShortString(s) => Some(s.as_str()),
+        _ => None,
     }
 }
 

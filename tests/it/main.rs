@@ -2,8 +2,8 @@
 //! `bad_input`, `http_provider`, `export`, `resend`), the command-line client (`cli`), the fault
 //! suite (`faults`), lifecycle races (`races`), the `smpp` provider against a real SMSC (`smpp`),
 //! the store conformance suite (`store`), the deployment files (`deploy`), the monitored stack
-//! (`monitoring`) and the dashboard, in a real browser too (`ui`), sharing the harness in
-//! `common`.
+//! (`monitoring`), traces over OTLP (`traces`) and the dashboard, in a real browser too (`ui`),
+//! sharing the harness in `common`.
 
 #[macro_use]
 mod common;
@@ -26,5 +26,6 @@ mod resend;
 mod smpp;
 mod smpp_account;
 mod store;
+mod traces;
 mod turns;
 mod ui;

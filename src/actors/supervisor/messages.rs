@@ -9,6 +9,7 @@ use crate::actors::ActError;
 use crate::actors::gates::GateState;
 use crate::domain::lifecycle::Action;
 use crate::store::models::Batch;
+use crate::telemetry::trace::TraceContext;
 
 /// A supervisor stopped (its batch reached a final state, or the process stops).
 #[derive(Debug, Message)]
@@ -26,10 +27,11 @@ pub struct SupervisorStopped {
 #[rtype(result = "()")]
 pub struct Changed(pub i64);
 
-/// Asks the supervisor to apply an operator's action; answers the batch as saved.
+/// Asks the supervisor to apply an operator's action, with the trace of the request that asked
+/// (the batch's steps that the action starts belong to it); answers the batch as saved.
 #[derive(Debug, Message)]
 #[rtype(result = "Result<Batch, ActError>")]
-pub struct Act(pub Action);
+pub struct Act(pub Action, pub TraceContext);
 
 /// Stop sending and wait for the child to stop (process shutdown). The batch keeps its state,
 /// so the next start of the service continues it.
@@ -51,8 +53,13 @@ impl Handler<Act> for BatchSupervisor {
             self.restarts = 0;
         }
         let store = self.deps.core.requests.clone();
+        // Steps started from here on are the request's; a refused action leaves them as they were.
+        let before = std::mem::replace(&mut self.trace, msg.1);
         AtomicResponse::new(Box::pin(self.apply(event, None, store).map(
             |result, act, ctx| {
+                if result.is_err() {
+                    act.trace = before;
+                }
                 // An action that left nothing to do here (refused, or a retry that failed)
                 // lets the batch go.
                 if act.is_idle() {

@@ -112,9 +112,11 @@ fn main() -> anyhow::Result<()> {
     if args.serve {
         smsbatch::memory::tune_allocator();
         let settings = smsbatch::config::Settings::load()?;
-        smsbatch::telemetry::init_tracing(&settings.log);
+        let traces = smsbatch::telemetry::init_tracing(&settings.log)?;
         smsbatch::store::migrate(settings.database.url.expose())?;
-        return actix::System::new().block_on(smsbatch::server::serve(settings));
+        let served = actix::System::new().block_on(smsbatch::server::serve(settings));
+        traces.shut_down(std::time::Duration::from_secs(5));
+        return served;
     }
     run(args)
 }

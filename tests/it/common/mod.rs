@@ -63,6 +63,7 @@ use serde_json::Value;
 mod db;
 pub use db::{Backend, TestDb};
 pub mod faults;
+pub mod otlp;
 pub mod sink;
 pub mod smsc;
 pub mod tools;
