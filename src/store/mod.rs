@@ -187,9 +187,11 @@ pub fn migrate(url: &str) -> Result<(), StoreError> {
     }
 }
 
-/// Set on every SQLite connection: WAL lets readers run beside the writer, the busy timeout makes
-/// writers queue instead of failing, NORMAL sync is safe under WAL.
-const SQLITE_PRAGMAS: &str = "PRAGMA journal_mode=WAL; PRAGMA busy_timeout=60000; \
+/// Set on every SQLite connection: the busy timeout makes statements wait for a lock instead of
+/// failing, WAL lets readers run beside the writer, NORMAL sync is safe under WAL. The timeout
+/// comes first: `journal_mode` reads the database, and a new connection opened while another
+/// one writes (the pool growing at start-up) failed at once with "database is locked".
+const SQLITE_PRAGMAS: &str = "PRAGMA busy_timeout=60000; PRAGMA journal_mode=WAL; \
      PRAGMA synchronous=NORMAL; PRAGMA foreign_keys=ON;";
 
 /// The connection pools, one arm per backend.

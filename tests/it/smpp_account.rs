@@ -58,19 +58,23 @@ fn the_accounts_rate_holds_across_two_instances() {
     assert_eq!(submits.len(), 200, "one submit_sm per segment");
     let sessions: BTreeSet<u64> = submits.iter().map(|s| num(s, "/session")).collect();
     assert_eq!(sessions.len(), 2, "both instances sent: {sessions:?}");
-    // A window of 100 ms allows 4: a second of sending holds at most one window more than
-    // the rate (see provider/rate.rs).
-    let busiest = busiest_second(&submits);
-    assert!(
-        busiest <= RATE + RATE / 10,
-        "the SMSC took {busiest} segments within one second from both instances, over \
-         the account's {RATE}"
-    );
+    // On average: the budget is shared, so 200 segments take five seconds (less the first
+    // window's share), where two instances each holding the rate alone take two and a half.
     let at: Vec<u64> = submits.iter().map(|s| num(s, "/at")).collect();
     let span = at.iter().max().unwrap() - at.iter().min().unwrap();
     assert!(
-        span >= 3_800,
-        "200 segments at {RATE} a second take about 4 s after the first second's: {span} ms"
+        span >= 4_500,
+        "200 segments at {RATE} a second between both instances take 5 s: {span} ms"
+    );
+    // Within any second. The limiter grants at most one window's share (4) over the rate in a
+    // second (see provider/rate.rs); a segment reaches the SMSC a moment after its grant, so a
+    // stall of either process on a busy machine can bunch a few more into one second. Two
+    // instances each holding the rate alone sent 159 within one second.
+    let busiest = busiest_second(&submits);
+    assert!(
+        busiest <= RATE + RATE / 2,
+        "the SMSC took {busiest} segments within one second from both instances, over \
+         the account's {RATE}"
     );
     drop(second);
 }
