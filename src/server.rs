@@ -144,12 +144,19 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
     let server = server
         .bind(&settings.http.bind)
         .with_context(|| format!("binding http.bind = {}", settings.http.bind))?;
-    for addr in server.addrs() {
-        println!("smsbatch listening on http://{addr}");
-    }
-    // The dashboard's address on a line of its own: the line above is what scripts read.
-    for addr in server.addrs() {
-        println!("smsbatch dashboard at http://{addr}/ui/");
+    // The dashboard's address on a line of its own: the first line is what scripts read. A
+    // script may close the pipe once it has read it; the service goes on serving (a failed
+    // write is not an error, and `println!` would panic on it).
+    {
+        use std::io::Write as _;
+        let mut out = std::io::stdout().lock();
+        for addr in server.addrs() {
+            let _ = writeln!(out, "smsbatch listening on http://{addr}");
+        }
+        for addr in server.addrs() {
+            let _ = writeln!(out, "smsbatch dashboard at http://{addr}/ui/");
+        }
+        let _ = out.flush();
     }
     let server = server.run();
     let handle = server.handle();

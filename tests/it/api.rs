@@ -1554,6 +1554,64 @@ fn bad_configuration_stops_startup_naming_the_key() {
     }
 }
 
+/// A service whose stdout is a pipe nobody reads any more (`smsbatch serve | head -1` once
+/// `head` has its line, or a supervisor that closed it) keeps serving: its writes there fail,
+/// and nothing stops on that. Here the pipe is closed before the service writes anything.
+#[test]
+fn a_closed_stdout_keeps_the_service_serving() {
+    use std::process::{Command, Stdio};
+
+    let db = TestDb::new(Backend::Sqlite);
+    let port = crate::common::faults::free_port();
+    let (reader, writer) = std::io::pipe().expect("a pipe");
+    drop(reader);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_smsbatch"))
+        .arg("serve")
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("SMSBATCH__HTTP__BIND", format!("127.0.0.1:{port}"))
+        .env("SMSBATCH__DATABASE__URL", db.url())
+        .env("SMSBATCH__LOG__LEVEL", "warn")
+        .stdin(Stdio::null())
+        .stdout(writer)
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn the smsbatch binary");
+    let base = format!("http://127.0.0.1:{port}");
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(5)))
+        .build()
+        .into();
+    // Until it answers, or exits (the failure this test is about), or a minute has passed.
+    let give_up = Instant::now() + Duration::from_secs(60);
+    let healthy = loop {
+        let answered = agent
+            .get(format!("{base}/healthz"))
+            .call()
+            .is_ok_and(|r| r.status() == 200);
+        if answered || child.try_wait().is_ok_and(|status| status.is_some()) {
+            break answered;
+        }
+        if Instant::now() > give_up {
+            break false;
+        }
+        thread::sleep(Duration::from_millis(100));
+    };
+    let created = agent
+        .post(format!("{base}/v1/batches"))
+        .send_json(
+            json!({"name": "piped", "content": "Hi", "url": "https://example.com",
+            "recipients": [{"phone": "+8613800001234"}]}),
+        )
+        .map(|r| r.status().as_u16());
+    let exited = child.try_wait().expect("poll the child");
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(exited, None, "the service is still running");
+    assert!(healthy, "the service answers /healthz");
+    assert_eq!(created.expect("the service answers"), 201);
+}
+
 /// The broker connection drops mid-delivery (a proxy between the service and RabbitMQ cuts it):
 /// `/readyz` reports the queue check failing, the batch is not failed and waits, and once the
 /// connection is back it completes with exact counts and nothing sent twice or lost.

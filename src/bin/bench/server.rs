@@ -115,7 +115,10 @@ impl Server {
         });
         let stdout = child.stdout.take().context("server stdout")?;
         let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line)?;
+        let mut stdout = BufReader::new(stdout);
+        stdout.read_line(&mut line)?;
+        // The rest of its output is read and dropped: a closed pipe would fail its writes.
+        std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
         let base = line
             .trim()
             .strip_prefix("smsbatch listening on ")
