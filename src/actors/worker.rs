@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use futures_util::StreamExt;
+use tracing::Instrument as _;
 
 use super::Core;
 use super::gates::{Gate, GateState};
@@ -53,9 +54,19 @@ impl Handler<Assignment> for PartitionWorker {
             .dec();
         let core = self.core.clone();
         let Assignment { task, trace } = msg;
+        // The task's span, a child of the span that handed it over (here, or in another
+        // instance through the broker's headers) when traces are on.
+        let span = tracing::info_span!(
+            "task",
+            batch_id = task.batch_id,
+            partition = task.partition,
+            first_id = task.first_id,
+            last_id = task.last_id
+        );
+        trace.adopt(&span);
         AtomicResponse::new(Box::pin(
-            trace
-                .attach(async move { process_task(&core, task).await })
+            async move { process_task(&core, task).await }
+                .instrument(span)
                 .into_actor(self),
         ))
     }
@@ -88,8 +99,8 @@ fn task_error(e: StoreError) -> TransportError {
 /// Carries out one task; returns what happened to its messages. The task's range is claimed in
 /// slices of `claim_size`, each sent and recorded before the next is claimed: a crash leaves at
 /// most one slice per worker with an unknown outcome. A slice sent whole is recorded together
-/// with the claim of the next one (one commit for both, on PostgreSQL).
-#[tracing::instrument(name = "task", skip_all, fields(batch_id = task.batch_id, partition = task.partition, first_id = task.first_id, last_id = task.last_id))]
+/// with the claim of the next one (one commit for both, on PostgreSQL). Its span, `task`, is made
+/// by the worker that calls it.
 pub async fn process_task(core: &Core, task: DeliveryTask) -> Result<TaskReport, TransportError> {
     let claim_size = core.settings.smsbatch.claim_size as i64;
     let store = &core.store;
