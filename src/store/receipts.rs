@@ -85,6 +85,14 @@ struct PendingRow {
     tries: i32,
 }
 
+/// Set first in a lot's transaction on PostgreSQL: its statements are planned at each run, with
+/// the table sizes of the moment. `receipt_keys` and `pending_receipts` grow from empty while a
+/// batch delivers, and a prepared statement's generic plan, made after a few runs on the small
+/// table, kept reading the whole table for each lot (`seq_scan` of `receipt_keys` counted 506
+/// scans and 18 million rows read in a 100k SMPP run): PostgreSQL's CPU went to it and the
+/// batch's speed depended on when the plan happened to change (BENCHMARKS.md, SMPP).
+const PLAN_EACH_RUN: &str = "SET LOCAL plan_cache_mode = force_custom_plan";
+
 /// The delay before a kept receipt's try number `tries` (1 s, doubling).
 fn retry_delay(tries: i32) -> chrono::Duration {
     chrono::Duration::seconds(1i64 << tries.clamp(0, 20))
@@ -149,6 +157,10 @@ impl Store {
         timeouts: &ReceiptTimeouts,
     ) -> Result<ReceiptsApplied, StoreError> {
         with_tx!(self, |conn| {
+            if matches!(self.backend(), super::Backend::Postgres) {
+                use diesel_async::SimpleAsyncConnection as _;
+                conn.batch_execute(PLAN_EACH_RUN).await?;
+            }
             let kept = match source {
                 Source::Lot(_) => None,
                 Source::Due(limit) => Some(

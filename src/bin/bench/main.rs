@@ -318,6 +318,21 @@ fn bench(args: &Args, work: &std::path::Path, db_url: &str, tag: &str) -> anyhow
             receipts_done - total,
             settled / (receipts_done - prep_s - paused_s).max(f64::EPSILON)
         );
+        // What the receipts did on arrival: `kept` ones came before their message's id was
+        // stored, and were applied later.
+        let by = |outcome: &str| {
+            metric(
+                &metrics,
+                &format!("smsbatch_receipts_total{{outcome=\"{outcome}\"}}"),
+            )
+        };
+        println!(
+            "receipts_by_outcome: delivered {:.0}, failed {:.0}, kept {:.0}, repeated {:.0}",
+            by("delivered"),
+            by("failed"),
+            by("kept"),
+            by("repeated")
+        );
     }
     println!(
         "end_to_end_seconds: {end_to_end:.2} (of which {paused_s:.1} s paused by the benchmark)"
