@@ -149,6 +149,10 @@ pub async fn run(deps: Deps, batch: Batch, gate: Arc<Gate>) -> Result<StepEnd, D
         // rows). A round of retries lists the messages waiting for one, so that none is handed
         // out twice while it waits in a broker's queue.
         let mut cursors = vec![0i64; partitions as usize];
+        // A batch whose messages fit in one task goes out as one task across its partitions:
+        // one claim, one broker message and one worker run instead of one per partition.
+        let batch_total: i64 = counters.iter().map(|c| c.total).sum();
+        let across = !retries_only && partitions > 1 && batch_total <= task_size;
         // Each partition's id range, read in one statement at the round's first need.
         let mut bounds: Option<Vec<Option<(i64, i64)>>> = None;
         let mut exhausted: Vec<bool> = (0..partitions)
@@ -199,18 +203,27 @@ pub async fn run(deps: Deps, batch: Batch, gate: Arc<Gate>) -> Result<StepEnd, D
                         Some(ranges) => ranges,
                         None => bounds.insert(store.message_id_bounds(batch.id).await?),
                     };
-                    let Some((low, high)) = ranges.get(slot).copied().flatten() else {
-                        exhausted[slot] = true;
-                        continue;
-                    };
-                    let first_id = cursors[slot].saturating_add(1).max(low);
-                    if first_id > high {
-                        exhausted[slot] = true;
-                        continue;
+                    if across {
+                        exhausted.fill(true);
+                        let mut all = ranges.iter().flatten();
+                        let Some(&first) = all.next() else {
+                            continue;
+                        };
+                        all.fold(first, |(low, high), &(l, h)| (low.min(l), high.max(h)))
+                    } else {
+                        let Some((low, high)) = ranges.get(slot).copied().flatten() else {
+                            exhausted[slot] = true;
+                            continue;
+                        };
+                        let first_id = cursors[slot].saturating_add(1).max(low);
+                        if first_id > high {
+                            exhausted[slot] = true;
+                            continue;
+                        }
+                        let last_id = first_id.saturating_add(span - 1).min(high);
+                        cursors[slot] = last_id;
+                        (first_id, last_id)
                     }
-                    let last_id = first_id.saturating_add(span - 1).min(high);
-                    cursors[slot] = last_id;
-                    (first_id, last_id)
                 };
                 // Past its first tasks of the round, a batch publishes only while the broker's
                 // queue holds fewer than `BACKLOG_ROUNDS` windows of tasks: a 1M batch keeps its
@@ -260,6 +273,7 @@ pub async fn run(deps: Deps, batch: Batch, gate: Arc<Gate>) -> Result<StepEnd, D
                     first_id,
                     last_id,
                     priority,
+                    across,
                 }));
                 dispatched += 1;
                 planned = true;
@@ -290,7 +304,10 @@ pub async fn run(deps: Deps, batch: Batch, gate: Arc<Gate>) -> Result<StepEnd, D
             }
         }
         drop(turn);
-        if dispatched == 0 {
+        // With a broker, the tasks just handed over wait in its queue: the counters have not
+        // moved yet, so the next look waits for a nudge (one already given is kept) instead of
+        // reading them, and the earliest retry, at once.
+        if dispatched == 0 || !deps.transport.answers_when_done() {
             idle(
                 &gate,
                 deps.transport.as_ref(),

@@ -136,7 +136,8 @@ pub async fn run(deps: Deps, batch: Batch, gate: Arc<Gate>) -> Result<StepEnd, P
     // The reader reads chunks in recipient order and prepares each on the blocking pool, up to
     // `AHEAD` chunks ahead of the writers, while they write: the two run side by side (joined
     // below, not spawned).
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<(i64, PreparedChunk)>(AHEAD);
+    // Each chunk goes with its first recipient and whether it is the run's last.
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<(i64, PreparedChunk, bool)>(AHEAD);
     let seconds = |stage: &str| core.metrics.preparation_seconds.with_label_values(&[stage]);
     let (reading, preparing, writing) =
         (seconds("reading"), seconds("preparing"), seconds("writing"));
@@ -149,8 +150,8 @@ pub async fn run(deps: Deps, batch: Batch, gate: Arc<Gate>) -> Result<StepEnd, P
         // until it is prepared.
         let mut place = Some(place);
         let mut held_since = Instant::now();
-        // Whether the last read filled a chunk: only then may more recipients follow. A small
-        // batch's run, whose next read only finds its end, keeps its turn to the end.
+        // Whether the last read filled a chunk: only then may more recipients follow (none are
+        // added once preparation has started). A small batch's run keeps its turn to the end.
         let mut more = false;
         let mut after = start;
         loop {
@@ -179,7 +180,10 @@ pub async fn run(deps: Deps, batch: Batch, gate: Arc<Gate>) -> Result<StepEnd, P
                 .filter(|r| !written.iter().any(|&(f, l)| (f..=l).contains(&r.id)))
                 .collect();
             let Some(first) = rows.first().map(|r| r.id) else {
-                continue;
+                if more {
+                    continue;
+                }
+                return Ok(Read::End(after));
             };
             let (template, url, region) = (template.clone(), url.clone(), core.region);
             let started = Instant::now();
@@ -211,8 +215,11 @@ pub async fn run(deps: Deps, batch: Batch, gate: Arc<Gate>) -> Result<StepEnd, P
             seen = numbers;
             preparing.inc_by(started.elapsed().as_secs_f64());
             // Fails once the writers closed the channel: they stopped taking chunks.
-            if tx.send((first, chunk)).await.is_err() {
+            if tx.send((first, chunk, !more)).await.is_err() {
                 return Ok(Read::Stopped);
+            }
+            if !more {
+                return Ok(Read::End(after));
             }
         }
     };
@@ -220,19 +227,24 @@ pub async fn run(deps: Deps, batch: Batch, gate: Arc<Gate>) -> Result<StepEnd, P
     // Up to `writers` chunks are written at once, each in its own transaction; results come
     // back in chunk order, which tells how far every chunk is committed (the checkpoint).
     let done_up_to = AtomicI64::new(start);
-    let write = |first: i64, chunk: PreparedChunk| {
+    // The furthest checkpoint a chunk of this run committed itself (-1: none did).
+    let checkpoint_written = AtomicI64::new(-1);
+    // `alone`: every earlier chunk is committed, so this one may move the checkpoint past itself.
+    let write = |first: i64, chunk: PreparedChunk, alone: bool| {
         let last = chunk.last_recipient_id;
         let invalid = chunk.invalid;
-        let (range, checkpoint) = if writers > 1 {
+        let (range, checkpoint) = if writers > 1 && !alone {
             (Some(first), done_up_to.load(Ordering::Acquire))
         } else {
             (None, last)
         };
+        let checkpoint_written = &checkpoint_written;
         let writing = writing.clone();
         let started = Instant::now();
         store
             .write_prepared_chunk_beside(batch_id, chunk, run, range, checkpoint)
             .map_ok(move |written| {
+                checkpoint_written.fetch_max(checkpoint, Ordering::AcqRel);
                 writing.inc_by(started.elapsed().as_secs_f64());
                 (last, invalid, written)
             })
@@ -279,7 +291,12 @@ pub async fn run(deps: Deps, batch: Batch, gate: Arc<Gate>) -> Result<StepEnd, P
                     rx.close();
                 }
                 next = rx.recv(), if taking && in_flight.len() < writers => match next {
-                    Some((first, chunk)) => in_flight.push_back(write(first, chunk)),
+                    Some((first, chunk, last)) => {
+                        // The run's last chunk, with every earlier one committed, commits the
+                        // checkpoint of the whole run itself.
+                        let alone = last && in_flight.is_empty();
+                        in_flight.push_back(write(first, chunk, alone));
+                    }
                     None => taking = false,
                 },
                 refreshed = &mut refresh, if refreshing => {
@@ -299,8 +316,11 @@ pub async fn run(deps: Deps, batch: Batch, gate: Arc<Gate>) -> Result<StepEnd, P
     let (read, written) = (read?, written?);
     if let (Read::End(last_read), Written::All) = (read, written) {
         // Every chunk up to the last recipient read is committed: the checkpoint says so, and
-        // the ranges kept for chunks committed ahead of it are gone.
-        store.advance_checkpoint(batch_id, run, last_read).await?;
+        // the ranges kept for chunks committed ahead of it are gone (already, when the last
+        // chunk committed them itself).
+        if checkpoint_written.load(Ordering::Acquire) < last_read {
+            store.advance_checkpoint(batch_id, run, last_read).await?;
+        }
         if batch.recipients >= LARGE_BATCH {
             store.analyze_messages().await?;
             crate::memory::release_freed_memory();

@@ -329,10 +329,8 @@ impl Handler<Command> for BatchRegistry {
                         }
                         // Refuse what the state machine refuses without waking a supervisor.
                         check(&batch, action)?;
-                        let owner = store.lease_owner(batch.id).await?;
-                        if owner.is_none_or(|o| o == instance)
-                            && store.acquire_lease(batch.id, &instance, lease).await?
-                        {
+                        // Free, expired or already this instance's: taken here.
+                        if store.acquire_lease(batch.id, &instance, lease).await? {
                             if may_hold_claims(batch.state) {
                                 store
                                     .settle_orphans(&batch, &instance, lease, resend_messages, None)
@@ -406,9 +404,8 @@ async fn apply_remotely(store: &Store, batch: Batch, action: Action) -> Result<B
 
 async fn load(store: &crate::store::Store, public_id: &str) -> Result<Batch, ActError> {
     store
-        .find_batch(public_id)
+        .batch_by_public_id(public_id)
         .await?
-        .map(|r| r.batch)
         .ok_or_else(|| ActError::NotFound(public_id.to_string()))
 }
 

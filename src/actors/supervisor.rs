@@ -129,14 +129,8 @@ impl BatchSupervisor {
         let restarts = self.restarts;
         Box::pin(
             async move {
-                let mut row = current;
-                if event == Event::Prepared {
-                    // Preparation's counters changed the row without a new version: the
-                    // `Prepared` condition states them, so read them.
-                    row = store.batch(row.id).await?;
-                }
                 store
-                    .save_transition(row, |b| {
+                    .save_transition(current, |b| {
                         Ok::<_, ActError>(project(
                             &b.bookkeeping(),
                             &b.prepared(),
@@ -404,28 +398,32 @@ impl BatchSupervisor {
         ctx.wait(
             async move {
                 let tally = store.batch_tally(id).await?;
-                Ok::<_, StoreError>(match step {
+                let verdict = match step {
                     Step::Preparation => tally.preparation_verdict(),
                     Step::Delivery => tally.delivery_verdict(),
-                })
+                };
+                Ok::<_, StoreError>((verdict, tally.counters))
             }
             .into_actor(self)
-            .map(move |verdict, act, ctx| match verdict {
-                Ok(Verdict::Holds) => {
+            .map(move |checked, act, ctx| match checked {
+                Ok((Verdict::Holds, counters)) => {
                     let event = match step {
                         Step::Preparation => {
                             act.restarts = 0;
+                            // Preparation's counters changed the row without a new version: the
+                            // `Prepared` condition states them, as the tally just read them.
+                            act.batch.set_prepared(counters);
                             Event::Prepared
                         }
                         Step::Delivery => Event::Delivered,
                     };
                     act.apply_own(event, None, ctx);
                 }
-                Ok(Verdict::Unfinished(why)) => {
+                Ok((Verdict::Unfinished(why), _)) => {
                     tracing::error!(batch_id = %act.batch.public_id, step = step.as_str(), %why, "Step ended before its work was done.");
                     act.step_failed(why, false, ctx);
                 }
-                Ok(Verdict::Broken(why)) => {
+                Ok((Verdict::Broken(why), _)) => {
                     tracing::error!(batch_id = %act.batch.public_id, step = step.as_str(), %why, "Counts do not add up; failing the batch.");
                     act.apply_own(Event::Fail, Some(Cause::new("CountsDoNotAddUp", why)), ctx);
                 }

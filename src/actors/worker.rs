@@ -2,6 +2,7 @@
 //! its rate limit, and records the outcomes in bulk. One task at a time per worker
 //! (`AtomicResponse`), so the bounded mailbox is the backpressure.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -109,17 +110,17 @@ pub async fn process_task(core: &Core, task: DeliveryTask) -> Result<TaskReport,
     // Looked up before every claim: a batch supervised by another instance is paused through
     // the database, and this is how its tasks here see it.
     let claim_from = async |from| {
-        store
-            .claim(
-                task.batch_id,
-                task.partition,
-                from,
-                task.last_id,
-                claim_size,
-                &core.instance,
-            )
-            .await
-            .map_err(task_error)
+        let (batch, partition, last) = (task.batch_id, task.partition, task.last_id);
+        let claimed = if task.across {
+            store
+                .claim_across(batch, partition, from, last, claim_size, &core.instance)
+                .await
+        } else {
+            store
+                .claim(batch, partition, from, last, claim_size, &core.instance)
+                .await
+        };
+        claimed.map_err(task_error)
     };
     let mut gate = gate_for(core, task.batch_id).await?;
     let mut claimed = Vec::new();
@@ -129,6 +130,15 @@ pub async fn process_task(core: &Core, task: DeliveryTask) -> Result<TaskReport,
     while let Some(last) = claimed.last().map(|m| m.id) {
         let from = last + 1;
         report.claimed += claimed.len();
+        // Across partitions, each message's partition: its outcome is counted there.
+        let partition_of: HashMap<i64, i32> = if task.across {
+            claimed.iter().map(|m| (m.id, m.partition)).collect()
+        } else {
+            HashMap::new()
+        };
+        let record = async |outcomes: &Outcomes| {
+            record_with_retry(core, &task, &partition_of, outcomes).await
+        };
         let outcomes = send_slice(core, &gate, claimed).await;
         report.sent += outcomes.sent.len();
         report.failed += outcomes.failed.len();
@@ -141,7 +151,7 @@ pub async fn process_task(core: &Core, task: DeliveryTask) -> Result<TaskReport,
             match gate_for(core, task.batch_id).await {
                 Ok(next) => Some(next).filter(|g| may_send(core, g)),
                 Err(e) => {
-                    record_with_retry(core, &task, &outcomes).await;
+                    record(&outcomes).await;
                     return Err(e);
                 }
             }
@@ -149,10 +159,16 @@ pub async fn process_task(core: &Core, task: DeliveryTask) -> Result<TaskReport,
             None
         };
         let Some(next_gate) = next_gate else {
-            record_with_retry(core, &task, &outcomes).await;
+            record(&outcomes).await;
             break;
         };
         gate = next_gate;
+        if task.across {
+            // Recorded per partition, then the next slice claimed.
+            record(&outcomes).await;
+            claimed = claim_from(from).await?;
+            continue;
+        }
         let together = store
             .record_sent_and_claim(
                 task.batch_id,
@@ -173,7 +189,7 @@ pub async fn process_task(core: &Core, task: DeliveryTask) -> Result<TaskReport,
                 // A failed statement changed nothing. If only its answer was lost, recording
                 // again changes nothing (only `sending` messages are recorded), and the slice it
                 // claimed stays `sending`, as after a plain claim whose answer was lost.
-                record_with_retry(core, &task, &outcomes).await;
+                record(&outcomes).await;
                 claim_from(from).await?
             }
         };
@@ -346,15 +362,28 @@ fn retry_delay(base_ms: u64, attempt: i32) -> chrono::Duration {
 
 /// Outcomes of messages that reached a provider must not be lost to a database blip: keep
 /// trying, with backoff, until the store takes them. The worker's mailbox fills meanwhile,
-/// which stops the producers.
-async fn record_with_retry(core: &Core, task: &DeliveryTask, outcomes: &Outcomes) {
+/// which stops the producers. A task across partitions records each message's outcome in its
+/// partition (`partition_of`, from the claim).
+async fn record_with_retry(
+    core: &Core,
+    task: &DeliveryTask,
+    partition_of: &HashMap<i64, i32>,
+    outcomes: &Outcomes,
+) {
     let mut delay = Duration::from_millis(100);
+    let store = &core.store;
     loop {
-        match core
-            .store
-            .record_outcomes(task.batch_id, task.partition, outcomes)
-            .await
-        {
+        let recorded = if task.across {
+            let of = |id| partition_of.get(&id).copied().unwrap_or(task.partition);
+            store
+                .record_outcomes_across(task.batch_id, task.partition, outcomes, of)
+                .await
+        } else {
+            store
+                .record_outcomes(task.batch_id, task.partition, outcomes)
+                .await
+        };
+        match recorded {
             Ok(()) => return,
             Err(e) => {
                 tracing::warn!(error = %e, batch_id = task.batch_id, "Recording outcomes failed; retrying.");

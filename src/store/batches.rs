@@ -10,22 +10,34 @@ use super::bulk::BulkInsert;
 use super::cached::Cached;
 use super::models::*;
 use super::records::{BatchRecord, INSERT_CHUNK};
-use super::schema::{batches, checkpoints, partitions, recipients};
+use super::schema::{batches, partitions};
 use super::{Store, StoreError, with_conn, with_tx};
 use crate::domain::batch::MessageStatus;
 use crate::domain::counts::{BatchTally, ByStatus, Prepared};
 use crate::domain::lifecycle::Bookkeeping;
 use crate::domain::state::BatchState;
 
-/// `batch_tally`'s rows: message statuses by their codes, then the partitions' counters under
-/// keys no status has.
+/// `batch_tally`'s rows: message statuses by their codes, then, under keys no status has, the
+/// partitions' counters, the last recipient (`-1`: none), the preparation checkpoint and the
+/// batch's own counters.
 const COUNTED_TOTAL: i32 = 100;
 const COUNTED_SENT: i32 = 101;
 const COUNTED_DELIVERED: i32 = 102;
 const COUNTED_FAILED: i32 = 103;
 const COUNTED_CANCELLED: i32 = 104;
-/// The same parameter, `$1`, is the batch throughout (SQLite reads `$1` as one named
-/// parameter too).
+const LAST_RECIPIENT: i32 = 105;
+const CHECKPOINT: i32 = 106;
+const RECIPIENTS: i32 = 110;
+const PROCESSED: i32 = 111;
+const VALID: i32 = 112;
+const INVALID: i32 = 113;
+const DUPLICATES: i32 = 114;
+const OPTED_OUT: i32 = 115;
+/// The whole tally in one statement, so from one snapshot (receipts move messages and counters,
+/// sent → delivered, failed, while it runs) and in one round trip. The same parameter, `$1`, is
+/// the batch throughout (SQLite reads `$1` as one named parameter too). The last recipient is
+/// found with the batch bounded by a range and in the ordering, so that PostgreSQL walks
+/// `recipients_batch`, not the primary key over newer batches (`messages::bounds_sql`).
 const TALLY_SQL: &str = "\
     SELECT CAST(status AS INTEGER) AS k, count(*) AS n FROM messages WHERE batch_id = $1 \
     GROUP BY status \
@@ -36,7 +48,17 @@ const TALLY_SQL: &str = "\
     UNION ALL SELECT 103, CAST(COALESCE(sum(failed), 0) AS BIGINT) FROM partitions \
     WHERE batch_id = $1 \
     UNION ALL SELECT 104, CAST(COALESCE(sum(cancelled), 0) AS BIGINT) FROM partitions \
-    WHERE batch_id = $1";
+    WHERE batch_id = $1 \
+    UNION ALL SELECT 105, COALESCE((SELECT id FROM recipients \
+    WHERE batch_id >= $1 AND batch_id <= $1 ORDER BY batch_id DESC, id DESC LIMIT 1), -1) \
+    UNION ALL SELECT 106, COALESCE((SELECT position FROM checkpoints \
+    WHERE batch_id = $1 AND step = 'preparation'), 0) \
+    UNION ALL SELECT 110, recipients FROM batches WHERE id = $1 \
+    UNION ALL SELECT 111, processed FROM batches WHERE id = $1 \
+    UNION ALL SELECT 112, valid FROM batches WHERE id = $1 \
+    UNION ALL SELECT 113, invalid FROM batches WHERE id = $1 \
+    UNION ALL SELECT 114, duplicates FROM batches WHERE id = $1 \
+    UNION ALL SELECT 115, opted_out FROM batches WHERE id = $1";
 
 #[derive(QueryableByName)]
 struct TallyRow {
@@ -54,14 +76,14 @@ impl Store {
         inline: Vec<(String, Option<String>)>,
     ) -> Result<BatchRecord, StoreError> {
         with_tx!(self, |conn| {
+            let count = inline.len() as i64;
             let batch: Batch = diesel::insert_into(batches::table)
-                .values(&new)
+                .values((&new, batches::recipients.eq(count)))
                 .returning(Batch::as_returning())
                 .get_result(conn)
                 .await?;
             conn.insert_partitions(batch.id, batch.partition_count)
                 .await?;
-            let count = inline.len() as i64;
             for chunk in inline.chunks(INSERT_CHUNK) {
                 let rows: Vec<NewRecipient> = chunk
                     .iter()
@@ -73,16 +95,19 @@ impl Store {
                     .collect();
                 conn.insert_recipients(rows).await?;
             }
-            let count = diesel::update(batches::table.find(batch.id))
-                .set(batches::recipients.eq(count))
-                .returning(Batch::as_returning());
-            let batch: Batch = Cached(count).get_result(conn).await?;
-            let partitions = partitions::table
-                .filter(partitions::batch_id.eq(batch.id))
-                .order(partitions::idx)
-                .select(Partition::as_select())
-                .load(conn)
-                .await?;
+            // New, in this transaction: every counter is zero.
+            let partitions = (0..batch.partition_count)
+                .map(|idx| Partition {
+                    batch_id: batch.id,
+                    idx,
+                    total: 0,
+                    sent: 0,
+                    delivered: 0,
+                    failed: 0,
+                    cancelled: 0,
+                    unknown: 0,
+                })
+                .collect();
             Ok(BatchRecord { batch, partitions })
         })
     }
@@ -106,6 +131,18 @@ impl Store {
                 .load(conn)
                 .await?;
             Ok(Some(BatchRecord { batch, partitions }))
+        })
+    }
+
+    /// A batch row by its public id, without its partitions.
+    pub async fn batch_by_public_id(&self, public_id: &str) -> Result<Option<Batch>, StoreError> {
+        with_conn!(self, |conn| {
+            Ok(batches::table
+                .filter(batches::public_id.eq(public_id))
+                .select(Batch::as_select())
+                .first(conn)
+                .await
+                .optional()?)
         })
     }
 
@@ -300,41 +337,31 @@ impl Store {
     /// status, and the partitions' counters of the same.
     pub async fn batch_tally(&self, batch_id: i64) -> Result<BatchTally, StoreError> {
         with_conn!(self, |conn| {
-            let batch: Batch = batches::table
-                .find(batch_id)
-                .select(Batch::as_select())
-                .first(conn)
-                .await?;
-            // The batch by a range and in the ordering, so that PostgreSQL walks
-            // `recipients_batch`, not the primary key over newer batches (`messages::bounds_sql`).
-            let last_recipient_id: Option<i64> = recipients::table
-                .filter(recipients::batch_id.ge(batch_id))
-                .filter(recipients::batch_id.le(batch_id))
-                .select(recipients::id)
-                .order((recipients::batch_id.desc(), recipients::id.desc()))
-                .first(conn)
-                .await
-                .optional()?;
-            let checkpoint: i64 = checkpoints::table
-                .filter(checkpoints::batch_id.eq(batch_id))
-                .filter(checkpoints::step.eq("preparation"))
-                .select(checkpoints::position)
-                .first(conn)
-                .await
-                .optional()?
-                .unwrap_or(0);
-            // The rows by status and the counters in one statement, so from one snapshot:
-            // receipts move messages and counters (sent → delivered, failed) while this runs.
-            let rows: Vec<TallyRow> = diesel::sql_query(TALLY_SQL)
-                .bind::<diesel::sql_types::BigInt, _>(batch_id)
-                .load(conn)
-                .await?;
+            let rows: Vec<TallyRow> =
+                Cached(diesel::sql_query(TALLY_SQL).bind::<diesel::sql_types::BigInt, _>(batch_id))
+                    .load(conn)
+                    .await?;
             let mut by_status = ByStatus::default();
             let mut counted = ByStatus::default();
             let mut partition_total = 0;
+            let mut last_recipient = 0;
+            let mut checkpoint = 0;
+            let mut counters = Prepared::default();
+            let mut found = false;
             for TallyRow { k, n } in rows {
                 let slot = match k {
                     COUNTED_TOTAL => &mut partition_total,
+                    LAST_RECIPIENT => &mut last_recipient,
+                    CHECKPOINT => &mut checkpoint,
+                    RECIPIENTS => {
+                        found = true;
+                        &mut counters.recipients
+                    }
+                    PROCESSED => &mut counters.processed,
+                    VALID => &mut counters.valid,
+                    INVALID => &mut counters.invalid,
+                    DUPLICATES => &mut counters.duplicates,
+                    OPTED_OUT => &mut counters.opted_out,
                     COUNTED_SENT => &mut counted.sent,
                     COUNTED_DELIVERED => &mut counted.delivered,
                     COUNTED_FAILED => &mut counted.failed,
@@ -360,16 +387,12 @@ impl Store {
                 };
                 *slot += n;
             }
+            if !found {
+                return Err(diesel::result::Error::NotFound.into());
+            }
             Ok(BatchTally {
-                counters: Prepared {
-                    recipients: batch.recipients,
-                    processed: batch.processed,
-                    valid: batch.valid,
-                    invalid: batch.invalid,
-                    duplicates: batch.duplicates,
-                    opted_out: batch.opted_out,
-                },
-                last_recipient_id,
+                counters,
+                last_recipient_id: (last_recipient >= 0).then_some(last_recipient),
                 checkpoint,
                 messages: by_status,
                 partitions: ByStatus {

@@ -65,30 +65,25 @@ impl Store {
     ) -> Result<bool, StoreError> {
         with_conn!(self, |conn| {
             let (at, until) = (now(), after(lease));
-            // Expired or ours: take it over (one conditional statement, so two instances racing
-            // for it cannot both win).
-            let updated = diesel::update(
-                leases::table
-                    .filter(leases::batch_id.eq(batch_id))
-                    .filter(leases::expires_at.lt(at).or(leases::owner.eq(instance))),
-            )
-            .set((leases::owner.eq(instance), leases::expires_at.eq(until)))
-            .execute(conn)
-            .await?;
-            if updated == 1 {
-                return Ok(true);
-            }
-            // None yet: the first insert wins.
-            let inserted = diesel::insert_into(leases::table)
+            // None yet: the insert takes it. Expired or ours: the update takes it over. One
+            // conditional statement, so two instances racing for it cannot both win.
+            let upsert = diesel::insert_into(leases::table)
                 .values((
                     leases::batch_id.eq(batch_id),
                     leases::owner.eq(instance),
                     leases::expires_at.eq(until),
                 ))
-                .on_conflict_do_nothing()
-                .execute(conn)
-                .await?;
-            Ok(inserted == 1)
+                .on_conflict(leases::batch_id)
+                .do_update()
+                .set((leases::owner.eq(instance), leases::expires_at.eq(until)));
+            // `DO UPDATE … WHERE`: diesel's `FilterDsl` on an upsert, not `QueryDsl::filter`.
+            let taken = diesel::query_dsl::methods::FilterDsl::filter(
+                upsert,
+                leases::expires_at.lt(at).or(leases::owner.eq(instance)),
+            )
+            .execute(conn)
+            .await?;
+            Ok(taken == 1)
         })
     }
 

@@ -15,16 +15,18 @@ use super::{Backend, Pools, Store, StoreError, with_conn, with_tx};
 use crate::domain::batch::MessageStatus;
 
 /// The messages of a slice marked sent (with their provider ids): `$1` ids, `$2` provider ids,
-/// `$3` batch, `$4` partition, `$5` now. Only messages still `sending` become `sent`; `done` has
-/// a row for each.
-pub(super) fn record_sent_cte(keys: &str, key_ids: &str) -> String {
+/// `$3` batch, `$4` partition (with `across`, the first of the partitions from there on), `$5`
+/// now. Only messages still `sending` become `sent`; `done` has a row (id, partition) for each.
+pub(super) fn record_sent_cte(keys: &str, key_ids: &str, across: bool) -> String {
+    let op = if across { ">=" } else { "=" };
     format!(
         "WITH done AS ( \
             UPDATE messages m SET status = {SENT}, provider_message_id = v.pid, error = NULL, \
                    updated_at = $5 \
             FROM unnest($1::bigint[], $2::text[]) AS v(id, pid) \
-            WHERE m.id = v.id AND m.batch_id = $3 AND m.partition = $4 AND m.status = {SENDING} \
-            RETURNING m.id), \
+            WHERE m.id = v.id AND m.batch_id = $3 AND m.partition {op} $4 \
+              AND m.status = {SENDING} \
+            RETURNING m.id, m.partition), \
          keyed AS ( \
             INSERT INTO receipt_keys (receipt_key, message_id, done) \
             SELECT k.key, k.id, FALSE FROM unnest({keys}::text[], {key_ids}::bigint[]) AS k(key, id) \
@@ -64,17 +66,26 @@ macro_rules! due_in_partition {
 /// plan is taken, as it already was for smaller batches. A worker's limit is its claim size, so each
 /// connection prepares one or two such texts.
 fn claim_pg(placeholders: [&str; 6], limit: i64) -> String {
+    claim_sql(placeholders, limit, false)
+}
+
+/// The claim's statement on either database (PostgreSQL's `$n`, SQLite's `?n`). `across`: the
+/// partitions from the given one on, for a task that carries a small batch's messages of every
+/// partition (`DeliveryTask::across`); otherwise that partition only, the equality that keeps
+/// the walk of `messages_partition` bounded by the task's ids.
+fn claim_sql(placeholders: [&str; 6], limit: i64, across: bool) -> String {
     let [batch, partition, at, first, last, claimer] = placeholders;
+    let op = if across { ">=" } else { "=" };
     format!(
         "UPDATE messages SET status = {SENDING}, attempts = attempts + 1, claimed_by = {claimer}, \
                 updated_at = {at} \
          WHERE id IN ( \
             SELECT id FROM messages \
-            WHERE batch_id = {batch} AND partition = {partition} AND id BETWEEN {first} AND {last} \
+            WHERE batch_id = {batch} AND partition {op} {partition} AND id BETWEEN {first} AND {last} \
               AND status = {PENDING} AND (next_attempt_at IS NULL OR next_attempt_at <= {at}) \
             ORDER BY id LIMIT {limit}) \
            AND status = {PENDING} \
-         RETURNING id, phone, body, attempts, {OPTED_OUT} AS opted_out"
+         RETURNING id, phone, body, attempts, partition, {OPTED_OUT} AS opted_out"
     )
 }
 
@@ -88,7 +99,7 @@ const OPTED_OUT: &str = "EXISTS (SELECT 1 FROM opt_outs WHERE opt_outs.phone = m
 /// keys and their messages. The two updates touch
 /// different rows (`sending` ones, then `pending` ones).
 fn record_sent_and_claim_pg(limit: i64) -> String {
-    record_sent_cte("$9", "$10")
+    record_sent_cte("$9", "$10", false)
         + ", counted AS ( \
             UPDATE partitions SET sent = sent + (SELECT count(*) FROM done), updated_at = $5 \
             WHERE batch_id = $3 AND idx = $4) "
@@ -247,61 +258,53 @@ impl Store {
         limit: i64,
         claimer: &str,
     ) -> Result<Vec<ClaimedMessage>, StoreError> {
+        self.claim_in(
+            batch_id, partition, false, first_id, last_id, limit, claimer,
+        )
+        .await
+    }
+
+    /// `claim` over the partitions from `partition` on (`DeliveryTask::across`).
+    pub async fn claim_across(
+        &self,
+        batch_id: i64,
+        partition: i32,
+        first_id: i64,
+        last_id: i64,
+        limit: i64,
+        claimer: &str,
+    ) -> Result<Vec<ClaimedMessage>, StoreError> {
+        self.claim_in(batch_id, partition, true, first_id, last_id, limit, claimer)
+            .await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn claim_in(
+        &self,
+        batch_id: i64,
+        partition: i32,
+        across: bool,
+        first_id: i64,
+        last_id: i64,
+        limit: i64,
+        claimer: &str,
+    ) -> Result<Vec<ClaimedMessage>, StoreError> {
         let at = now();
         // One statement, so one round trip and no explicit transaction: the sub-select picks the
         // slice, and the outer condition re-checks each row as it is locked.
-        let mut claimed: Vec<ClaimedMessage> = match &self.pools {
-            Pools::Pg(pool) => {
-                let mut conn = pool.get().await?;
-                let claim = claim_pg(["$1", "$2", "$3", "$4", "$5", "$6"], limit);
-                let statement = diesel::sql_query(claim)
-                    .bind::<sql_types::BigInt, _>(batch_id)
-                    .bind::<sql_types::Integer, _>(partition)
-                    .bind::<sql_types::Timestamp, _>(at)
-                    .bind::<sql_types::BigInt, _>(first_id)
-                    .bind::<sql_types::BigInt, _>(last_id)
-                    .bind::<sql_types::Text, _>(claimer);
-                Cached(statement).load(&mut conn).await?
-            }
-            Pools::Sqlite(pool) => {
-                let mut conn = pool.get().await?;
-                let conn: &mut super::SqliteConn = &mut conn;
-                let slice = diesel::alias!(messages as slice);
-                let due = slice
-                    .filter(slice.field(messages::batch_id).eq(batch_id))
-                    .filter(slice.field(messages::partition).eq(partition))
-                    .filter(slice.field(messages::id).between(first_id, last_id))
-                    .filter(slice.field(messages::status).eq(PENDING))
-                    .filter(
-                        slice
-                            .field(messages::next_attempt_at)
-                            .is_null()
-                            .or(slice.field(messages::next_attempt_at).le(at)),
-                    )
-                    .order(slice.field(messages::id))
-                    .limit(limit)
-                    .select(slice.field(messages::id));
-                let claim = diesel::update(
-                    messages::table
-                        .filter(messages::id.eq_any(due))
-                        .filter(messages::status.eq(PENDING)),
-                )
-                .set((
-                    messages::status.eq(SENDING),
-                    messages::attempts.eq(messages::attempts + 1),
-                    messages::claimed_by.eq(claimer),
-                    messages::updated_at.eq(at),
-                ))
-                .returning((
-                    messages::id,
-                    messages::phone,
-                    messages::body,
-                    messages::attempts,
-                    diesel::dsl::sql::<sql_types::Bool>(OPTED_OUT),
-                ));
-                Cached(claim).get_results(conn).await?
-            }
+        let placeholders = match self.backend() {
+            Backend::Postgres => ["$1", "$2", "$3", "$4", "$5", "$6"],
+            Backend::Sqlite => ["?1", "?2", "?3", "?4", "?5", "?6"],
         };
+        let statement = diesel::sql_query(claim_sql(placeholders, limit, across))
+            .bind::<sql_types::BigInt, _>(batch_id)
+            .bind::<sql_types::Integer, _>(partition)
+            .bind::<sql_types::Timestamp, _>(at)
+            .bind::<sql_types::BigInt, _>(first_id)
+            .bind::<sql_types::BigInt, _>(last_id)
+            .bind::<sql_types::Text, _>(claimer);
+        let mut claimed: Vec<ClaimedMessage> =
+            with_conn!(self, |conn| Cached(statement).load(conn).await?);
         claimed.sort_unstable_by_key(|m| m.id);
         Ok(claimed)
     }

@@ -40,6 +40,7 @@ use futures_util::FutureExt;
 
 pub use leases::before;
 pub use opt_outs::{OptOut, OptOutChunk};
+pub use preparation::COPY_FROM_ROWS;
 pub use receipts::{PENDING_RECEIPT_TRIES, ReceiptTimeouts, ReceiptsApplied};
 pub use records::*;
 pub use resend::ResendError;

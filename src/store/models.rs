@@ -117,6 +117,24 @@ impl Batch {
         }
     }
 
+    /// Takes the counters of preparation as read afresh (they change without a new version).
+    pub fn set_prepared(&mut self, counters: Prepared) {
+        let Prepared {
+            recipients,
+            processed,
+            valid,
+            invalid,
+            duplicates,
+            opted_out,
+        } = counters;
+        self.recipients = recipients;
+        self.processed = processed;
+        self.valid = valid;
+        self.invalid = invalid;
+        self.duplicates = duplicates;
+        self.opted_out = opted_out;
+    }
+
     /// The batch's counters of preparation.
     pub fn prepared(&self) -> Prepared {
         Prepared {
@@ -180,13 +198,14 @@ pub struct MessageRow {
 }
 
 /// A message a worker has claimed (`pending → sending`) and must now send.
-#[derive(Debug, Clone, Queryable, QueryableByName)]
+#[derive(Debug, Clone, QueryableByName)]
 #[diesel(table_name = messages)]
 pub struct ClaimedMessage {
     pub id: i64,
     pub phone: String,
     pub body: String,
     pub attempts: i32,
+    pub partition: i32,
     /// The number is on the opt-out list (looked up by the claim): the message is cancelled,
     /// not sent.
     #[diesel(sql_type = diesel::sql_types::Bool)]

@@ -5,7 +5,8 @@ use std::collections::{BTreeMap, HashSet};
 use chrono::NaiveDateTime;
 use diesel::prelude::*;
 use diesel::sql_types;
-use diesel_async::RunQueryDsl;
+use diesel_async::pooled_connection::deadpool::Pool;
+use diesel_async::{AsyncPgConnection, RunQueryDsl};
 
 use super::cached::Cached;
 use super::messages::record_sent_cte;
@@ -21,9 +22,18 @@ pub const OPTED_OUT_ERROR: &str = "opted_out";
 /// Marks a slice's messages sent, stores their receipt keys and counts them in the partition's
 /// counters, in one statement (parameters as in `record_sent_cte`, `$6`..`$7` the keys).
 static RECORD_SENT_PG: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-    record_sent_cte("$6", "$7")
+    record_sent_cte("$6", "$7", false)
         + "UPDATE partitions SET sent = sent + (SELECT count(*) FROM done), updated_at = $5 \
            WHERE batch_id = $3 AND idx = $4"
+});
+
+/// `RECORD_SENT_PG` for a slice across partitions (`DeliveryTask::across`): each partition's
+/// counter moves by its own messages.
+static RECORD_SENT_ACROSS_PG: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    record_sent_cte("$6", "$7", true)
+        + "UPDATE partitions p SET sent = p.sent + d.n, updated_at = $5 \
+           FROM (SELECT partition, count(*) AS n FROM done GROUP BY partition) AS d \
+           WHERE p.batch_id = $3 AND p.idx = d.partition"
 });
 
 /// A batch's state, read in a recording transaction: under a share lock on PostgreSQL, so that
@@ -51,6 +61,30 @@ macro_rules! still_sending {
 }
 
 impl Store {
+    /// `record_outcomes` for a slice of a task across partitions (`DeliveryTask::across`), from
+    /// `partition` on: each message's outcome counts in its partition, `partition_of`. A slice
+    /// sent whole takes one statement on PostgreSQL; otherwise each partition's outcomes are
+    /// recorded in turn.
+    pub async fn record_outcomes_across(
+        &self,
+        batch_id: i64,
+        partition: i32,
+        outcomes: &Outcomes,
+        partition_of: impl Fn(i64) -> i32,
+    ) -> Result<(), StoreError> {
+        if outcomes.is_empty() {
+            return Ok(());
+        }
+        if let (Pools::Pg(pool), true) = (&self.pools, outcomes.len() == outcomes.sent.len()) {
+            return record_sent_pg(pool, &RECORD_SENT_ACROSS_PG, batch_id, partition, outcomes)
+                .await;
+        }
+        for (partition, outcomes) in outcomes.by_partition(partition_of) {
+            self.record_outcomes(batch_id, partition, &outcomes).await?;
+        }
+        Ok(())
+    }
+
     /// Records a task's outcomes and the partition's counters in one transaction. Only messages
     /// still `sending` change.
     pub async fn record_outcomes(
@@ -65,20 +99,7 @@ impl Store {
         let at = now();
         if let (Pools::Pg(pool), true) = (&self.pools, outcomes.len() == outcomes.sent.len()) {
             // The common case — every message of the slice sent — in one statement.
-            let mut conn = pool.get().await?;
-            let (ids, provider_ids): (Vec<i64>, Vec<Option<String>>) =
-                outcomes.sent.iter().cloned().unzip();
-            let (key_ids, keys) = outcomes.receipt_key_columns();
-            let record = diesel::sql_query(RECORD_SENT_PG.as_str())
-                .bind::<sql_types::Array<sql_types::BigInt>, _>(ids)
-                .bind::<sql_types::Array<sql_types::Nullable<sql_types::Text>>, _>(provider_ids)
-                .bind::<sql_types::BigInt, _>(batch_id)
-                .bind::<sql_types::Integer, _>(partition)
-                .bind::<sql_types::Timestamp, _>(at)
-                .bind::<sql_types::Array<sql_types::Text>, _>(keys)
-                .bind::<sql_types::Array<sql_types::BigInt>, _>(key_ids);
-            Cached(record).execute(&mut conn).await?;
-            return Ok(());
+            return record_sent_pg(pool, &RECORD_SENT_PG, batch_id, partition, outcomes).await;
         }
         let state_sql = match self.backend() {
             Backend::Postgres => STATE_FOR_SHARE_PG,
@@ -260,4 +281,28 @@ impl Store {
             Ok(())
         })
     }
+}
+
+/// A slice sent whole, by `RECORD_SENT_PG` or `RECORD_SENT_ACROSS_PG`.
+async fn record_sent_pg(
+    pool: &Pool<AsyncPgConnection>,
+    statement: &str,
+    batch_id: i64,
+    partition: i32,
+    outcomes: &Outcomes,
+) -> Result<(), StoreError> {
+    let mut conn = pool.get().await?;
+    let (ids, provider_ids): (Vec<i64>, Vec<Option<String>>) =
+        outcomes.sent.iter().cloned().unzip();
+    let (key_ids, keys) = outcomes.receipt_key_columns();
+    let record = diesel::sql_query(statement)
+        .bind::<sql_types::Array<sql_types::BigInt>, _>(ids)
+        .bind::<sql_types::Array<sql_types::Nullable<sql_types::Text>>, _>(provider_ids)
+        .bind::<sql_types::BigInt, _>(batch_id)
+        .bind::<sql_types::Integer, _>(partition)
+        .bind::<sql_types::Timestamp, _>(now())
+        .bind::<sql_types::Array<sql_types::Text>, _>(keys)
+        .bind::<sql_types::Array<sql_types::BigInt>, _>(key_ids);
+    Cached(record).execute(&mut conn).await?;
+    Ok(())
 }

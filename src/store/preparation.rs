@@ -11,6 +11,11 @@ use super::records::{ChunkWritten, INSERT_CHUNK, PreparedChunk, now, tally_inser
 use super::schema::{batches, checkpoints, opt_outs, preparation_chunks};
 use super::{Store, StoreError, with_conn, with_tx};
 
+/// Chunks of at least this many messages go in by `COPY`; smaller ones (a small batch's only
+/// chunk, a large batch's last) by one `INSERT` of arrays. A `COPY` of ten rows spent 1.4 ms in
+/// PostgreSQL against about 0.1 ms for the `INSERT` (BENCHMARKS.md, "A small batch's statements").
+pub const COPY_FROM_ROWS: usize = 100;
+
 impl Store {
     /// A step's checkpoint (0 when it has none).
     pub async fn checkpoint(&self, batch_id: i64, step: &str) -> Result<i64, StoreError> {
@@ -79,7 +84,11 @@ impl Store {
         let ahead = first_recipient_id.map(|first| (first, chunk.last_recipient_id));
         // PostgreSQL copies the rows in; when another writer committed one of the chunk's numbers
         // after the copy looked it up, the chunk is written again below, with `ON CONFLICT`.
-        if let Some(pool) = &self.copy {
+        if let Some(pool) = self
+            .copy
+            .as_ref()
+            .filter(|_| chunk.messages.len() >= COPY_FROM_ROWS)
+        {
             let copied =
                 super::copy::write_chunk(pool, batch_id, &mut chunk, run, ahead, done_up_to)
                     .await?;

@@ -86,6 +86,42 @@ impl Outcomes {
         self.receipt_keys.iter().cloned().unzip()
     }
 
+    /// The outcomes split by the partition `partition_of` tells for each message, for a task
+    /// across partitions (each partition's are recorded with its counters).
+    pub fn by_partition(&self, partition_of: impl Fn(i64) -> i32) -> BTreeMap<i32, Outcomes> {
+        let mut split: BTreeMap<i32, Outcomes> = BTreeMap::new();
+        fn at(split: &mut BTreeMap<i32, Outcomes>, partition: i32) -> &mut Outcomes {
+            split.entry(partition).or_default()
+        }
+        for m in &self.sent {
+            at(&mut split, partition_of(m.0)).sent.push(m.clone());
+        }
+        for m in &self.failed {
+            at(&mut split, partition_of(m.0)).failed.push(m.clone());
+        }
+        for m in &self.retry {
+            at(&mut split, partition_of(m.0)).retry.push(m.clone());
+        }
+        for &id in &self.released {
+            at(&mut split, partition_of(id)).released.push(id);
+        }
+        for m in &self.deferred {
+            at(&mut split, partition_of(m.0)).deferred.push(m.clone());
+        }
+        for &id in &self.cancelled {
+            at(&mut split, partition_of(id)).cancelled.push(id);
+        }
+        for &id in &self.opted_out {
+            at(&mut split, partition_of(id)).opted_out.push(id);
+        }
+        for k in &self.receipt_keys {
+            at(&mut split, partition_of(k.0))
+                .receipt_keys
+                .push(k.clone());
+        }
+        split
+    }
+
     /// Messages covered.
     pub fn len(&self) -> usize {
         self.sent.len()

@@ -28,6 +28,11 @@ pub struct DeliveryTask {
     /// published without it is a marketing one.
     #[serde(default)]
     pub priority: u8,
+    /// The task covers the batch's partitions from `partition` on, not that one only: a small
+    /// batch's messages go out as one task (one claim, one broker message, one worker run)
+    /// instead of one per partition.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub across: bool,
 }
 
 /// A task handed to a worker, with the trace of the span that handed it over (the Delivery

@@ -52,8 +52,11 @@ fn receipts_settle_every_message(backend: Backend) {
         "response_delay_ms": 5,
     }));
     let db = TestDb::new(backend);
-    let first = server(&db, &smsc, &[], &[]);
-    let second = two.then(|| server(&db, &smsc, &[], &[]));
+    // Tasks of ten messages, so that both instances carry some (a batch that fits in one task
+    // goes out as one).
+    let tasks = [("SMSBATCH__SMSBATCH__TASK_SIZE", "10")];
+    let first = server(&db, &smsc, &[], &tasks);
+    let second = two.then(|| server(&db, &smsc, &[], &tasks));
     let mut phones: Vec<String> = (0..50).map(|i| mobile(7100 + i)).collect();
     let undeliverable: Vec<String> = (0..10).map(|i| format!("+{UNDELIVERABLE}{i:06}")).collect();
     phones.extend(undeliverable.iter().cloned());

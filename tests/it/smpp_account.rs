@@ -31,8 +31,11 @@ fn the_accounts_rate_holds_across_two_instances() {
     let db = TestDb::new(Backend::PostgresRabbitmq);
     let rate = RATE.to_string();
     let account = [("RATE_LIMIT", rate.as_str()), ("WINDOW", "10")];
-    let first = server(&db, &smsc, &account, &[]);
-    let second = server(&db, &smsc, &account, &[]);
+    // Tasks of twenty messages, so that both instances carry some (a batch that fits in one
+    // task goes out as one).
+    let tasks = [("SMSBATCH__SMSBATCH__TASK_SIZE", "20")];
+    let first = server(&db, &smsc, &account, &tasks);
+    let second = server(&db, &smsc, &account, &tasks);
     // 160 numbers, every fourth with a name that makes its message two segments: 200 segments,
     // five seconds of the account's rate (two and a half if each instance held it alone).
     let long = "x".repeat(170);

@@ -22,6 +22,7 @@
 
 mod api;
 mod ceiling;
+mod cost;
 mod export;
 mod many;
 mod mixed;

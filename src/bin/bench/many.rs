@@ -21,6 +21,7 @@ use anyhow::bail;
 use serde_json::{Value, json};
 
 use crate::api::Api;
+use crate::cost::{Cpu, Statements};
 use crate::server::{Server, Shutdown, rss_kb, shutdown_all};
 use crate::{Args, num_cpus, percentile};
 
@@ -68,7 +69,8 @@ pub(crate) fn run(
     let exact = if args.mixed_recipients > 0 {
         crate::mixed::run(args, work, &api)?
     } else {
-        let exact = phases(args, &api)?;
+        let pids: Vec<u32> = servers.iter().map(Server::pid).collect();
+        let exact = phases(args, &api, &pids, pg_db.map(|_| db_url))?;
         print_rss(&servers, &sampler);
         match pg_db {
             Some(db) if exact => {
@@ -120,9 +122,19 @@ pub(crate) fn run(
     Ok(())
 }
 
-/// Phases 1 and 2: submit, wait until every batch is final, verify; then the API latency.
-fn phases(args: &Args, api: &Api) -> anyhow::Result<bool> {
+/// Phases 1 and 2: submit, wait until every batch is final, verify; then the API latency, and
+/// what submitting and delivering cost per batch (`cost.rs`; the statements on PostgreSQL,
+/// `pg_db_url`).
+fn phases(
+    args: &Args,
+    api: &Api,
+    servers: &[u32],
+    pg_db_url: Option<&str>,
+) -> anyhow::Result<bool> {
     let n = args.batches;
+    let statements = pg_db_url.and_then(Statements::connect);
+    let mark = statements.as_ref().and_then(Statements::mark);
+    let cpu = Cpu::now(servers);
     let deadline = Instant::now() + Duration::from_secs(args.deadline_s);
     let sub = submit(args, api, n, 0, None, deadline, &|_, _| {});
     sub.print("", n);
@@ -137,6 +149,12 @@ fn phases(args: &Args, api: &Api) -> anyhow::Result<bool> {
                 break;
             }
             std::thread::sleep(POLL.saturating_sub(round.elapsed()));
+        }
+        if final_at.is_some() {
+            Cpu::print_since(cpu, servers, n);
+            if let Some(statements) = &statements {
+                statements.print_since(mark, n);
+            }
         }
         match final_at {
             Some(t) => println!("final_seconds: {:.2}", (t - last).as_secs_f64()),

@@ -20,8 +20,8 @@ use smsbatch::store::models::{
     Batch, LifecycleUpdate, MessageRow, NewBatch, NewMessage, Partition,
 };
 use smsbatch::store::{
-    Backend as StoreBackend, BatchRecord, ChunkWritten, ImportError, Outcomes, PreparedChunk,
-    Store, StoreError, UNKNOWN_OUTCOME, UploadChunk,
+    Backend as StoreBackend, BatchRecord, COPY_FROM_ROWS, ChunkWritten, ImportError, Outcomes,
+    PreparedChunk, Store, StoreError, UNKNOWN_OUTCOME, UploadChunk,
 };
 use uuid::Uuid;
 

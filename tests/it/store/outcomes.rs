@@ -6,6 +6,9 @@ use super::*;
 on_both_backends!(a_slice_sent_whole_is_recorded_exactly
     => a_slice_sent_whole_is_recorded_exactly_sqlite,
        a_slice_sent_whole_is_recorded_exactly_postgres);
+on_both_backends!(a_task_across_partitions_claims_and_counts_each_partition
+    => a_task_across_partitions_claims_and_counts_each_partition_sqlite,
+       a_task_across_partitions_claims_and_counts_each_partition_postgres);
 on_both_backends!(a_slice_is_recorded_with_the_next_claim
     => a_slice_is_recorded_with_the_next_claim_sqlite,
        a_slice_is_recorded_with_the_next_claim_postgres);
@@ -527,6 +530,90 @@ async fn retries_wait_until_due(store: Store) {
 }
 
 // ---------------------------------------------------------------------------------------------
+/// A small batch's task across its partitions (`DeliveryTask::across`): its claim takes the due
+/// messages of every partition from the given one on, says each one's partition, and the slice's
+/// outcomes, split by partition, land in each partition's counters.
+async fn a_task_across_partitions_claims_and_counts_each_partition(store: Store) {
+    let batch = create(&store, "across", 3).await;
+    let m = seed(
+        &store,
+        batch.id,
+        &[
+            (0, "+8613710000001"),
+            (1, "+8613710000002"),
+            (2, "+8613710000003"),
+            (0, "+8613710000004"),
+            (2, "+8613710000005"),
+        ],
+    )
+    .await;
+    let (first, last) = (m[0], m[4]);
+    let from_one = store
+        .claim_across(batch.id, 1, first, last, i64::MAX, "test-instance")
+        .await
+        .expect("claim from partition 1");
+    assert_eq!(
+        from_one
+            .iter()
+            .map(|c| (c.id, c.partition))
+            .collect::<Vec<_>>(),
+        vec![(m[1], 1), (m[2], 2), (m[4], 2)]
+    );
+    let rest = store
+        .claim_across(batch.id, 0, first, last, i64::MAX, "test-instance")
+        .await
+        .expect("claim from partition 0");
+    assert_eq!(
+        rest.iter().map(|c| (c.id, c.partition)).collect::<Vec<_>>(),
+        vec![(m[0], 0), (m[3], 0)],
+        "only what the first claim left"
+    );
+    let partition_of: std::collections::HashMap<i64, i32> = from_one
+        .iter()
+        .chain(&rest)
+        .map(|c| (c.id, c.partition))
+        .collect();
+    let of = |id| partition_of[&id];
+    // The first slice sent whole (one statement on PostgreSQL), the second with a failure
+    // (each partition's outcomes in turn).
+    let sent_whole = Outcomes {
+        sent: vec![(m[1], Some("gw-1".into())), (m[2], None), (m[4], None)],
+        ..Outcomes::default()
+    };
+    store
+        .record_outcomes_across(batch.id, 1, &sent_whole, of)
+        .await
+        .expect("record the first slice");
+    let mixed = Outcomes {
+        sent: vec![(m[0], None)],
+        failed: vec![(m[3], "rejected".into())],
+        ..Outcomes::default()
+    };
+    store
+        .record_outcomes_across(batch.id, 0, &mixed, of)
+        .await
+        .expect("record the second slice");
+    assert_eq!(
+        counters(&store, batch.id).await,
+        vec![(2, 1, 0, 1, 0), (1, 1, 0, 0, 0), (2, 2, 0, 0, 0)]
+    );
+    let m1 = message_by_id(&store, batch.id, m[1]).await;
+    assert_eq!(
+        (m1.status, m1.provider_message_id.as_deref()),
+        (SENT, Some("gw-1"))
+    );
+    assert_eq!(message_by_id(&store, batch.id, m[3]).await.status, FAILED);
+    // Recorded again (a redelivered task), nothing counts twice.
+    store
+        .record_outcomes_across(batch.id, 1, &sent_whole, of)
+        .await
+        .expect("record again");
+    assert_eq!(
+        counters(&store, batch.id).await,
+        vec![(2, 1, 0, 1, 0), (1, 1, 0, 0, 0), (2, 2, 0, 0, 0)]
+    );
+}
+
 // 8. cancel_pending, recover_sending
 // ---------------------------------------------------------------------------------------------
 

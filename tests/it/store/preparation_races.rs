@@ -169,20 +169,27 @@ async fn write_held_up(
     write
 }
 
+/// Rows a chunk carries besides its three numbers, so that it is large enough to go in by
+/// `COPY` (smaller chunks are inserted), the write these tests hold up.
+const FILL: i64 = COPY_FROM_ROWS as i64 - 3;
+
 /// A chunk of a batch's first three recipients `r`, numbered `phone(1)`..`phone(3)`, in
-/// partition 0 with `segments` each.
+/// partition 0 with `segments` each, and `FILL` rows of other numbers after them.
 fn three_numbers(
     batch_id: i64,
     r: &[i64],
     phone: impl Fn(u32) -> String,
     segments: i32,
 ) -> PreparedChunk {
+    let fill =
+        (1..=FILL).map(|k| message(batch_id, 0, r[2] + k, &format!("+8613900{k:06}"), segments));
     PreparedChunk {
         messages: (0..3)
             .map(|i| message(batch_id, 0, r[i], &phone(i as u32 + 1), segments))
+            .chain(fill)
             .collect(),
         last_recipient_id: r[2],
-        processed: 3,
+        processed: 3 + FILL,
         invalid: 0,
         repeats: None,
     }
@@ -227,23 +234,29 @@ fn a_number_committed_while_a_chunk_is_copied_is_kept_once_postgres() {
         assert_eq!(
             written,
             ChunkWritten {
-                inserted: 2,
+                inserted: 2 + FILL,
                 duplicates: 1,
                 opted_out: 0
             }
         );
         let b = store.batch(batch.id).await.expect("batch");
-        assert_eq!((b.processed, b.valid, b.duplicates), (3, 2, 1));
+        assert_eq!(
+            (b.processed, b.valid, b.duplicates),
+            (3 + FILL, 2 + FILL, 1)
+        );
         // The other writer's row (one segment) stays; the chunk's own rows have two.
+        let numbers: Vec<String> = (1..=3).map(phone).collect();
         let stored = all_messages(&store, batch.id).await;
         assert_eq!(
             stored
                 .iter()
+                .filter(|m| numbers.contains(&m.phone))
                 .map(|m| (m.phone.clone(), m.segments))
                 .collect::<Vec<_>>(),
             vec![(phone(3), 1), (phone(1), 2), (phone(2), 2)]
         );
-        assert_eq!(b.segments, 4);
+        assert_eq!(stored.len() as i64, 3 + FILL);
+        assert_eq!(b.segments, 2 * (2 + FILL));
         assert_eq!(
             store.checkpoint(batch.id, "preparation").await.expect("cp"),
             r[2]
@@ -335,7 +348,7 @@ fn a_run_starting_beside_a_recording_chunk_sees_it_or_stops_it_postgres() {
         match written {
             Ok(_) => {
                 assert_eq!(checkpoint, r[2], "the new run reads the chunk's checkpoint");
-                assert_eq!((b.processed, b.valid), (3, 3));
+                assert_eq!((b.processed, b.valid), (3 + FILL, 3 + FILL));
             }
             Err(StoreError::Superseded(_)) => {
                 assert_eq!(checkpoint, 0);
@@ -384,13 +397,16 @@ fn a_chunk_write_dropped_half_way_leaves_no_transaction_behind_postgres() {
         assert_eq!(
             written,
             ChunkWritten {
-                inserted: 3,
+                inserted: 3 + FILL,
                 duplicates: 0,
                 opted_out: 0
             }
         );
         let b = store.batch(batch.id).await.expect("batch");
-        assert_eq!((b.processed, b.valid, b.duplicates), (3, 3, 0));
+        assert_eq!(
+            (b.processed, b.valid, b.duplicates),
+            (3 + FILL, 3 + FILL, 0)
+        );
         drop((other, observer));
         driver.await.expect("driver").expect("connection");
         observer_driver.await.expect("driver").expect("connection");
