@@ -110,17 +110,18 @@ pub async fn process_task(core: &Core, task: DeliveryTask) -> Result<TaskReport,
     // Looked up before every claim: a batch supervised by another instance is paused through
     // the database, and this is how its tasks here see it.
     let claim_from = async |from| {
-        let (batch, partition, last) = (task.batch_id, task.partition, task.last_id);
-        let claimed = if task.across {
-            store
-                .claim_across(batch, partition, from, last, claim_size, &core.instance)
-                .await
-        } else {
-            store
-                .claim(batch, partition, from, last, claim_size, &core.instance)
-                .await
-        };
-        claimed.map_err(task_error)
+        store
+            .claim_in(
+                task.batch_id,
+                task.partition,
+                task.across,
+                from,
+                task.last_id,
+                claim_size,
+                &core.instance,
+            )
+            .await
+            .map_err(task_error)
     };
     let mut gate = gate_for(core, task.batch_id).await?;
     let mut claimed = Vec::new();

@@ -114,24 +114,11 @@ impl Store {
 
     /// A batch by its public id, with its partitions.
     pub async fn find_batch(&self, public_id: &str) -> Result<Option<BatchRecord>, StoreError> {
-        with_conn!(self, |conn| {
-            let Some(batch) = batches::table
-                .filter(batches::public_id.eq(public_id))
-                .select(Batch::as_select())
-                .first(conn)
-                .await
-                .optional()?
-            else {
-                return Ok(None);
-            };
-            let partitions = partitions::table
-                .filter(partitions::batch_id.eq(batch.id))
-                .order(partitions::idx)
-                .select(Partition::as_select())
-                .load(conn)
-                .await?;
-            Ok(Some(BatchRecord { batch, partitions }))
-        })
+        let Some(batch) = self.batch_by_public_id(public_id).await? else {
+            return Ok(None);
+        };
+        let partitions = self.partitions(batch.id).await?;
+        Ok(Some(BatchRecord { batch, partitions }))
     }
 
     /// A batch row by its public id, without its partitions.

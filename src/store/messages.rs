@@ -264,22 +264,10 @@ impl Store {
         .await
     }
 
-    /// `claim` over the partitions from `partition` on (`DeliveryTask::across`).
-    pub async fn claim_across(
-        &self,
-        batch_id: i64,
-        partition: i32,
-        first_id: i64,
-        last_id: i64,
-        limit: i64,
-        claimer: &str,
-    ) -> Result<Vec<ClaimedMessage>, StoreError> {
-        self.claim_in(batch_id, partition, true, first_id, last_id, limit, claimer)
-            .await
-    }
-
+    /// `claim` of the given partition, or with `across` of the partitions from it on (a task
+    /// across partitions, `DeliveryTask::across`).
     #[allow(clippy::too_many_arguments)]
-    async fn claim_in(
+    pub async fn claim_in(
         &self,
         batch_id: i64,
         partition: i32,

@@ -124,20 +124,13 @@ impl Statements {
                 .await?;
             anyhow::Ok(client)
         });
-        let statements = match connected {
-            Ok(client) => Statements { rt, client },
-            Err(e) => {
-                println!("statements_per_batch: n/a ({e})");
-                return None;
-            }
-        };
-        match statements.count() {
-            Ok(_) => Some(statements),
-            Err(e) => {
-                println!("statements_per_batch: n/a ({e})");
-                None
-            }
-        }
+        let checked = connected.and_then(|client| {
+            let statements = Statements { rt, client };
+            statements.count().map(|_| statements)
+        });
+        checked
+            .inspect_err(|e| println!("statements_per_batch: n/a ({e})"))
+            .ok()
     }
 
     fn count(&self) -> anyhow::Result<i64> {

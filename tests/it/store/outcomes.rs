@@ -549,7 +549,7 @@ async fn a_task_across_partitions_claims_and_counts_each_partition(store: Store)
     .await;
     let (first, last) = (m[0], m[4]);
     let from_one = store
-        .claim_across(batch.id, 1, first, last, i64::MAX, "test-instance")
+        .claim_in(batch.id, 1, true, first, last, i64::MAX, "test-instance")
         .await
         .expect("claim from partition 1");
     assert_eq!(
@@ -560,7 +560,7 @@ async fn a_task_across_partitions_claims_and_counts_each_partition(store: Store)
         vec![(m[1], 1), (m[2], 2), (m[4], 2)]
     );
     let rest = store
-        .claim_across(batch.id, 0, first, last, i64::MAX, "test-instance")
+        .claim_in(batch.id, 0, true, first, last, i64::MAX, "test-instance")
         .await
         .expect("claim from partition 0");
     assert_eq!(
