@@ -71,6 +71,7 @@ pub async fn run(deps: Deps, batch: Batch, gate: Arc<Gate>) -> Result<StepEnd, D
     // count), so a span of this many ids holds about `task_size` messages of one partition.
     let span = task_size.saturating_mul(i64::from(partitions));
     let mut full_round = true;
+    let mut first_look = true;
     let mut last_done = -1i64;
     let mut last_progress = Instant::now();
     // Retries already handed out, so that a retry waiting in a broker queue is not published
@@ -91,7 +92,20 @@ pub async fn run(deps: Deps, batch: Batch, gate: Arc<Gate>) -> Result<StepEnd, D
         if let Some(why) = unavailable() {
             return Ok(StepEnd::ProviderUnavailable(why));
         }
-        let counters = store.partitions(batch.id).await?;
+        // The first look also finds each partition's id range, which the first round needs:
+        // one statement instead of two, in the step's turn like the round's other work.
+        let (mut turn, mut bounds) = (None, None);
+        let counters = if std::mem::take(&mut first_look) {
+            turn = super::take_turn(&deps.core, &batch, &gate).await;
+            if turn.is_none() {
+                return Ok(StepEnd::Stopped);
+            }
+            let (counters, ranges) = store.partitions_and_bounds(batch.id).await?;
+            bounds = Some(ranges);
+            counters
+        } else {
+            store.partitions(batch.id).await?
+        };
         if let Some(why) = failures.observe(&counters) {
             return Ok(StepEnd::TooManyFailures(why));
         }
@@ -139,7 +153,6 @@ pub async fn run(deps: Deps, batch: Batch, gate: Arc<Gate>) -> Result<StepEnd, D
         // The round's work (finding each partition's ids, listing retries, publishing) runs in
         // the step's turn among the instance's steps; waits for tasks to be carried out, and
         // for the broker's backlog to drain, do not hold it.
-        let mut turn = None;
         let retries_only = !std::mem::take(&mut full_round);
         retries_planned.retain(|_, (_, at)| at.elapsed() < replan_after);
         // One planning round: walk every partition once. A full round hands out each partition's
@@ -153,8 +166,7 @@ pub async fn run(deps: Deps, batch: Batch, gate: Arc<Gate>) -> Result<StepEnd, D
         // one claim, one broker message and one worker run instead of one per partition.
         let batch_total: i64 = counters.iter().map(|c| c.total).sum();
         let across = !retries_only && partitions > 1 && batch_total <= task_size;
-        // Each partition's id range, read in one statement at the round's first need.
-        let mut bounds: Option<Vec<Option<(i64, i64)>>> = None;
+        // Each partition's id range: read by the first look, or at the round's first need.
         let mut exhausted: Vec<bool> = (0..partitions)
             .map(|p| counters.iter().any(|c| c.idx == p && c.done() >= c.total))
             .collect();

@@ -9,10 +9,11 @@ use super::views::BatchView;
 use crate::actors::registry::Command;
 use crate::domain::lifecycle::Action;
 use crate::store::BatchRecord;
+use crate::store::models::Partition;
 use crate::telemetry::trace::TraceContext;
 
 /// Applies a lifecycle action and answers the batch as the action saved it, with its partitions'
-/// counters as they are now.
+/// counters as they are now (or, for a batch with nothing prepared yet, as they were then).
 async fn act(
     state: web::Data<AppState>,
     path: BatchPath,
@@ -28,7 +29,14 @@ async fn act(
         })
         .await
         .map_err(|e| ApiError::Unavailable(e.to_string()))??;
-    let partitions = state.store.partitions(batch.id).await?;
+    // Nothing prepared yet when the action saved the row (a chunk adds to `processed` and to
+    // its partitions' totals in one transaction): every counter was zero then, as a batch's
+    // are when it is started, and they are not read.
+    let partitions = if batch.processed == 0 {
+        Partition::zeroed(batch.id, batch.partition_count)
+    } else {
+        state.store.partitions(batch.id).await?
+    };
     let record = BatchRecord { batch, partitions };
     Ok(HttpResponse::Accepted().json(BatchView::new(&record)))
 }

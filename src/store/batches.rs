@@ -75,41 +75,37 @@ impl Store {
         new: NewBatch,
         inline: Vec<(String, Option<String>)>,
     ) -> Result<BatchRecord, StoreError> {
-        with_tx!(self, |conn| {
-            let count = inline.len() as i64;
-            let batch: Batch = diesel::insert_into(batches::table)
-                .values((&new, batches::recipients.eq(count)))
-                .returning(Batch::as_returning())
-                .get_result(conn)
-                .await?;
-            conn.insert_partitions(batch.id, batch.partition_count)
-                .await?;
-            for chunk in inline.chunks(INSERT_CHUNK) {
-                let rows: Vec<NewRecipient> = chunk
-                    .iter()
-                    .map(|(phone, vars)| NewRecipient {
-                        batch_id: batch.id,
-                        phone: phone.clone(),
-                        vars: vars.clone(),
-                    })
-                    .collect();
-                conn.insert_recipients(rows).await?;
+        let batch = match &self.pools {
+            super::Pools::Pg(pool) => {
+                let mut conn = pool.get().await?;
+                create_batch_pg(&mut conn, new, inline).await?
             }
-            // New, in this transaction: every counter is zero.
-            let partitions = (0..batch.partition_count)
-                .map(|idx| Partition {
-                    batch_id: batch.id,
-                    idx,
-                    total: 0,
-                    sent: 0,
-                    delivered: 0,
-                    failed: 0,
-                    cancelled: 0,
-                    unknown: 0,
-                })
-                .collect();
-            Ok(BatchRecord { batch, partitions })
-        })
+            super::Pools::Sqlite(_) => with_tx!(self, |conn| {
+                let count = inline.len() as i64;
+                let batch: Batch = diesel::insert_into(batches::table)
+                    .values((&new, batches::recipients.eq(count)))
+                    .returning(Batch::as_returning())
+                    .get_result(conn)
+                    .await?;
+                conn.insert_partitions(batch.id, batch.partition_count)
+                    .await?;
+                for chunk in inline.chunks(INSERT_CHUNK) {
+                    let rows: Vec<NewRecipient> = chunk
+                        .iter()
+                        .map(|(phone, vars)| NewRecipient {
+                            batch_id: batch.id,
+                            phone: phone.clone(),
+                            vars: vars.clone(),
+                        })
+                        .collect();
+                    conn.insert_recipients(rows).await?;
+                }
+                Ok::<_, StoreError>(batch)
+            })?,
+        };
+        // New: every counter is zero.
+        let partitions = Partition::zeroed(batch.id, batch.partition_count);
+        Ok(BatchRecord { batch, partitions })
     }
 
     /// A batch by its public id, with its partitions.
@@ -390,4 +386,52 @@ impl Store {
             })
         })
     }
+}
+
+/// A new batch, its partitions and its inline recipients in one statement on PostgreSQL: one
+/// round trip instead of five (`BEGIN`, three inserts, `COMMIT`), and atomic as any statement.
+/// The recipients get their ids in the order given.
+const CREATE_BATCH_PG: &str = "\
+    WITH b AS ( \
+        INSERT INTO batches (public_id, name, campaign_id, content, url, provider, message_type, \
+            schedule_at, partition_count, state, created_at, updated_at, failure_threshold, \
+            parent_id, recipients) \
+        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15) RETURNING *), \
+    p AS ( \
+        INSERT INTO partitions (batch_id, idx) \
+        SELECT b.id, g FROM b, generate_series(0, b.partition_count - 1) AS g), \
+    r AS ( \
+        INSERT INTO recipients (batch_id, phone, vars) \
+        SELECT b.id, v.phone, v.vars \
+        FROM b, unnest($16::text[], $17::text[]) WITH ORDINALITY AS v(phone, vars, n) \
+        ORDER BY v.n) \
+    SELECT * FROM b";
+
+async fn create_batch_pg(
+    conn: &mut diesel_async::AsyncPgConnection,
+    new: NewBatch,
+    inline: Vec<(String, Option<String>)>,
+) -> Result<Batch, StoreError> {
+    use diesel::sql_types::{Array, BigInt, Double, Integer, Nullable, Text, Timestamp};
+    let count = inline.len() as i64;
+    let (phones, vars): (Vec<String>, Vec<Option<String>>) = inline.into_iter().unzip();
+    let create = diesel::sql_query(CREATE_BATCH_PG)
+        .bind::<Text, _>(new.public_id)
+        .bind::<Text, _>(new.name)
+        .bind::<Nullable<Text>, _>(new.campaign_id)
+        .bind::<Text, _>(new.content)
+        .bind::<Nullable<Text>, _>(new.url)
+        .bind::<Text, _>(new.provider)
+        .bind::<Text, _>(new.message_type)
+        .bind::<Nullable<Timestamp>, _>(new.schedule_at)
+        .bind::<Integer, _>(new.partition_count)
+        .bind::<Text, _>(new.state)
+        .bind::<Timestamp, _>(new.created_at)
+        .bind::<Timestamp, _>(new.updated_at)
+        .bind::<Double, _>(new.failure_threshold)
+        .bind::<Nullable<Text>, _>(new.parent_id)
+        .bind::<BigInt, _>(count)
+        .bind::<Array<Text>, _>(phones)
+        .bind::<Array<Nullable<Text>>, _>(vars);
+    Ok(Cached(create).get_result(conn).await?)
 }

@@ -125,8 +125,9 @@ fn bounds_sql(param: &str) -> String {
         )
     };
     format!(
-        "SELECT p.idx AS idx, {} AS low, {} AS high FROM partitions p WHERE p.batch_id = {param} \
-         ORDER BY p.idx",
+        "SELECT p.batch_id, p.idx, p.total, p.sent, p.delivered, p.failed, p.cancelled, \
+             p.unknown, {} AS low, {} AS high \
+         FROM partitions p WHERE p.batch_id = {param} ORDER BY p.idx",
         probe("ASC"),
         probe("DESC")
     )
@@ -134,11 +135,11 @@ fn bounds_sql(param: &str) -> String {
 static BOUNDS_PG: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| bounds_sql("$1"));
 static BOUNDS_SQLITE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| bounds_sql("?1"));
 
-/// A row of `bounds_sql`.
+/// A row of `bounds_sql`: a partition's counters and its id range.
 #[derive(QueryableByName)]
 struct BoundsRow {
-    #[diesel(sql_type = sql_types::Integer)]
-    idx: i32,
+    #[diesel(embed)]
+    partition: Partition,
     #[diesel(sql_type = sql_types::Nullable<sql_types::BigInt>)]
     low: Option<i64>,
     #[diesel(sql_type = sql_types::Nullable<sql_types::BigInt>)]
@@ -159,12 +160,21 @@ impl Store {
     }
 
     /// The lowest and highest message id of each of a batch's partitions (by index; `None` for
-    /// a partition without messages): the ranges a full delivery round hands out in spans. One
-    /// statement for the batch, two probes of the partitions' index per partition.
+    /// a partition without messages): the ranges a full delivery round hands out in spans.
     pub async fn message_id_bounds(
         &self,
         batch_id: i64,
     ) -> Result<Vec<Option<(i64, i64)>>, StoreError> {
+        Ok(self.partitions_and_bounds(batch_id).await?.1)
+    }
+
+    /// The batch's partition counters (`partitions`) and their id ranges (`message_id_bounds`)
+    /// in one statement, for delivery's first look: two probes of the partitions' index per
+    /// partition.
+    pub async fn partitions_and_bounds(
+        &self,
+        batch_id: i64,
+    ) -> Result<(Vec<Partition>, Vec<Option<(i64, i64)>>), StoreError> {
         let sql = match self.backend() {
             Backend::Postgres => &*BOUNDS_PG,
             Backend::Sqlite => &*BOUNDS_SQLITE,
@@ -175,15 +185,17 @@ impl Store {
                 .load(conn)
                 .await?;
             let mut bounds = vec![None; rows.len()];
+            let mut counters = Vec::with_capacity(rows.len());
             for row in rows {
-                if let Some(slot) = usize::try_from(row.idx)
+                if let Some(slot) = usize::try_from(row.partition.idx)
                     .ok()
                     .and_then(|i| bounds.get_mut(i))
                 {
                     *slot = row.low.zip(row.high);
                 }
+                counters.push(row.partition);
             }
-            Ok(bounds)
+            Ok((counters, bounds))
         })
     }
 

@@ -11,7 +11,7 @@ use crate::domain::lifecycle::{Bookkeeping, Conditions, Steps};
 use crate::domain::state::BatchState;
 
 /// A batch row, its states, steps and conditions typed (`store::types`).
-#[derive(Debug, Clone, Queryable, Selectable)]
+#[derive(Debug, Clone, Queryable, QueryableByName, Selectable)]
 #[diesel(table_name = batches)]
 pub struct Batch {
     pub id: i64,
@@ -213,7 +213,7 @@ pub struct ClaimedMessage {
 }
 
 /// Delivery counters of one partition.
-#[derive(Debug, Clone, Copy, Queryable, Selectable, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Queryable, QueryableByName, Selectable, PartialEq, Eq)]
 #[diesel(table_name = partitions)]
 pub struct Partition {
     pub batch_id: i64,
@@ -228,6 +228,22 @@ pub struct Partition {
 }
 
 impl Partition {
+    /// The counters of a new batch's `count` partitions, every one zero.
+    pub fn zeroed(batch_id: i64, count: i32) -> Vec<Partition> {
+        (0..count)
+            .map(|idx| Partition {
+                batch_id,
+                idx,
+                total: 0,
+                sent: 0,
+                delivered: 0,
+                failed: 0,
+                cancelled: 0,
+                unknown: 0,
+            })
+            .collect()
+    }
+
     /// Messages in a final status.
     pub fn done(&self) -> i64 {
         self.sent + self.delivered + self.failed + self.cancelled

@@ -595,7 +595,12 @@ fn csv_upload_pause_resume_completes_exactly_once(backend: Backend) {
     server.action_ok(&id, "start", "preparing");
     server.wait_until(&id, "sending (results.sent > 0)", LONG, has_sent);
 
-    server.action_ok(&id, "pause", "paused");
+    let answer = server.action_ok(&id, "pause", "paused");
+    assert!(
+        has_sent(&answer),
+        "the pause answers the counters as they are: {:#}",
+        answer["results"]
+    );
     // Provider calls already in flight may still finish; after that nothing moves.
     thread::sleep(Duration::from_secs(1));
     let first = server.batch(&id);

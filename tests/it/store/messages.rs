@@ -197,6 +197,21 @@ async fn claim_moves_pending_to_sending_once(store: Store) {
         vec![(6, 0, 0, 0, 0), (3, 0, 0, 0, 0)],
         "claims do not touch the counters"
     );
+    // Delivery's first look reads the counters and the ranges in one statement.
+    let (looked, ranges) = store
+        .partitions_and_bounds(batch.id)
+        .await
+        .expect("first look");
+    assert_eq!(
+        looked.iter().map(|p| (p.idx, p.total)).collect::<Vec<_>>(),
+        vec![(0, 6), (1, 3)]
+    );
+    assert_eq!(
+        looked,
+        store.partitions(batch.id).await.expect("partitions"),
+        "the same counters as their own read"
+    );
+    assert_eq!(ranges, vec![Some((p0[0], p0[5])), Some((p1[0], p1[2]))]);
 }
 
 async fn concurrent_claims_hand_out_each_message_once(store: Store) {
