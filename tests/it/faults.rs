@@ -605,12 +605,22 @@ fn sigterm_with_preparation_stuck(test: &str, backend: Backend) {
         "{test}: preparation stuck at {last} of {} prepared; SIGTERM exited 0 after {took:?}",
         recipients.rows
     );
+    // SQLite's write lock goes to whoever asks when the writer lets go, and the server's chunks
+    // follow each other closely: the test may have it only once preparation is done. Delivery
+    // is then the step stuck, and a stop past its timeout leaves what its workers had claimed
+    // with an unknown outcome (at most once), as a crash would.
+    let delivery_stuck = last >= recipients.rows;
 
     lock.release();
     server.restart();
     wait_completed(&server, &id);
     let expect = Expect {
         stops: 1,
+        in_flight_bound: if delivery_stuck {
+            WORKERS * CLAIM_SIZE
+        } else {
+            0
+        },
         ..Expect::clean()
     };
     audit(test, &server, &id, &recipients, &sink, &expect);
