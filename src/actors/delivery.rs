@@ -92,8 +92,9 @@ pub async fn run(deps: Deps, batch: Batch, gate: Arc<Gate>) -> Result<StepEnd, D
         if let Some(why) = unavailable() {
             return Ok(StepEnd::ProviderUnavailable(why));
         }
-        // The first look also finds each partition's id range, which the first round needs:
-        // one statement instead of two, in the step's turn like the round's other work.
+        // Each partition's id range, read by the first look with the counters (one statement
+        // instead of two, in the step's turn like the round's other work), or later at a full
+        // round's first need.
         let (mut turn, mut bounds) = (None, None);
         let counters = if std::mem::take(&mut first_look) {
             turn = super::take_turn(&deps.core, &batch, &gate).await;
@@ -166,7 +167,6 @@ pub async fn run(deps: Deps, batch: Batch, gate: Arc<Gate>) -> Result<StepEnd, D
         // one claim, one broker message and one worker run instead of one per partition.
         let batch_total: i64 = counters.iter().map(|c| c.total).sum();
         let across = !retries_only && partitions > 1 && batch_total <= task_size;
-        // Each partition's id range: read by the first look, or at the round's first need.
         let mut exhausted: Vec<bool> = (0..partitions)
             .map(|p| counters.iter().any(|c| c.idx == p && c.done() >= c.total))
             .collect();

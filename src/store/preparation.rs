@@ -12,8 +12,9 @@ use super::schema::{batches, checkpoints, opt_outs, preparation_chunks};
 use super::{Store, StoreError, with_conn, with_tx};
 
 /// Chunks of at least this many messages go in by `COPY`; smaller ones (a small batch's only
-/// chunk, a large batch's last) by one `INSERT` of arrays. A `COPY` of ten rows spent 1.4 ms in
-/// PostgreSQL against about 0.1 ms for the `INSERT` (BENCHMARKS.md, "A small batch's statements").
+/// chunk, a large batch's last) by one `INSERT` of arrays. A `COPY` of ten rows spent 1.4–1.6 ms
+/// in PostgreSQL against 0.18 ms for the `INSERT` (BENCHMARKS.md, "A small batch at 30
+/// statements").
 pub const COPY_FROM_ROWS: usize = 100;
 
 impl Store {

@@ -529,7 +529,6 @@ async fn retries_wait_until_due(store: Store) {
     assert_eq!(c.len(), 2);
 }
 
-// ---------------------------------------------------------------------------------------------
 /// A small batch's task across its partitions (`DeliveryTask::across`): its claim takes the due
 /// messages of every partition from the given one on, says each one's partition, and the slice's
 /// outcomes, split by partition, land in each partition's counters.
@@ -614,6 +613,7 @@ async fn a_task_across_partitions_claims_and_counts_each_partition(store: Store)
     );
 }
 
+// ---------------------------------------------------------------------------------------------
 // 8. cancel_pending, recover_sending
 // ---------------------------------------------------------------------------------------------
 
