@@ -120,14 +120,13 @@ pub async fn run(deps: Deps, batch: Batch, gate: Arc<Gate>) -> Result<StepEnd, P
     // committed before the number changes, and counted in the checkpoint read after, or it
     // finds the number changed and rolls back.
     let run = store.begin_preparation_run(batch_id).await?;
-    let start = store.checkpoint(batch_id, "preparation").await?;
+    // With the chunks that writers side by side committed ahead of it before a restart.
+    let (start, written) = store.preparation_start(batch_id).await?;
     // SQLite has one writer at a time anyway.
     let writers = match store.backend() {
         Backend::Postgres => WRITERS,
         Backend::Sqlite => 1,
     };
-    // Chunks that writers side by side committed ahead of the checkpoint before a restart.
-    let written = store.chunks_written_after(batch_id, start).await?;
     // A run that starts on a batch with no messages yet sees every number written: PostgreSQL's
     // chunks then look up, of their numbers, only those this run may have seen before.
     let mut seen = (store.backend() == Backend::Postgres && start == 0 && written.is_empty())

@@ -7,7 +7,7 @@ use chrono::NaiveDateTime;
 use diesel::prelude::*;
 use diesel::result::QueryResult;
 use diesel::sql_types;
-use diesel_async::{AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection};
+use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use futures_util::future::BoxFuture;
 
 use super::SqliteConn;
@@ -22,16 +22,6 @@ pub(crate) trait BulkInsert {
     /// Inserts the partition rows of a new batch.
     fn insert_partitions(&mut self, batch_id: i64, count: i32)
     -> BoxFuture<'_, QueryResult<usize>>;
-    /// Inserts messages, skipping numbers the batch already has; returns (partition, segments)
-    /// of each inserted row.
-    fn insert_messages(
-        &mut self,
-        rows: Vec<NewMessage>,
-    ) -> BoxFuture<'_, QueryResult<Vec<(i32, i32)>>>;
-    /// Lets the current transaction's commit return before its WAL reaches the disk, for writes
-    /// that are safe to lose whole in a crash (they are redone after it); no-op where commits do
-    /// not wait for the disk anyway (SQLite in WAL mode with `synchronous=NORMAL`).
-    fn commit_unflushed(&mut self) -> BoxFuture<'_, QueryResult<()>>;
     /// Adds a written chunk to its batch's counters and moves the preparation checkpoint, if
     /// the chunk's run is still the batch's newest; answers whether it was (when not, nothing
     /// is recorded and the caller rolls its transaction back).
@@ -104,33 +94,12 @@ struct Recorded {
     recorded: i64,
 }
 
-/// Messages go to PostgreSQL as one array per column, unnested by the server: one statement of
-/// a fixed shape (prepared once per connection) whatever the number of rows, instead of a
+/// Recipients go to PostgreSQL as one array per column, unnested by the server: one statement
+/// of a fixed shape (prepared once per connection) whatever the number of rows, instead of a
 /// multi-row VALUES list with a bind per field that is parsed and planned anew each time.
-/// Preparation copies its chunks in (`copy::write_chunk`); this insert writes a chunk only when
-/// its copy met a number another writer committed meanwhile.
-const INSERT_MESSAGES_PG: &str = "\
-    INSERT INTO messages \
-        (batch_id, partition, recipient_id, phone, body, encoding, segments, updated_at) \
-    SELECT $1, v.partition, v.recipient_id, v.phone, v.body, v.encoding, v.segments, $2 \
-    FROM unnest($3::int[], $4::bigint[], $5::text[], $6::text[], $7::text[], $8::int[]) \
-        AS v(partition, recipient_id, phone, body, encoding, segments) \
-    ON CONFLICT (batch_id, phone) DO NOTHING \
-    RETURNING partition, segments";
-
-/// Recipients, the same way.
 const INSERT_RECIPIENTS_PG: &str = "\
     INSERT INTO recipients (batch_id, phone, vars) \
     SELECT $1, v.phone, v.vars FROM unnest($2::text[], $3::text[]) AS v(phone, vars)";
-
-/// What the message insert returns for each row it inserted.
-#[derive(QueryableByName)]
-struct Inserted {
-    #[diesel(sql_type = sql_types::Integer)]
-    partition: i32,
-    #[diesel(sql_type = sql_types::Integer)]
-    segments: i32,
-}
 
 impl BulkInsert for AsyncPgConnection {
     fn insert_recipients(&mut self, rows: Vec<NewRecipient>) -> BoxFuture<'_, QueryResult<usize>> {
@@ -160,59 +129,6 @@ impl BulkInsert for AsyncPgConnection {
             diesel::insert_into(partitions::table)
                 .values(rows)
                 .execute(self)
-                .await
-        })
-    }
-
-    fn insert_messages(
-        &mut self,
-        mut rows: Vec<NewMessage>,
-    ) -> BoxFuture<'_, QueryResult<Vec<(i32, i32)>>> {
-        // In number order: two chunks written side by side that share numbers then wait for
-        // each other's numbers in the same order, which cannot deadlock. A number's rows in
-        // recipient order: its first recipient is the one inserted, the others dropped.
-        rows.sort_unstable_by(|a, b| (&a.phone, a.recipient_id).cmp(&(&b.phone, b.recipient_id)));
-        Box::pin(async move {
-            let Some(first) = <[_]>::first(&rows) else {
-                return Ok(Vec::new());
-            };
-            let (batch_id, at) = (first.batch_id, first.updated_at);
-            let n = rows.len();
-            let mut partition = Vec::with_capacity(n);
-            let mut recipient = Vec::with_capacity(n);
-            let mut phone = Vec::with_capacity(n);
-            let mut body = Vec::with_capacity(n);
-            let mut encoding = Vec::with_capacity(n);
-            let mut segments = Vec::with_capacity(n);
-            for row in rows {
-                partition.push(row.partition);
-                recipient.push(row.recipient_id);
-                phone.push(row.phone);
-                body.push(row.body);
-                encoding.push(row.encoding);
-                segments.push(row.segments);
-            }
-            let insert = diesel::sql_query(INSERT_MESSAGES_PG)
-                .bind::<sql_types::BigInt, _>(batch_id)
-                .bind::<sql_types::Timestamp, _>(at)
-                .bind::<sql_types::Array<sql_types::Integer>, _>(partition)
-                .bind::<sql_types::Array<sql_types::BigInt>, _>(recipient)
-                .bind::<sql_types::Array<sql_types::Text>, _>(phone)
-                .bind::<sql_types::Array<sql_types::Text>, _>(body)
-                .bind::<sql_types::Array<sql_types::Text>, _>(encoding)
-                .bind::<sql_types::Array<sql_types::Integer>, _>(segments);
-            let inserted: Vec<Inserted> = Cached(insert).load(self).await?;
-            Ok(inserted
-                .into_iter()
-                .map(|r| (r.partition, r.segments))
-                .collect())
-        })
-    }
-
-    fn commit_unflushed(&mut self) -> BoxFuture<'_, QueryResult<()>> {
-        Box::pin(async move {
-            // One simple-protocol round trip: nothing to parse, plan or bind.
-            self.batch_execute("SET LOCAL synchronous_commit = off")
                 .await
         })
     }
@@ -272,32 +188,6 @@ impl BulkInsert for SqliteConn {
             }
             Ok(n)
         })
-    }
-
-    fn insert_messages(
-        &mut self,
-        rows: Vec<NewMessage>,
-    ) -> BoxFuture<'_, QueryResult<Vec<(i32, i32)>>> {
-        self.spawn_blocking(move |conn| {
-            let mut inserted = Vec::with_capacity(rows.len());
-            for row in &rows {
-                let n = diesel::RunQueryDsl::execute(
-                    diesel::insert_into(messages::table)
-                        .values(row)
-                        .on_conflict((messages::batch_id, messages::phone))
-                        .do_nothing(),
-                    conn,
-                )?;
-                if n > 0 {
-                    inserted.push((row.partition, row.segments));
-                }
-            }
-            Ok(inserted)
-        })
-    }
-
-    fn commit_unflushed(&mut self) -> BoxFuture<'_, QueryResult<()>> {
-        Box::pin(async { Ok(()) })
     }
 
     fn record_chunk(&mut self, r: ChunkRecord) -> BoxFuture<'_, QueryResult<bool>> {
@@ -373,4 +263,28 @@ impl BulkInsert for SqliteConn {
             Ok(true)
         })
     }
+}
+
+/// Inserts messages on SQLite, skipping numbers the batch already has; returns (partition,
+/// segments) of each inserted row.
+pub(super) fn insert_messages_sqlite(
+    conn: &mut SqliteConn,
+    rows: Vec<NewMessage>,
+) -> BoxFuture<'_, QueryResult<Vec<(i32, i32)>>> {
+    conn.spawn_blocking(move |conn| {
+        let mut inserted = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let n = diesel::RunQueryDsl::execute(
+                diesel::insert_into(messages::table)
+                    .values(row)
+                    .on_conflict((messages::batch_id, messages::phone))
+                    .do_nothing(),
+                conn,
+            )?;
+            if n > 0 {
+                inserted.push((row.partition, row.segments));
+            }
+        }
+        Ok(inserted)
+    })
 }

@@ -266,7 +266,7 @@ pub(super) async fn write_chunk(
 
     conn.in_transaction = true;
     // A chunk and its checkpoint commit together: the commit need not wait for the disk (see
-    // `BulkInsert::commit_unflushed`).
+    // `chunk_pg::WRITE_CHUNK_PG`).
     conn.client
         .batch_execute("BEGIN; SET LOCAL synchronous_commit = off")
         .await?;

@@ -6,6 +6,7 @@
 mod batches;
 mod bulk;
 mod cached;
+mod chunk_pg;
 mod copy;
 mod exports;
 mod leases;

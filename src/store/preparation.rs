@@ -4,18 +4,40 @@
 use diesel::prelude::*;
 use diesel_async::RunQueryDsl;
 
-use super::bulk::{BulkInsert, ChunkRecord};
+use super::bulk::{BulkInsert, ChunkRecord, insert_messages_sqlite};
 use super::cached::Cached;
+use super::chunk_pg::{self, ChunkPg};
 use super::models::*;
 use super::records::{ChunkWritten, INSERT_CHUNK, PreparedChunk, now, tally_inserted};
-use super::schema::{batches, checkpoints, opt_outs, preparation_chunks};
-use super::{Store, StoreError, with_conn, with_tx};
+use super::schema::{batches, checkpoints, opt_outs};
+use super::{Pools, Store, StoreError, with_conn, with_tx};
 
 /// Chunks of at least this many messages go in by `COPY`; smaller ones (a small batch's only
 /// chunk, a large batch's last) by one `INSERT` of arrays. A `COPY` of ten rows spent 1.4–1.6 ms
 /// in PostgreSQL against 0.18 ms for the `INSERT` (BENCHMARKS.md, "A small batch at 30
 /// statements").
 pub const COPY_FROM_ROWS: usize = 100;
+
+/// `Store::preparation_start`: the checkpoint, with each chunk range beyond it (one row with
+/// no range when there is none). `?` is the batch's id, in each backend's notation.
+const PREPARATION_START: &str = "\
+    SELECT c.position, pc.first_recipient_id AS first, pc.last_recipient_id AS last \
+    FROM (SELECT coalesce((SELECT position FROM checkpoints \
+            WHERE batch_id = ? AND step = 'preparation'), 0) AS position) c \
+        LEFT JOIN preparation_chunks pc \
+            ON pc.batch_id = ? AND pc.last_recipient_id > c.position \
+    ORDER BY pc.last_recipient_id";
+
+/// A row of `PREPARATION_START`.
+#[derive(QueryableByName)]
+struct StartRow {
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    position: i64,
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::BigInt>)]
+    first: Option<i64>,
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::BigInt>)]
+    last: Option<i64>,
+}
 
 impl Store {
     /// A step's checkpoint (0 when it has none).
@@ -70,7 +92,7 @@ impl Store {
     /// `write_prepared_chunk` for preparation run `run`, whose writers run side by side and
     /// whose chunks may commit out of order. With `first_recipient_id`, the chunk's recipient
     /// range is recorded with it, so that a restart skips the chunk although the checkpoint is
-    /// behind it (`chunks_written_after`). The checkpoint moves to `done_up_to` — the end of the
+    /// behind it (`preparation_start`). The checkpoint moves to `done_up_to` — the end of the
     /// chunks known committed, every earlier one included — unless it is already further, and
     /// the ranges it has passed are forgotten. `StoreError::Superseded`, with nothing written,
     /// when a newer run has started.
@@ -97,12 +119,29 @@ impl Store {
                 return Ok(written);
             }
         }
-        with_tx!(self, |conn| {
-            // A chunk and its checkpoint commit together, so a crash that loses the commit loses
-            // both, and preparation prepares the chunk again: its commit need not wait for the
-            // disk. A later commit that does wait (the batch leaving `preparing`) flushes the WAL
-            // up to itself, these chunks included.
-            conn.commit_unflushed().await?;
+        let pool = match &self.pools {
+            Pools::Pg(pool) => {
+                let mut conn = pool.get().await?;
+                let chunk = ChunkPg {
+                    batch_id,
+                    messages: chunk.messages,
+                    processed: chunk.processed,
+                    invalid: chunk.invalid,
+                    ahead,
+                    done_up_to,
+                    run,
+                    at: now(),
+                };
+                return chunk_pg::write_chunk(&mut conn, chunk)
+                    .await?
+                    .ok_or(StoreError::Superseded(batch_id));
+            }
+            Pools::Sqlite(pool) => pool,
+        };
+        // SQLite: one transaction (its commits do not wait for the disk in WAL mode with
+        // `synchronous=NORMAL`).
+        let mut conn = pool.get().await?;
+        conn.immediate_transaction::<_, StoreError, _>(async |conn| {
             let phones: Vec<&str> = chunk.messages.iter().map(|m| m.phone.as_str()).collect();
             let mut opted = std::collections::HashSet::new();
             for phones in phones.chunks(INSERT_CHUNK) {
@@ -122,9 +161,9 @@ impl Store {
                 .collect();
             let kept = keep.len() as i64;
             let opted_out = candidates - kept;
-            // Bulk inserts have no bind limit to respect (arrays on PostgreSQL, one row per
-            // statement on SQLite): the chunk goes in one call.
-            let (per_partition, segments) = tally_inserted(conn.insert_messages(keep).await?);
+            // One row per statement, in one blocking call: no bind limit to respect.
+            let (per_partition, segments) =
+                tally_inserted(insert_messages_sqlite(conn, keep).await?);
             let inserted: i64 = per_partition.iter().map(|&(_, n)| n).sum();
             let duplicates = kept - inserted;
             conn.record_chunk(ChunkRecord {
@@ -150,6 +189,7 @@ impl Store {
                 opted_out,
             })
         })
+        .await
     }
 
     /// Moves the preparation checkpoint of run `run` forward to `position` (every chunk up to it
@@ -183,25 +223,25 @@ impl Store {
         })
     }
 
-    /// The recipient ranges (first, last) of the chunks written beyond `position` by writers
-    /// side by side, in order: a restart from `position` skips their recipients.
-    pub async fn chunks_written_after(
+    /// Where a run of a batch's preparation starts: the checkpoint (0 when there is none), and
+    /// the recipient ranges (first, last) of the chunks that writers side by side committed
+    /// beyond it, in order, whose recipients a restart skips. One statement, so that both are
+    /// read at one moment.
+    pub async fn preparation_start(
         &self,
         batch_id: i64,
-        position: i64,
-    ) -> Result<Vec<(i64, i64)>, StoreError> {
-        with_conn!(self, |conn| {
-            Ok(preparation_chunks::table
-                .filter(preparation_chunks::batch_id.eq(batch_id))
-                .filter(preparation_chunks::last_recipient_id.gt(position))
-                .order(preparation_chunks::last_recipient_id)
-                .select((
-                    preparation_chunks::first_recipient_id,
-                    preparation_chunks::last_recipient_id,
-                ))
-                .load(conn)
-                .await?)
-        })
+    ) -> Result<(i64, Vec<(i64, i64)>), StoreError> {
+        let rows: Vec<StartRow> = with_conn!(self, |conn| {
+            let sql = match self.backend() {
+                super::Backend::Postgres => PREPARATION_START.replace('?', "$1"),
+                super::Backend::Sqlite => PREPARATION_START.replace('?', "?1"),
+            };
+            let query = diesel::sql_query(sql).bind::<diesel::sql_types::BigInt, _>(batch_id);
+            Cached(query).load(conn).await
+        })?;
+        let position = <[StartRow]>::first(&rows).map_or(0, |r| r.position);
+        let ahead = rows.iter().filter_map(|r| r.first.zip(r.last)).collect();
+        Ok((position, ahead))
     }
 
     /// Refreshes the planner's statistics of the messages table. Preparation calls it when it has

@@ -50,10 +50,7 @@ async fn chunks_written_side_by_side_keep_the_checkpoint_exact(store: Store) {
         .expect("second chunk");
     assert_eq!(checkpoint().await, 0);
     assert_eq!(
-        store
-            .chunks_written_after(batch.id, 0)
-            .await
-            .expect("after"),
+        store.preparation_start(batch.id).await.expect("after").1,
         vec![(r[3], r[5])]
     );
     // Then the first (1..=3).
@@ -62,10 +59,7 @@ async fn chunks_written_side_by_side_keep_the_checkpoint_exact(store: Store) {
         .await
         .expect("first chunk");
     assert_eq!(
-        store
-            .chunks_written_after(batch.id, 0)
-            .await
-            .expect("after"),
+        store.preparation_start(batch.id).await.expect("after").1,
         vec![(r[0], r[2]), (r[3], r[5])]
     );
     // The third (7..=9) starts knowing both committed: the checkpoint moves past them, and
@@ -76,11 +70,8 @@ async fn chunks_written_side_by_side_keep_the_checkpoint_exact(store: Store) {
         .expect("third chunk");
     assert_eq!(checkpoint().await, r[5]);
     assert_eq!(
-        store
-            .chunks_written_after(batch.id, r[5])
-            .await
-            .expect("after"),
-        vec![(r[6], r[8])]
+        store.preparation_start(batch.id).await.expect("after"),
+        (r[5], vec![(r[6], r[8])])
     );
     // A chunk that started earlier and commits last does not move the checkpoint back.
     store
@@ -127,10 +118,7 @@ async fn only_the_newest_preparation_run_records_chunks(store: Store) {
     let tally = store.batch_tally(batch.id).await.expect("tally");
     assert_eq!((tally.messages.pending, tally.partition_total), (3, 3));
     assert_eq!(
-        store
-            .chunks_written_after(batch.id, 0)
-            .await
-            .expect("ranges"),
+        store.preparation_start(batch.id).await.expect("ranges").1,
         vec![(r[0], r[2])],
         "the refused chunk left no range"
     );
@@ -158,9 +146,10 @@ async fn only_the_newest_preparation_run_records_chunks(store: Store) {
     );
     assert!(
         store
-            .chunks_written_after(batch.id, 0)
+            .preparation_start(batch.id)
             .await
             .expect("ranges")
+            .1
             .is_empty(),
         "the passed range is forgotten"
     );
