@@ -96,6 +96,13 @@ struct Args {
     /// alone, then submit the small batches while a second one is delivering.
     #[arg(long, default_value_t = 0)]
     mixed_recipients: usize,
+    /// Mixed mode: how the small batches are watched. `timestamps`: only the large batch is
+    /// polled, and each small batch's time is read afterwards from its own `started_at` and
+    /// `finished_at`. `lists`: every non-final batch is listed every 200 ms, and a small batch's
+    /// time runs from its start answer to the round that saw it final (what the figures before
+    /// 2026-12-07's third session measured; the lists cost the server while it is measured).
+    #[arg(long, default_value = "timestamps", value_parser = ["timestamps", "lists"])]
+    mixed_watch: String,
     /// Many-batches mode: `message_type` of the small batches.
     #[arg(long, default_value = "transactional")]
     message_type: String,
