@@ -52,6 +52,27 @@ pub(crate) struct ChunkRecord {
     pub at: NaiveDateTime,
 }
 
+/// The last sub-statements of a chunk's record on PostgreSQL (`RECORD_CHUNK_PG`,
+/// `chunk_pg::WRITE_CHUNK_PG`): the chunk's range kept (`$10`, `$11`) while the checkpoint
+/// (`$12`) is behind it, the ranges it passed forgotten, and the checkpoint moved forward only
+/// (`$13` the time), for batch `$1`.
+macro_rules! chunk_ranges_pg {
+    () => {
+        "ahead AS ( \
+            INSERT INTO preparation_chunks (batch_id, first_recipient_id, last_recipient_id) \
+            SELECT $1, $10, $11 WHERE $10::bigint IS NOT NULL AND $11 > $12), \
+        passed AS ( \
+            DELETE FROM preparation_chunks WHERE batch_id = $1 AND last_recipient_id <= $12), \
+        moved AS ( \
+            INSERT INTO checkpoints AS c (batch_id, step, position, updated_at) \
+            VALUES ($1, 'preparation', $12, $13) \
+            ON CONFLICT (batch_id, step) DO UPDATE \
+                SET position = EXCLUDED.position, updated_at = EXCLUDED.updated_at \
+                WHERE c.position < EXCLUDED.position)"
+    };
+}
+pub(super) use chunk_ranges_pg;
+
 /// `ChunkRecord` on PostgreSQL, in one statement: the batch's counters (`$4`..`$9`) if `$14` is
 /// still its newest preparation run, the partitions' totals (`$2` indexes, `$3` counts), the
 /// chunk's range kept (`$10`, `$11`) while the checkpoint (`$12`) is behind it, the passed ranges
@@ -64,8 +85,8 @@ pub(crate) struct ChunkRecord {
 /// re-checks an updated row's condition on its newest version). The counter rows are shared by
 /// the writers side by side: locked from this statement to the commit, not across a dozen round
 /// trips, and in the same order by every writer.
-pub(super) const RECORD_CHUNK_PG: &str = "\
-    WITH batch AS ( \
+pub(super) const RECORD_CHUNK_PG: &str = concat!(
+    "WITH batch AS ( \
         UPDATE batches SET processed = processed + $4, valid = valid + $5, \
             invalid = invalid + $6, duplicates = duplicates + $7, opted_out = opted_out + $8, \
             segments = segments + $9 \
@@ -73,19 +94,10 @@ pub(super) const RECORD_CHUNK_PG: &str = "\
     counted AS ( \
         UPDATE partitions p SET total = p.total + v.n \
         FROM unnest($2::int[], $3::bigint[]) AS v(idx, n) \
-        WHERE p.batch_id = $1 AND p.idx = v.idx), \
-    ahead AS ( \
-        INSERT INTO preparation_chunks (batch_id, first_recipient_id, last_recipient_id) \
-        SELECT $1, $10, $11 WHERE $10::bigint IS NOT NULL AND $11 > $12), \
-    passed AS ( \
-        DELETE FROM preparation_chunks WHERE batch_id = $1 AND last_recipient_id <= $12), \
-    moved AS ( \
-        INSERT INTO checkpoints AS c (batch_id, step, position, updated_at) \
-        VALUES ($1, 'preparation', $12, $13) \
-        ON CONFLICT (batch_id, step) DO UPDATE \
-            SET position = EXCLUDED.position, updated_at = EXCLUDED.updated_at \
-            WHERE c.position < EXCLUDED.position) \
-    SELECT count(*) AS recorded FROM batch";
+        WHERE p.batch_id = $1 AND p.idx = v.idx), ",
+    chunk_ranges_pg!(),
+    " SELECT count(*) AS recorded FROM batch"
+);
 
 /// What `RECORD_CHUNK_PG` answers.
 #[derive(QueryableByName)]

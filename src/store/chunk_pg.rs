@@ -10,6 +10,7 @@
 use diesel::sql_types;
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 
+use super::bulk::chunk_ranges_pg;
 use super::cached::Cached;
 use super::models::NewMessage;
 use super::records::ChunkWritten;
@@ -27,23 +28,23 @@ use super::records::ChunkWritten;
 /// - `cand` marks the numbers on the opt-out list; the others are inserted in the order given
 ///   (a number's first recipient wins, the later ones are duplicates skipped by the unique
 ///   index).
-/// - `batch` adds the counters if `$13` is still the batch's newest preparation run. Its lock is
+/// - `batch` adds the counters if `$14` is still the batch's newest preparation run. Its lock is
 ///   what a new run's `begin_preparation_run` waits for, so a run that starts either sees this
 ///   chunk committed or makes this statement find another run number (PostgreSQL re-checks an
 ///   updated row's condition on its newest version). Then the main query fails the statement
 ///   with `SUPERSEDED` in its message, and nothing of the chunk stays: a statement cannot
 ///   otherwise roll back what its own insert wrote.
 /// - The partitions' totals, the kept range and the checkpoint move as in `RECORD_CHUNK_PG`.
-const WRITE_CHUNK_PG: &str = "\
-    WITH off AS (SELECT set_config('synchronous_commit', 'off', true)), \
+const WRITE_CHUNK_PG: &str = concat!(
+    "WITH off AS (SELECT set_config('synchronous_commit', 'off', true)), \
     cand AS ( \
         SELECT v.*, EXISTS (SELECT 1 FROM opt_outs o WHERE o.phone = v.phone) AS opted \
-        FROM unnest($3::int[], $4::bigint[], $5::text[], $6::text[], $7::text[], $8::int[]) \
+        FROM unnest($2::int[], $3::bigint[], $4::text[], $5::text[], $6::text[], $7::int[]) \
             WITH ORDINALITY AS v(partition, recipient_id, phone, body, encoding, segments, ord)), \
     ins AS ( \
         INSERT INTO messages \
             (batch_id, partition, recipient_id, phone, body, encoding, segments, updated_at) \
-        SELECT $1, partition, recipient_id, phone, body, encoding, segments, $2 \
+        SELECT $1, partition, recipient_id, phone, body, encoding, segments, $13 \
         FROM cand WHERE NOT opted ORDER BY ord \
         ON CONFLICT (batch_id, phone) DO NOTHING \
         RETURNING partition, segments), \
@@ -53,29 +54,20 @@ const WRITE_CHUNK_PG: &str = "\
             (SELECT count(*) FROM cand WHERE opted) AS opted_out, \
             (SELECT count(*) FROM cand WHERE NOT opted) AS kept), \
     batch AS ( \
-        UPDATE batches b SET processed = b.processed + $9, valid = b.valid + t.inserted, \
-            invalid = b.invalid + $10, duplicates = b.duplicates + t.kept - t.inserted, \
+        UPDATE batches b SET processed = b.processed + $8, valid = b.valid + t.inserted, \
+            invalid = b.invalid + $9, duplicates = b.duplicates + t.kept - t.inserted, \
             opted_out = b.opted_out + t.opted_out, segments = b.segments + t.segments \
-        FROM tally t WHERE b.id = $1 AND b.preparation_run = $13 RETURNING 1), \
+        FROM tally t WHERE b.id = $1 AND b.preparation_run = $14 RETURNING 1), \
     counted AS ( \
         UPDATE partitions p SET total = p.total + c.n \
         FROM (SELECT partition, count(*) AS n FROM ins GROUP BY partition) c \
-        WHERE p.batch_id = $1 AND p.idx = c.partition), \
-    ahead AS ( \
-        INSERT INTO preparation_chunks (batch_id, first_recipient_id, last_recipient_id) \
-        SELECT $1, $11, $12 WHERE $11::bigint IS NOT NULL AND $12 > $14), \
-    passed AS ( \
-        DELETE FROM preparation_chunks WHERE batch_id = $1 AND last_recipient_id <= $14), \
-    moved AS ( \
-        INSERT INTO checkpoints AS c (batch_id, step, position, updated_at) \
-        VALUES ($1, 'preparation', $14, $2) \
-        ON CONFLICT (batch_id, step) DO UPDATE \
-            SET position = EXCLUDED.position, updated_at = EXCLUDED.updated_at \
-            WHERE c.position < EXCLUDED.position) \
-    SELECT t.inserted, t.opted_out, t.kept, \
+        WHERE p.batch_id = $1 AND p.idx = c.partition), ",
+    chunk_ranges_pg!(),
+    " SELECT t.inserted, t.opted_out, t.kept, \
         CASE WHEN EXISTS (SELECT 1 FROM batch) THEN 1 \
             ELSE CAST('SUPERSEDED ' || t.kept AS int) END AS recorded \
-    FROM tally t, off";
+    FROM tally t, off"
+);
 
 /// The mark of `WRITE_CHUNK_PG`'s failure when its run is no longer the newest.
 const SUPERSEDED: &str = "SUPERSEDED";
@@ -114,7 +106,6 @@ pub(super) async fn write_chunk(
     let (first, last) = chunk.ahead.unzip();
     let write = diesel::sql_query(WRITE_CHUNK_PG)
         .bind::<sql_types::BigInt, _>(chunk.batch_id)
-        .bind::<sql_types::Timestamp, _>(chunk.at)
         .bind::<sql_types::Array<sql_types::Integer>, _>(c.partition)
         .bind::<sql_types::Array<sql_types::BigInt>, _>(c.recipient)
         .bind::<sql_types::Array<sql_types::Text>, _>(c.phone)
@@ -125,8 +116,9 @@ pub(super) async fn write_chunk(
         .bind::<sql_types::BigInt, _>(chunk.invalid)
         .bind::<sql_types::Nullable<sql_types::BigInt>, _>(first)
         .bind::<sql_types::BigInt, _>(last.unwrap_or(chunk.done_up_to))
-        .bind::<sql_types::BigInt, _>(chunk.run)
-        .bind::<sql_types::BigInt, _>(chunk.done_up_to);
+        .bind::<sql_types::BigInt, _>(chunk.done_up_to)
+        .bind::<sql_types::Timestamp, _>(chunk.at)
+        .bind::<sql_types::BigInt, _>(chunk.run);
     let written: Written = match Cached(write).get_result(conn).await {
         Err(diesel::result::Error::DatabaseError(_, info))
             if info.message().contains(SUPERSEDED) =>
