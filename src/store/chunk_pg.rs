@@ -13,7 +13,7 @@ use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use super::bulk::chunk_ranges_pg;
 use super::cached::Cached;
 use super::models::NewMessage;
-use super::records::ChunkWritten;
+use super::records::{ChunkWritten, in_number_order};
 
 /// Writes a chunk as `write_prepared_chunk_beside` does, in one statement that commits by itself,
 /// taking its locks in the order a chunk written by `COPY` takes them (the messages' numbers,
@@ -145,11 +145,9 @@ struct MessageColumns {
 }
 
 impl MessageColumns {
-    /// The rows' columns, in number order: two chunks written side by side that share numbers
-    /// then wait for each other's numbers in the same order, which cannot deadlock. A number's
-    /// rows in recipient order: its first recipient is the one inserted, the others dropped.
+    /// The rows' columns, in number order (`records::in_number_order`).
     fn of(mut rows: Vec<NewMessage>) -> Self {
-        rows.sort_unstable_by(|a, b| (&a.phone, a.recipient_id).cmp(&(&b.phone, b.recipient_id)));
+        in_number_order(&mut rows);
         let n = rows.len();
         let mut c = MessageColumns {
             partition: Vec::with_capacity(n),

@@ -17,7 +17,9 @@ use tokio_postgres::types::Type;
 
 use super::StoreError;
 use super::bulk::RECORD_CHUNK_PG;
-use super::records::{ChunkWritten, ImportError, PreparedChunk, UploadChunk, now, tally_inserted};
+use super::records::{
+    ChunkWritten, ImportError, PreparedChunk, UploadChunk, in_number_order, now, tally_inserted,
+};
 use crate::domain::state::BatchState;
 
 const COPY_RECIPIENTS: &str = "COPY recipients (batch_id, phone, vars) FROM STDIN (FORMAT binary)";
@@ -248,12 +250,7 @@ pub(super) async fn write_chunk(
     done_up_to: i64,
 ) -> Result<Option<ChunkWritten>, StoreError> {
     let mut conn = Taken(Some(pool.get().await?));
-    // In number order, as in the `ON CONFLICT` insert: two chunks copied side by side that share
-    // a number wait for each other's numbers in the same order, which cannot deadlock. A
-    // number's rows in recipient order: its first recipient is the one inserted.
-    chunk
-        .messages
-        .sort_unstable_by(|a, b| (&a.phone, a.recipient_id).cmp(&(&b.phone, b.recipient_id)));
+    in_number_order(&mut chunk.messages);
     let mut phones: Vec<&str> = chunk.messages.iter().map(|m| m.phone.as_str()).collect();
     phones.dedup();
     let repeats: Option<Vec<&str>> = chunk.repeats.as_ref().map(|repeats| {

@@ -27,6 +27,10 @@ const PREPARATION_START: &str = "\
         LEFT JOIN preparation_chunks pc \
             ON pc.batch_id = ? AND pc.last_recipient_id > c.position \
     ORDER BY pc.last_recipient_id";
+static PREPARATION_START_PG: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| PREPARATION_START.replace('?', "$1"));
+static PREPARATION_START_SQLITE: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| PREPARATION_START.replace('?', "?1"));
 
 /// A row of `PREPARATION_START`.
 #[derive(QueryableByName)]
@@ -231,11 +235,11 @@ impl Store {
         &self,
         batch_id: i64,
     ) -> Result<(i64, Vec<(i64, i64)>), StoreError> {
+        let sql = match self.backend() {
+            super::Backend::Postgres => &*PREPARATION_START_PG,
+            super::Backend::Sqlite => &*PREPARATION_START_SQLITE,
+        };
         let rows: Vec<StartRow> = with_conn!(self, |conn| {
-            let sql = match self.backend() {
-                super::Backend::Postgres => PREPARATION_START.replace('?', "$1"),
-                super::Backend::Sqlite => PREPARATION_START.replace('?', "?1"),
-            };
             let query = diesel::sql_query(sql).bind::<diesel::sql_types::BigInt, _>(batch_id);
             Cached(query).load(conn).await
         })?;

@@ -182,6 +182,14 @@ pub struct BatchRecord {
     pub partitions: Vec<Partition>,
 }
 
+/// Puts a chunk's messages in the order every writer of messages inserts them: by number, so
+/// that two chunks written side by side that share numbers wait for each other's numbers in the
+/// same order, which cannot deadlock; a number's rows by recipient, so that its first recipient
+/// is the one inserted and the later ones are the duplicates dropped.
+pub(super) fn in_number_order(messages: &mut [NewMessage]) {
+    messages.sort_unstable_by(|a, b| (&a.phone, a.recipient_id).cmp(&(&b.phone, b.recipient_id)));
+}
+
 pub(super) fn now() -> NaiveDateTime {
     chrono::Utc::now().naive_utc()
 }
