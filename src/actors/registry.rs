@@ -11,7 +11,9 @@
 //! - every `lease_ms / 3`, the heartbeat, one statement renewing all its leases (stopping the
 //!   supervisors of leases it lost), the take-over of active batches whose lease expired — the
 //!   batches of an instance that died — after settling that instance's claims, and one check of
-//!   its batches' versions, in case the watch missed a change.
+//!   its batches' versions, in case the watch missed a change;
+//! - the leases of supervisors that stopped go back in one statement for all the stops that came
+//!   while the previous release ran.
 //!
 //! An action on a batch another live instance supervises is saved in the database directly (with
 //! the same state machine and version check); the owner's watch picks it up within `poll_ms`.
@@ -69,6 +71,10 @@ pub struct BatchRegistry {
     looked: Option<chrono::NaiveDateTime>,
     /// What the watch's last look found: the next look, which overlaps it, forwards only news.
     seen: crate::store::Changes,
+    /// Batches whose supervisors stopped, their leases not yet given back.
+    to_release: Vec<i64>,
+    /// A release is running: the stops that come meanwhile wait for it, then go in one statement.
+    releasing: bool,
 }
 
 impl BatchRegistry {
@@ -82,6 +88,8 @@ impl BatchRegistry {
             watching: false,
             looked: None,
             seen: crate::store::Changes::default(),
+            to_release: Vec::new(),
+            releasing: false,
         }
     }
 
@@ -191,6 +199,7 @@ impl BatchRegistry {
     /// Heartbeat, lease renewal, take-over of unsupervised batches. One at a time; it never
     /// blocks the registry's mailbox.
     fn tick(&mut self, ctx: &mut Context<Self>) {
+        self.release_leases(ctx);
         if std::mem::replace(&mut self.ticking, true) {
             return;
         }
@@ -444,17 +453,49 @@ impl Handler<SupervisorStopped> for BatchRegistry {
                 crate::memory::release_freed_memory();
             }
             // Nothing left to supervise here (a final state, or a pause): the lease goes back.
-            let store = self.deps.core.store.clone();
-            let instance = self.deps.core.instance.clone();
-            ctx.spawn(
-                async move {
-                    if let Err(e) = store.release_lease(msg.batch_id, &instance).await {
-                        tracing::warn!(batch = msg.batch_id, error = %e, "Lease not released; it expires on its own.");
+            self.to_release.push(msg.batch_id);
+            self.release_leases(ctx);
+        }
+    }
+}
+
+impl BatchRegistry {
+    /// Gives back the leases of the supervisors that stopped, in one statement for all the
+    /// stops that came while the last one ran (a thousand small batches ending together are a
+    /// few statements, not a thousand). A batch supervised here again since its stop keeps its
+    /// lease: its new supervisor holds it.
+    fn release_leases(&mut self, ctx: &mut Context<Self>) {
+        if self.releasing {
+            return;
+        }
+        let supervisors = &self.supervisors;
+        let mut ids = std::mem::take(&mut self.to_release);
+        ids.retain(|id| !supervisors.contains_key(id));
+        if ids.is_empty() {
+            return;
+        }
+        self.releasing = true;
+        let store = self.deps.core.store.clone();
+        let instance = self.deps.core.instance.clone();
+        ctx.spawn(
+            async move {
+                let released = store.release_leases(&ids, &instance).await;
+                (ids, released)
+            }
+            .into_actor(self)
+            .map(|(ids, released), act, ctx| {
+                act.releasing = false;
+                match released {
+                    Ok(()) => act.release_leases(ctx),
+                    Err(e) => {
+                        // Tried again at the next heartbeat, not at once: a database that
+                        // refuses gets one statement per heartbeat, not a loop of them.
+                        tracing::warn!(batches = ids.len(), error = %e, "Leases not released; trying again at the next heartbeat.");
+                        act.to_release.extend(ids);
                     }
                 }
-                .into_actor(self),
-            );
-        }
+            }),
+        );
     }
 }
 

@@ -8,6 +8,7 @@ use diesel::prelude::*;
 use diesel::upsert::excluded;
 use diesel_async::RunQueryDsl;
 
+use super::cached::Cached;
 use super::models::Batch;
 use super::records::{UNKNOWN_OUTCOME, now};
 use super::schema::{batches, instances, leases, messages, partitions};
@@ -77,10 +78,11 @@ impl Store {
                 .do_update()
                 .set((leases::owner.eq(instance), leases::expires_at.eq(until)));
             // `DO UPDATE … WHERE`: diesel's `FilterDsl` on an upsert, not `QueryDsl::filter`.
-            let taken = diesel::query_dsl::methods::FilterDsl::filter(
+            // Its text is fixed: prepared once per connection, not planned at every start.
+            let taken = Cached(diesel::query_dsl::methods::FilterDsl::filter(
                 upsert,
                 leases::expires_at.lt(at).or(leases::owner.eq(instance)),
-            )
+            ))
             .execute(conn)
             .await?;
             Ok(taken == 1)
@@ -105,13 +107,19 @@ impl Store {
         })
     }
 
-    /// Gives up a batch's lease (its supervisor stopped).
-    pub async fn release_lease(&self, batch_id: i64, instance: &str) -> Result<(), StoreError> {
+    /// Gives up the leases of these batches that this instance holds (their supervisors
+    /// stopped), in one statement whatever their number: the registry gathers the stops that
+    /// came while its last release ran.
+    pub async fn release_leases(
+        &self,
+        batch_ids: &[i64],
+        instance: &str,
+    ) -> Result<(), StoreError> {
         with_conn!(self, |conn| {
             diesel::delete(
                 leases::table
-                    .filter(leases::batch_id.eq(batch_id))
-                    .filter(leases::owner.eq(instance)),
+                    .filter(leases::owner.eq(instance))
+                    .filter(leases::batch_id.eq_any(batch_ids)),
             )
             .execute(conn)
             .await?;

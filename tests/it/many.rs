@@ -125,6 +125,23 @@ fn five_hundred_batches_at_once_complete_exactly(backend: Backend) {
         inexact.is_empty(),
         "batches with other counts: {inexact:#?}"
     );
+    no_lease_left(&db, "after every batch completed");
+}
+
+/// On PostgreSQL, that every lease went back: the supervisors that stopped gave theirs up (the
+/// registry releases them together, a few statements for hundreds of stops).
+fn no_lease_left(db: &TestDb, when: &str) {
+    if db.backend() == Backend::Sqlite {
+        return;
+    }
+    let what = format!("every lease given back {when}");
+    crate::common::eventually(&what, Duration::from_secs(10), || {
+        let held = db.query_column("SELECT count(*)::text FROM leases");
+        match held.first().cloned().flatten().as_deref() {
+            Some("0") => Ok(()),
+            other => Err(format!("{other:?} leases still held")),
+        }
+    });
 }
 
 /// A paused batch and one scheduled beyond the next rounds of upkeep hold no supervisor: the
@@ -166,6 +183,7 @@ fn paused_and_far_scheduled_batches_hold_no_supervisor(backend: Backend) {
             Err(format!("{n} batches supervised"))
         }
     });
+    no_lease_left(&db, "with every batch paused or far ahead");
 
     for id in &paused {
         let (status, body) = server.action(id, "resume");

@@ -107,11 +107,19 @@ async fn leases_go_to_one_instance_at_a_time(store: Store) {
         "a learns it lost the batch"
     );
 
-    // Released or forgotten, it is free again.
+    // Released or forgotten, it is free again. A release takes only the releaser's own leases.
+    let other = create(&store, "released", 1).await;
+    assert!(
+        store
+            .acquire_lease(other.id, "a", lease)
+            .await
+            .expect("a takes another")
+    );
     store
-        .release_lease(batch.id, "a")
+        .release_leases(&[batch.id, other.id], "a")
         .await
-        .expect("not a's: no-op");
+        .expect("a releases");
+    assert_eq!(store.lease_owner(other.id).await.expect("released"), None);
     assert_eq!(
         store
             .lease_owner(batch.id)
