@@ -103,6 +103,10 @@ struct Args {
     /// 2026-12-07's third session measured; the lists cost the server while it is measured).
     #[arg(long, default_value = "timestamps", value_parser = ["timestamps", "lists"])]
     mixed_watch: String,
+    /// Mixed mode: mixed runs, each followed by a large batch alone (the growth of each is
+    /// against the mean of the runs alone before and after it; above 1, their median too).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    mixed_rounds: u32,
     /// Many-batches mode: `message_type` of the small batches.
     #[arg(long, default_value = "transactional")]
     message_type: String,

@@ -7,6 +7,8 @@
 //! for in the middle of what is measured). A third
 //! large batch, alone again afterwards, shows how much of the difference is the database having
 //! grown; the machine's busy CPU time during each large batch shows what the small ones cost.
+//! `--mixed-rounds K` repeats the mixed run K times, each followed by a large batch alone, and
+//! prints each run's growth against the mean of the runs alone on either side, and the median.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
@@ -23,7 +25,6 @@ use crate::{Args, generate_csv, percentile};
 /// Runs the mode; whether every small batch completed with exact counts.
 pub(crate) fn run(args: &Args, work: &std::path::Path, api: &Api) -> anyhow::Result<bool> {
     let r = args.mixed_recipients;
-    let n = args.batches;
     let csv = work.join("large.csv");
     let generated = generate_csv(&csv, r)?;
     println!(
@@ -34,13 +35,55 @@ pub(crate) fn run(args: &Args, work: &std::path::Path, api: &Api) -> anyhow::Res
     let mut ctl = api.fork();
     let limit = Duration::from_secs(args.deadline_s);
 
-    large_alone(&mut ctl, &csv, "large_alone", limit)?;
+    // Each mixed run between two runs alone: its growth is against their mean, so that a
+    // machine whose speed drifts over the minutes of a round weighs on both sides.
+    let mut before = large_alone(&mut ctl, &csv, "large_alone", limit)?;
+    let (mut growths, mut exact) = (Vec::new(), true);
+    for round in 1..=args.mixed_rounds {
+        if args.mixed_rounds > 1 {
+            println!("mixed_round: {round} of {}", args.mixed_rounds);
+        }
+        let (mixed, all_exact) = mixed_round(args, api, &mut ctl, &csv, limit)?;
+        exact &= all_exact;
+        let after = large_alone(&mut ctl, &csv, "large_alone_again", limit)?;
+        if let Some(mixed) = mixed {
+            let growth = (mixed / ((before + after) / 2.0) - 1.0) * 100.0;
+            println!(
+                "large_growth_percent: {growth:+.1} (against the mean of the runs alone before \
+                 and after; {:+.1} against the one before)",
+                (mixed / before - 1.0) * 100.0
+            );
+            growths.push(growth);
+        }
+        before = after;
+    }
+    if growths.len() > 1 {
+        let all: Vec<String> = growths.iter().map(|g| format!("{g:+.1}")).collect();
+        println!(
+            "large_growth_percent_median: {:+.1} ({})",
+            percentile(&mut growths, 50.0),
+            all.join(", ")
+        );
+    }
+    Ok(exact)
+}
 
-    let large = large_batch(&mut ctl, &csv, "large-mixed")?;
+/// One large batch delivering while the small ones are submitted and run: its seconds from
+/// start to final (`None` if not final by the deadline), and whether every small batch
+/// completed with exact counts.
+fn mixed_round(
+    args: &Args,
+    api: &Api,
+    ctl: &mut Api,
+    csv: &std::path::Path,
+    limit: Duration,
+) -> anyhow::Result<(Option<f64>, bool)> {
+    let n = args.batches;
+    let large = large_batch(ctl, csv, "large-mixed")?;
     ctl.action(&large, "start")?;
     let large_started = Instant::now();
     let cpu_at_start = machine_busy_seconds();
-    let batch = wait_for(&mut ctl, &large, large_started + limit, |s| {
+    let batch = wait_for(ctl, &large, large_started + limit, |s| {
         s == "delivering" || is_final(s)
     })?;
     if batch["state"] != "delivering" {
@@ -150,8 +193,7 @@ pub(crate) fn run(args: &Args, work: &std::path::Path, api: &Api) -> anyhow::Res
         &mut latencies,
         sub.errors + tracked.api.errors + check.errors,
     );
-    large_alone(&mut ctl, &csv, "large_alone_again", limit)?;
-    Ok(exact)
+    Ok((tracked.large_seconds, exact))
 }
 
 /// Each final small batch's time from its start to its end as the server stamped them
@@ -195,33 +237,33 @@ fn track_large(
     cpu_at_start: Option<f64>,
 ) -> Tracked {
     let mut rounds_ms = Vec::new();
-    let mut large_final = false;
+    let mut large_seconds = None;
     loop {
         let all_submitted = submitted.load(Ordering::SeqCst);
         let round = Instant::now();
-        if !large_final
+        if large_seconds.is_none()
             && let Ok(b) = api.get(large)
             && is_final(b["state"].as_str().unwrap_or(""))
         {
-            large_final = true;
-            println!(
-                "large_mixed_seconds: {:.2}",
-                large_started.elapsed().as_secs_f64()
-            );
+            let seconds = large_started.elapsed().as_secs_f64();
+            large_seconds = Some(seconds);
+            println!("large_mixed_seconds: {seconds:.2}");
             if let (Some(start), Some(end)) = (cpu_at_start, machine_busy_seconds()) {
                 println!("large_mixed_machine_cpu_seconds: {:.1}", end - start);
             }
         }
-        let done = large_final && all_submitted && matches!(api.any_non_final(), Ok(false));
+        let done =
+            large_seconds.is_some() && all_submitted && matches!(api.any_non_final(), Ok(false));
         rounds_ms.push(round.elapsed().as_secs_f64() * 1000.0);
         if done || Instant::now() >= deadline {
-            if !large_final {
+            if large_seconds.is_none() {
                 println!("large_mixed_seconds: not reached (still running at the deadline)");
             }
             return Tracked {
                 finished: HashMap::new(),
                 rounds_ms,
                 api,
+                large_seconds,
             };
         }
         std::thread::sleep(POLL.saturating_sub(round.elapsed()));
@@ -229,13 +271,14 @@ fn track_large(
 }
 
 /// Creates, uploads and starts a large batch with nothing else running, and prints
-/// `<label>_seconds` from its start until it is final, with the machine's busy CPU time.
+/// `<label>_seconds` from its start until it is final, with the machine's busy CPU time; the
+/// seconds.
 fn large_alone(
     api: &mut Api,
     csv: &std::path::Path,
     label: &str,
     limit: Duration,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<f64> {
     let id = large_batch(api, csv, &label.replace('_', "-"))?;
     api.action(&id, "start")?;
     let started = Instant::now();
@@ -248,15 +291,15 @@ fn large_alone(
             limit.as_secs()
         );
     }
+    let seconds = started.elapsed().as_secs_f64();
     println!(
-        "{label}_seconds: {:.2} ({state}, results {})",
-        started.elapsed().as_secs_f64(),
+        "{label}_seconds: {seconds:.2} ({state}, results {})",
         batch["results"]
     );
     if let (Some(start), Some(end)) = (cpu_at_start, machine_busy_seconds()) {
         println!("{label}_machine_cpu_seconds: {:.1}", end - start);
     }
-    Ok(())
+    Ok(seconds)
 }
 
 /// The machine's busy CPU time so far, all cores and processes (the benchmark, the servers,
@@ -316,6 +359,8 @@ fn wait_for(
 }
 
 struct Tracked {
+    /// The large batch's seconds from its start until it was seen final.
+    large_seconds: Option<f64>,
     /// Per batch seen final: from its start answer until the round that saw it final ended.
     finished: HashMap<String, Duration>,
     rounds_ms: Vec<f64>,
@@ -337,6 +382,7 @@ fn track(
     let mut pending: HashMap<String, Instant> = HashMap::new();
     let mut finished = HashMap::new();
     let mut rounds_ms = Vec::new();
+    let mut large_seconds = None;
     loop {
         // Read before draining: once it is set, every batch has been registered.
         let all_registered = submitted.load(Ordering::SeqCst);
@@ -358,10 +404,9 @@ fn track(
                 return true;
             }
             if id == large {
-                println!(
-                    "large_mixed_seconds: {:.2}",
-                    (seen - *started).as_secs_f64()
-                );
+                let seconds = (seen - *started).as_secs_f64();
+                large_seconds = Some(seconds);
+                println!("large_mixed_seconds: {seconds:.2}");
                 if let (Some(start), Some(end)) = (cpu_at_start, machine_busy_seconds()) {
                     println!("large_mixed_machine_cpu_seconds: {:.1}", end - start);
                 }
@@ -378,6 +423,7 @@ fn track(
                 finished,
                 rounds_ms,
                 api,
+                large_seconds,
             };
         }
         std::thread::sleep(POLL.saturating_sub(round.elapsed()));
