@@ -120,8 +120,15 @@ pub async fn run(deps: Deps, batch: Batch, gate: Arc<Gate>) -> Result<StepEnd, P
     // committed before the number changes, and counted in the checkpoint read after, or it
     // finds the number changed and rolls back.
     let run = store.begin_preparation_run(batch_id).await?;
-    // With the chunks that writers side by side committed ahead of it before a restart.
-    let (start, written) = store.preparation_start(batch_id).await?;
+    // With the chunks that writers side by side committed ahead of it before a restart. Before
+    // the first chunk is committed there is nothing to read: a batch's first run (every small
+    // batch's only one) starts at the beginning without asking.
+    let (start, written) = if run.processed == 0 {
+        (0, Vec::new())
+    } else {
+        store.preparation_start(batch_id).await?
+    };
+    let run = run.number;
     // SQLite has one writer at a time anyway.
     let writers = match store.backend() {
         Backend::Postgres => WRITERS,

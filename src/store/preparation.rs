@@ -8,7 +8,9 @@ use super::bulk::{BulkInsert, ChunkRecord, insert_messages_sqlite};
 use super::cached::Cached;
 use super::chunk_pg::{self, ChunkPg};
 use super::models::*;
-use super::records::{ChunkWritten, INSERT_CHUNK, PreparedChunk, now, tally_inserted};
+use super::records::{
+    ChunkWritten, INSERT_CHUNK, PreparationRun, PreparedChunk, now, tally_inserted,
+};
 use super::schema::{batches, checkpoints, opt_outs};
 use super::{Pools, Store, StoreError, with_conn, with_tx};
 
@@ -58,17 +60,20 @@ impl Store {
         })
     }
 
-    /// Starts a new run of a batch's preparation and answers its number. From then on only
-    /// this run's chunks are recorded (`write_prepared_chunk_beside`): a chunk of an earlier run
-    /// still being written (a run stopped half-way, aborted, or running on an instance that lost
-    /// the batch) is rolled back. On PostgreSQL this waits for such a chunk that is already
-    /// being recorded, so the checkpoint read after it includes that chunk.
-    pub async fn begin_preparation_run(&self, batch_id: i64) -> Result<i64, StoreError> {
+    /// Starts a new run of a batch's preparation and answers its number, with the recipients
+    /// counted so far. From then on only this run's chunks are recorded
+    /// (`write_prepared_chunk_beside`): a chunk of an earlier run still being written (a run
+    /// stopped half-way, aborted, or running on an instance that lost the batch) is rolled back.
+    /// On PostgreSQL this waits for such a chunk that is already being recorded, so the
+    /// checkpoint read after it, and the count answered (the row's newest version), include
+    /// that chunk.
+    pub async fn begin_preparation_run(&self, batch_id: i64) -> Result<PreparationRun, StoreError> {
         with_conn!(self, |conn| {
             let begin = diesel::update(batches::table.find(batch_id))
                 .set(batches::preparation_run.eq(batches::preparation_run + 1))
-                .returning(batches::preparation_run);
-            Ok(Cached(begin).get_result(conn).await?)
+                .returning((batches::preparation_run, batches::processed));
+            let (number, processed) = Cached(begin).get_result(conn).await?;
+            Ok(PreparationRun { number, processed })
         })
     }
 

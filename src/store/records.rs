@@ -56,6 +56,17 @@ pub struct ChunkWritten {
     pub opted_out: i64,
 }
 
+/// A run of a batch's preparation, as `Store::begin_preparation_run` started it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PreparationRun {
+    /// Its number: from now on only this run's chunks are recorded.
+    pub number: i64,
+    /// The batch's recipients counted by chunks committed before the run began. A chunk counts
+    /// its recipients in the transaction that moves the checkpoint and keeps its range, so at 0
+    /// no chunk was ever committed: there is no checkpoint and no range to read.
+    pub processed: i64,
+}
+
 /// A delivery task's outcomes, recorded together.
 #[derive(Debug, Default)]
 pub struct Outcomes {

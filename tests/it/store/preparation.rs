@@ -43,6 +43,8 @@ async fn chunks_written_side_by_side_keep_the_checkpoint_exact(store: Store) {
         async move { store.checkpoint(batch.id, "preparation").await.expect("cp") }
     };
     let run = store.begin_preparation_run(batch.id).await.expect("run");
+    assert_eq!(run.processed, 0, "the first run finds nothing prepared");
+    let run = run.number;
     // The second chunk (recipients 4..=6) commits first, when nothing was known committed.
     store
         .write_prepared_chunk_beside(batch.id, chunk(&[3, 4, 5]), run, Some(r[3]), 0)
@@ -81,6 +83,12 @@ async fn chunks_written_side_by_side_keep_the_checkpoint_exact(store: Store) {
     assert_eq!(checkpoint().await, r[5]);
     let b = store.batch(batch.id).await.expect("batch");
     assert_eq!((b.processed, b.valid, b.duplicates), (9, 9, 0));
+    // A run that starts now is told what was counted: it reads its start, not from the top.
+    let next = store
+        .begin_preparation_run(batch.id)
+        .await
+        .expect("next run");
+    assert_eq!((next.number, next.processed), (run + 1, 9));
 }
 
 /// Only the newest run of a batch's preparation records chunks: a chunk of an earlier run (one
@@ -99,8 +107,16 @@ async fn only_the_newest_preparation_run_records_chunks(store: Store) {
         invalid: 0,
         repeats: None,
     };
-    let first = store.begin_preparation_run(batch.id).await.expect("run");
-    let second = store.begin_preparation_run(batch.id).await.expect("run");
+    let first = store
+        .begin_preparation_run(batch.id)
+        .await
+        .expect("run")
+        .number;
+    let second = store
+        .begin_preparation_run(batch.id)
+        .await
+        .expect("run")
+        .number;
     assert_eq!(second, first + 1, "each run takes the next number");
     store
         .write_prepared_chunk_beside(batch.id, chunk(&[0, 1, 2]), second, Some(r[0]), 0)

@@ -39,7 +39,11 @@ async fn numbers_shared_by_chunks_written_side_by_side_are_kept_once(store: Stor
         invalid: 0,
         repeats: None,
     };
-    let run = store.begin_preparation_run(batch.id).await.expect("run");
+    let run = store
+        .begin_preparation_run(batch.id)
+        .await
+        .expect("run")
+        .number;
     let mut done_up_to = 0;
     for round in 0..ROUNDS {
         let start = round * per_round;
@@ -330,8 +334,9 @@ fn a_run_starting_beside_a_recording_chunk_sees_it_or_stops_it_postgres() {
         let new_run = tokio::spawn({
             let store = store.clone();
             async move {
-                store.begin_preparation_run(batch.id).await.expect("run");
-                store.checkpoint(batch.id, "preparation").await.expect("cp")
+                let run = store.begin_preparation_run(batch.id).await.expect("run");
+                let checkpoint = store.checkpoint(batch.id, "preparation").await.expect("cp");
+                (run.processed, checkpoint)
             }
         });
         wait_for_sessions(
@@ -343,15 +348,18 @@ fn a_run_starting_beside_a_recording_chunk_sees_it_or_stops_it_postgres() {
         .await;
         other.batch_execute("COMMIT").await.expect("commit");
         let written = old.await.expect("the write task");
-        let checkpoint = new_run.await.expect("the run task");
+        let (processed, checkpoint) = new_run.await.expect("the run task");
         let b = store.batch(batch.id).await.expect("batch");
         match written {
             Ok(_) => {
                 assert_eq!(checkpoint, r[2], "the new run reads the chunk's checkpoint");
                 assert_eq!((b.processed, b.valid), (3 + FILL, 3 + FILL));
+                // Its start is told of the chunk, so it reads where to start instead of
+                // starting from the top.
+                assert_eq!(processed, 3 + FILL, "the new run's start counts the chunk");
             }
             Err(StoreError::Superseded(_)) => {
-                assert_eq!(checkpoint, 0);
+                assert_eq!((processed, checkpoint), (0, 0));
                 assert_eq!((b.processed, b.valid), (0, 0));
                 assert!(all_messages(&store, batch.id).await.is_empty());
             }
