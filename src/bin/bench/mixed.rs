@@ -59,9 +59,15 @@ pub(crate) fn run(args: &Args, work: &std::path::Path, api: &Api) -> anyhow::Res
     }
     if growths.len() > 1 {
         let all: Vec<String> = growths.iter().map(|g| format!("{g:+.1}")).collect();
+        growths.sort_by(f64::total_cmp);
+        let mid = growths.len() / 2;
+        let median = if growths.len() % 2 == 1 {
+            growths[mid]
+        } else {
+            (growths[mid - 1] + growths[mid]) / 2.0
+        };
         println!(
-            "large_growth_percent_median: {:+.1} ({})",
-            percentile(&mut growths, 50.0),
+            "large_growth_percent_median: {median:+.1} ({})",
             all.join(", ")
         );
     }
@@ -83,7 +89,7 @@ fn mixed_round(
     ctl.action(&large, "start")?;
     let large_started = Instant::now();
     let cpu_at_start = machine_busy_seconds();
-    let batch = wait_for(ctl, &large, large_started + limit, |s| {
+    let batch = wait_for(ctl, &large, large_started + limit, &mut Vec::new(), |s| {
         s == "delivering" || is_final(s)
     })?;
     if batch["state"] != "delivering" {
@@ -154,7 +160,11 @@ fn mixed_round(
             .map(|(f, last)| (f - last).as_secs_f64());
         (small_ms, span)
     } else {
-        server_times(&mut tracked.api, &sub.ids())?
+        let times = server_times(&mut tracked.api, &sub.ids())?;
+        if let Some(window) = times.window {
+            print_large_rates(&tracked.progress, window);
+        }
+        (times.small_ms, times.last_start_to_final)
     };
     match last_start_to_final {
         Some(span) if small_ms.len() == sub.started.len() => {
@@ -196,15 +206,28 @@ fn mixed_round(
     Ok((tracked.large_seconds, exact))
 }
 
-/// Each final small batch's time from its start to its end as the server stamped them
-/// (`started_at`, `finished_at`), in ms, and the seconds from the last start to the last end.
-fn server_times(api: &mut Api, ids: &HashSet<String>) -> anyhow::Result<(Vec<f64>, Option<f64>)> {
+/// The small batches as the server stamped them (`started_at`, `finished_at`).
+struct ServerTimes {
+    /// Each final one's time from its start to its end, in ms.
+    small_ms: Vec<f64>,
+    /// Seconds from the last start to the last end.
+    last_start_to_final: Option<f64>,
+    /// From the first start to the last end.
+    window: Option<(Stamp, Stamp)>,
+}
+
+type Stamp = chrono::DateTime<chrono::Utc>;
+
+/// Each final small batch's time from its start to its end as the server stamped them.
+fn server_times(api: &mut Api, ids: &HashSet<String>) -> anyhow::Result<ServerTimes> {
     let at = |b: &Value, key: &str| {
         b[key]
             .as_str()
             .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+            .map(|t| t.with_timezone(&chrono::Utc))
     };
     let (mut small_ms, mut last_start, mut last_end) = (Vec::new(), None, None);
+    let mut first_start: Option<Stamp> = None;
     for b in api.list_all(None)? {
         if !b["id"].as_str().is_some_and(|id| ids.contains(id)) {
             continue;
@@ -213,6 +236,7 @@ fn server_times(api: &mut Api, ids: &HashSet<String>) -> anyhow::Result<(Vec<f64
             continue;
         };
         last_start = last_start.max(Some(started));
+        first_start = Some(first_start.map_or(started, |f| f.min(started)));
         if let Some(finished) =
             at(&b, "finished_at").filter(|_| is_final(b["state"].as_str().unwrap_or("")))
         {
@@ -223,7 +247,58 @@ fn server_times(api: &mut Api, ids: &HashSet<String>) -> anyhow::Result<(Vec<f64
     let span = last_end
         .zip(last_start)
         .map(|(end, start)| (end - start).num_microseconds().unwrap_or(0) as f64 / 1e6);
-    Ok((small_ms, span))
+    Ok(ServerTimes {
+        small_ms,
+        last_start_to_final: span,
+        window: first_start.zip(last_end),
+    })
+}
+
+/// The large batch's messages done (sent, delivered, failed) per second before the small batches
+/// ran, while they ran (from the first one's start to the last one's end) and after, from the
+/// benchmark's polls of it: whether it slowed down in proportion to the machine's CPU they took,
+/// or stalled.
+fn print_large_rates(progress: &[(Stamp, i64)], (from, to): (Stamp, Stamp)) {
+    // The last poll at or before `t` (the first poll if none was).
+    let at = |t: Stamp| {
+        progress
+            .iter()
+            .rev()
+            .find(|(when, _)| *when <= t)
+            .or(progress.first())
+            .copied()
+    };
+    let rate = |a: Option<(Stamp, i64)>, b: Option<(Stamp, i64)>| match (a, b) {
+        (Some(a), Some(b)) => delivery_rate(&[a, b]),
+        _ => "-".to_string(),
+    };
+    println!(
+        "large_mixed_done_per_second: while the small batches ran {} ({:.1} s), after {}, \
+         from the first message done to the end {}",
+        rate(at(from), at(to)),
+        (to - from).num_milliseconds() as f64 / 1000.0,
+        rate(at(to), progress.last().copied()),
+        delivery_rate(progress)
+    );
+}
+
+/// Messages done per second from the first poll that saw one done to the last poll.
+fn delivery_rate(progress: &[(Stamp, i64)]) -> String {
+    match (progress.iter().find(|(_, done)| *done > 0), progress.last()) {
+        (Some((ta, da)), Some((tb, db))) if tb > ta => {
+            let seconds = (*tb - *ta).num_milliseconds() as f64 / 1000.0;
+            format!("{:.0}", (db - da) as f64 / seconds)
+        }
+        _ => "-".to_string(),
+    }
+}
+
+/// The messages a batch has done (sent, delivered, failed), as its answer counts them.
+fn done(batch: &Value) -> i64 {
+    ["sent", "delivered", "failed"]
+        .iter()
+        .map(|k| batch["results"][k].as_i64().unwrap_or(0))
+        .sum()
 }
 
 /// Polls the large batch every 200 ms until it is final, printing `large_mixed_seconds` then;
@@ -238,11 +313,18 @@ fn track_large(
 ) -> Tracked {
     let mut rounds_ms = Vec::new();
     let mut large_seconds = None;
+    let mut progress = Vec::new();
     loop {
         let all_submitted = submitted.load(Ordering::SeqCst);
         let round = Instant::now();
-        if large_seconds.is_none()
-            && let Ok(b) = api.get(large)
+        let seen = large_seconds
+            .is_none()
+            .then(|| api.get(large).ok())
+            .flatten();
+        if let Some(b) = &seen {
+            progress.push((chrono::Utc::now(), done(b)));
+        }
+        if let Some(b) = seen
             && is_final(b["state"].as_str().unwrap_or(""))
         {
             let seconds = large_started.elapsed().as_secs_f64();
@@ -264,6 +346,7 @@ fn track_large(
                 rounds_ms,
                 api,
                 large_seconds,
+                progress,
             };
         }
         std::thread::sleep(POLL.saturating_sub(round.elapsed()));
@@ -283,7 +366,8 @@ fn large_alone(
     api.action(&id, "start")?;
     let started = Instant::now();
     let cpu_at_start = machine_busy_seconds();
-    let batch = wait_for(api, &id, started + limit, is_final)?;
+    let mut progress = Vec::new();
+    let batch = wait_for(api, &id, started + limit, &mut progress, is_final)?;
     let state = batch["state"].as_str().unwrap_or("?");
     if !is_final(state) {
         bail!(
@@ -299,6 +383,10 @@ fn large_alone(
     if let (Some(start), Some(end)) = (cpu_at_start, machine_busy_seconds()) {
         println!("{label}_machine_cpu_seconds: {:.1}", end - start);
     }
+    println!(
+        "{label}_done_per_second: {} (from the first message done to the end)",
+        delivery_rate(&progress)
+    );
     Ok(seconds)
 }
 
@@ -341,17 +429,19 @@ fn large_batch(api: &mut Api, csv: &std::path::Path, name: &str) -> anyhow::Resu
     Ok(id)
 }
 
-/// Polls the batch every 200 ms until `done` holds for its state or `deadline` passes; the batch
-/// last seen.
+/// Polls the batch every 200 ms, noting its messages done, until `until` holds for its state or
+/// `deadline` passes; the batch last seen.
 fn wait_for(
     api: &mut Api,
     id: &str,
     deadline: Instant,
-    done: impl Fn(&str) -> bool,
+    progress: &mut Vec<(Stamp, i64)>,
+    until: impl Fn(&str) -> bool,
 ) -> anyhow::Result<Value> {
     loop {
         let batch = api.get(id)?;
-        if done(batch["state"].as_str().unwrap_or("")) || Instant::now() >= deadline {
+        progress.push((chrono::Utc::now(), done(&batch)));
+        if until(batch["state"].as_str().unwrap_or("")) || Instant::now() >= deadline {
             return Ok(batch);
         }
         std::thread::sleep(POLL);
@@ -361,6 +451,8 @@ fn wait_for(
 struct Tracked {
     /// The large batch's seconds from its start until it was seen final.
     large_seconds: Option<f64>,
+    /// The large batch's messages done at each poll (`track_large` only).
+    progress: Vec<(Stamp, i64)>,
     /// Per batch seen final: from its start answer until the round that saw it final ended.
     finished: HashMap<String, Duration>,
     rounds_ms: Vec<f64>,
@@ -424,6 +516,7 @@ fn track(
                 rounds_ms,
                 api,
                 large_seconds,
+                progress: Vec::new(),
             };
         }
         std::thread::sleep(POLL.saturating_sub(round.elapsed()));
