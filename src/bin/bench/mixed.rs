@@ -254,10 +254,10 @@ fn server_times(api: &mut Api, ids: &HashSet<String>) -> anyhow::Result<ServerTi
     })
 }
 
-/// The large batch's messages done (sent, delivered, failed) per second before the small batches
-/// ran, while they ran (from the first one's start to the last one's end) and after, from the
-/// benchmark's polls of it: whether it slowed down in proportion to the machine's CPU they took,
-/// or stalled.
+/// The large batch's messages done (sent, delivered, failed) per second while the small batches
+/// ran (from the first one's start to the last one's end), after, and over its whole delivery,
+/// from the benchmark's polls of it: whether it slowed down in proportion to the machine's CPU
+/// they took, or stalled.
 fn print_large_rates(progress: &[(Stamp, i64)], (from, to): (Stamp, Stamp)) {
     // The last poll at or before `t` (the first poll if none was).
     let at = |t: Stamp| {
@@ -269,7 +269,7 @@ fn print_large_rates(progress: &[(Stamp, i64)], (from, to): (Stamp, Stamp)) {
             .copied()
     };
     let rate = |a: Option<(Stamp, i64)>, b: Option<(Stamp, i64)>| match (a, b) {
-        (Some(a), Some(b)) => delivery_rate(&[a, b]),
+        (Some(a), Some(b)) => pace(a, b),
         _ => "-".to_string(),
     };
     println!(
@@ -285,12 +285,18 @@ fn print_large_rates(progress: &[(Stamp, i64)], (from, to): (Stamp, Stamp)) {
 /// Messages done per second from the first poll that saw one done to the last poll.
 fn delivery_rate(progress: &[(Stamp, i64)]) -> String {
     match (progress.iter().find(|(_, done)| *done > 0), progress.last()) {
-        (Some((ta, da)), Some((tb, db))) if tb > ta => {
-            let seconds = (*tb - *ta).num_milliseconds() as f64 / 1000.0;
-            format!("{:.0}", (db - da) as f64 / seconds)
-        }
+        (Some(&a), Some(&b)) => pace(a, b),
         _ => "-".to_string(),
     }
+}
+
+/// Messages done per second between two polls ("-" unless the second is later).
+fn pace((ta, da): (Stamp, i64), (tb, db): (Stamp, i64)) -> String {
+    if tb <= ta {
+        return "-".to_string();
+    }
+    let seconds = (tb - ta).num_milliseconds() as f64 / 1000.0;
+    format!("{:.0}", (db - da) as f64 / seconds)
 }
 
 /// The messages a batch has done (sent, delivered, failed), as its answer counts them.
